@@ -1,0 +1,66 @@
+"""Scoring a model on held-out data, the comparison with the champion, and evaluation plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: list[str]
+
+
+def score(predictions: Any, truth: pd.Series) -> dict[str, float]:
+    predicted = np.asarray(predictions).astype(str)
+    expected = truth.astype(str).to_numpy()
+    average = "binary" if len(set(expected)) == 2 else "macro"
+    positive = sorted(set(expected))[-1]
+    extra = {"pos_label": positive} if average == "binary" else {}
+    return {
+        "accuracy": float(metrics.accuracy_score(expected, predicted)),
+        "f1": float(metrics.f1_score(expected, predicted, average=average, zero_division=0, **extra)),
+        "precision": float(metrics.precision_score(expected, predicted, average=average, zero_division=0, **extra)),
+        "recall": float(metrics.recall_score(expected, predicted, average=average, zero_division=0, **extra)),
+    }
+
+
+def judge(
+    accuracy: float,
+    *,
+    threshold: float,
+    champion_accuracy: float | None,
+    champion_version: int | None,
+    tolerance: float,
+    compare_with_champion: bool,
+) -> Verdict:
+    """Pass when accuracy reaches the threshold and, if enabled, is no worse than the champion beyond tolerance."""
+    reasons = []
+    if accuracy < threshold:
+        reasons.append(f"accuracy {accuracy:.4f} is below the threshold {threshold:.4f}")
+    if compare_with_champion and champion_accuracy is not None and accuracy < champion_accuracy - tolerance:
+        reasons.append(
+            f"accuracy {accuracy:.4f} is worse than Production version {champion_version} "
+            f"({champion_accuracy:.4f}) by more than the tolerance {tolerance:.4f}"
+        )
+    return Verdict(passed=not reasons, reasons=reasons)
+
+
+def confusion_matrix_figure(predictions: Any, truth: pd.Series, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(set(truth.astype(str)) | set(np.asarray(predictions).astype(str)))
+    matrix = metrics.confusion_matrix(truth.astype(str), np.asarray(predictions).astype(str), labels=labels)
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    metrics.ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=axes, colorbar=False)
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,428 @@
+"""The only module that changes the MLflow Model Registry.
+
+Production is two markers on the same version: the deprecated-but-supported stage ``Production`` and an alias
+(``production`` by default), which is what ``models:/<name>@<alias>`` URIs resolve. Every function that moves
+Production moves both, under a lock, and records the move as tags: the latest record on the version itself and one
+history entry on the registered model, so the registry alone tells what was in Production, when and why.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from ml.settings import Settings
+from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+PRODUCTION_STAGE = "Production"
+ARCHIVED_STAGE = "Archived"
+TAG_PREFIX = "mlops."
+HISTORY_PREFIX = "mlops.history."
+
+RUN_KEY_TAG = "mlops.airflow.run_key"
+VALIDATION_STATUS_TAG = "mlops.validation.status"
+DEPLOYMENT_STATUS_TAG = "mlops.deployment.status"
+
+
+class RegistryError(RuntimeError):
+    """The registry refused an operation, or the requested change is not allowed."""
+
+
+class ProductionMovedError(RegistryError):
+    """Production changed between reading it and moving it: another run or a manual rollback got there first."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    stage: str
+    aliases: tuple[str, ...]
+    run_id: str | None
+    source: str
+    created_at: datetime
+    tags: dict[str, str]
+
+    @classmethod
+    def from_model_version(cls, model_version: ModelVersion) -> VersionInfo:
+        return cls(
+            version=int(model_version.version),
+            stage=model_version.current_stage or "None",
+            aliases=tuple(model_version.aliases or ()),
+            run_id=model_version.run_id,
+            source=model_version.source,
+            created_at=datetime.fromtimestamp(model_version.creation_timestamp / 1000, UTC),
+            tags=dict(model_version.tags or {}),
+        )
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    at: str
+    event: str
+    version: int
+    previous_version: int | None
+    actor: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "event": self.event,
+            "version": self.version,
+            "previous_version": self.previous_version,
+            "actor": self.actor,
+            "reason": self.reason,
+        }
+
+
+def client_for(settings: Settings) -> MlflowClient:
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="Trained and promoted by the mlops_pipeline Airflow DAG.")
+        except MlflowException as create_error:
+            if create_error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def get_version(client: MlflowClient, name: str, version: int | str) -> VersionInfo:
+    try:
+        return VersionInfo.from_model_version(client.get_model_version(name, str(version)))
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"model {name!r} has no version {version}") from error
+        raise
+
+
+def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
+    versions = client.search_model_versions(f"name = '{_quote(name)}'")
+    return sorted((VersionInfo.from_model_version(v) for v in versions), key=lambda v: v.version)
+
+
+def find_version_for_run_key(client: MlflowClient, name: str, run_key: str) -> VersionInfo | None:
+    """The version already registered for an Airflow DAG run, so that a retried train_model registers nothing new."""
+    matches = [v for v in list_versions(client, name) if v.tags.get(RUN_KEY_TAG) == run_key]
+    return matches[0] if matches else None
+
+
+def production_version(client: MlflowClient, name: str, alias: str) -> VersionInfo | None:
+    """The version the Production alias points at; falls back to the stage for registries promoted by hand."""
+    try:
+        return VersionInfo.from_model_version(client.get_model_version_by_alias(name, alias))
+    except MlflowException as error:
+        if error.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            raise
+    try:
+        in_stage = [v for v in list_versions(client, name) if v.stage == PRODUCTION_STAGE]
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return in_stage[-1] if in_stage else None
+
+
+def set_version_tags(client: MlflowClient, name: str, version: int, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, _tag_value(value))
+
+
+@contextmanager
+def production_lock(settings: Settings) -> Iterator[None]:
+    """Serialise moves of Production among the processes that share this machine's MLOPS_HOME.
+
+    Moves are also guarded by a check of the expected current version, which is what protects runs on
+    different machines (see :func:`promote`).
+    """
+    lock_path = Path(settings.home) / "locks" / f"{settings.model_name}.production.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def promote(
+    settings: Settings,
+    version: int,
+    *,
+    expected_current: int | None,
+    actor: str,
+    reason: str,
+    event: str = "promoted",
+) -> VersionInfo | None:
+    """Make ``version`` Production (stage and alias); archive and tag the version it replaces.
+
+    ``expected_current`` is the Production version the caller decided against. If Production has moved since, the
+    move is refused with :class:`ProductionMovedError` and nothing changes. Returns the replaced version, if any.
+    """
+    client = client_for(settings)
+    name, alias = settings.model_name, settings.production_alias
+    with production_lock(settings):
+        current = production_version(client, name, alias)
+        current_number = current.version if current else None
+        if current_number != expected_current:
+            raise ProductionMovedError(
+                f"Production of {name!r} is version {current_number}, expected {expected_current}: "
+                "another run or a manual rollback moved it; nothing was changed"
+            )
+        get_version(client, name, version)
+        at = utc_now()
+        _move_production(client, name, alias, version)
+        if current is not None and current.version != version:
+            set_version_tags(
+                client,
+                name,
+                current.version,
+                {
+                    DEPLOYMENT_STATUS_TAG: "archived",
+                    "mlops.deployment.archived_at": at,
+                    "mlops.deployment.replaced_by": version,
+                },
+            )
+        set_version_tags(
+            client,
+            name,
+            version,
+            {
+                DEPLOYMENT_STATUS_TAG: "production",
+                "mlops.deployment.promoted_at": at,
+                "mlops.deployment.promoted_by": actor,
+                "mlops.deployment.reason": reason,
+                "mlops.deployment.replaced_version": current_number if current_number is not None else "none",
+            },
+        )
+        record_history(client, name, HistoryEvent(at, event, version, current_number, actor, reason))
+        log.info("Production of %s: version %s -> %s (%s)", name, current_number, version, reason)
+        return current
+
+
+def restore(
+    settings: Settings,
+    *,
+    failed_version: int,
+    restore_to: int | None,
+    actor: str,
+    reason: str,
+) -> int | None:
+    """Undo a promotion of ``failed_version``: Production goes back to ``restore_to`` (or to none).
+
+    Only acts while ``failed_version`` is still Production, so a rollback never undoes a later, healthy move.
+    The demoted candidate is tagged ``rolled_back``. Returns the Production version afterwards.
+    """
+    client = client_for(settings)
+    name, alias = settings.model_name, settings.production_alias
+    with production_lock(settings):
+        current = production_version(client, name, alias)
+        current_number = current.version if current else None
+        at = utc_now()
+        if current_number == failed_version:
+            if restore_to is not None:
+                _move_production(client, name, alias, restore_to)
+                set_version_tags(
+                    client,
+                    name,
+                    restore_to,
+                    {
+                        DEPLOYMENT_STATUS_TAG: "production",
+                        "mlops.deployment.restored_at": at,
+                        "mlops.deployment.restored_by": actor,
+                    },
+                )
+            else:
+                _clear_production(client, name, alias, failed_version)
+            record_history(client, name, HistoryEvent(at, "rolled_back", failed_version, restore_to, actor, reason))
+            current_number = restore_to
+        _mark_rolled_back(client, name, failed_version, at, reason, restore_to)
+        log.info("rolled back %s version %s; Production is %s", name, failed_version, current_number)
+        return current_number
+
+
+def reconcile_production(settings: Settings) -> int | None:
+    """Make stage and alias agree after an interrupted move: the aliased version alone is Production.
+
+    A version that has the stage but no alias (promoted by hand in the MLflow UI) gets the alias.
+    """
+    client = client_for(settings)
+    name, alias = settings.model_name, settings.production_alias
+    with production_lock(settings):
+        try:
+            aliased = VersionInfo.from_model_version(client.get_model_version_by_alias(name, alias))
+        except MlflowException as error:
+            if error.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+                raise
+            aliased = None
+        in_stage = [v for v in list_versions(client, name) if v.stage == PRODUCTION_STAGE]
+        if aliased is None and in_stage:
+            aliased = in_stage[-1]
+            log.warning(
+                "version %s had stage Production without the %r alias; adding the alias", aliased.version, alias
+            )
+            client.set_registered_model_alias(name, alias, str(aliased.version))
+        for info in in_stage:
+            if aliased is not None and info.version != aliased.version:
+                log.warning("version %s had stage Production without the %r alias; archiving it", info.version, alias)
+                _transition(client, name, info.version, ARCHIVED_STAGE)
+        if aliased is not None and aliased.stage != PRODUCTION_STAGE:
+            _transition(client, name, aliased.version, PRODUCTION_STAGE, archive_existing=True)
+        return aliased.version if aliased else None
+
+
+def mark_rolled_back_if_demoted(settings: Settings, version: int, reason: str) -> bool:
+    """Tag a version that was promoted and has since left Production (e.g. by an interrupted rollback)."""
+    client = client_for(settings)
+    info = get_version(client, settings.model_name, version)
+    if info.tags.get(DEPLOYMENT_STATUS_TAG) != "production" or info.stage == PRODUCTION_STAGE:
+        return False
+    _mark_rolled_back(client, settings.model_name, version, utc_now(), reason, None)
+    return True
+
+
+def _mark_rolled_back(
+    client: MlflowClient, name: str, version: int, at: str, reason: str, restored: int | None
+) -> None:
+    info = get_version(client, name, version)
+    if info.stage == PRODUCTION_STAGE:
+        return
+    if info.stage != ARCHIVED_STAGE:
+        _transition(client, name, version, ARCHIVED_STAGE)
+    set_version_tags(
+        client,
+        name,
+        version,
+        {
+            DEPLOYMENT_STATUS_TAG: "rolled_back",
+            "mlops.deployment.rolled_back_at": at,
+            "mlops.deployment.rollback_reason": reason,
+            "mlops.deployment.restored_version": restored if restored is not None else "none",
+        },
+    )
+
+
+def _move_production(client: MlflowClient, name: str, alias: str, version: int) -> None:
+    _transition(client, name, version, PRODUCTION_STAGE, archive_existing=True)
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def _clear_production(client: MlflowClient, name: str, alias: str, version: int) -> None:
+    _transition(client, name, version, ARCHIVED_STAGE)
+    try:
+        client.delete_registered_model_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def _transition(client: MlflowClient, name: str, version: int, stage: str, archive_existing: bool = False) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        client.transition_model_version_stage(name, str(version), stage, archive_existing_versions=archive_existing)
+
+
+def record_history(client: MlflowClient, name: str, event: HistoryEvent) -> None:
+    stamp = datetime.fromisoformat(event.at).astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    key = f"{HISTORY_PREFIX}{stamp}.v{event.version}"
+    client.set_registered_model_tag(name, key, json.dumps(event.as_dict(), sort_keys=True))
+
+
+def deployment_history(client: MlflowClient, name: str) -> list[HistoryEvent]:
+    """Every move of Production, oldest first, read from the registered model's tags alone."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    events = []
+    for key, value in sorted((model.tags or {}).items()):
+        if not key.startswith(HISTORY_PREFIX):
+            continue
+        data = json.loads(value)
+        events.append(
+            HistoryEvent(
+                at=data["at"],
+                event=data["event"],
+                version=int(data["version"]),
+                previous_version=data.get("previous_version"),
+                actor=data.get("actor", ""),
+                reason=data.get("reason", ""),
+            )
+        )
+    return events
+
+
+def previous_production_version(client: MlflowClient, name: str, current: int | None) -> int | None:
+    """The version that was Production before ``current``, per the deployment history."""
+    for event in reversed(deployment_history(client, name)):
+        if event.event == "promoted" and event.version == current:
+            return event.previous_version
+    return None
+
+
+def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason: str) -> tuple[int | None, int]:
+    """Put ``target`` (a version number, or ``"previous"``) back in Production.
+
+    Refuses a version that does not exist or never passed validation. Returns (replaced version, new version).
+    """
+    client = client_for(settings)
+    name = settings.model_name
+    current = production_version(client, name, settings.production_alias)
+    current_number = current.version if current else None
+    if str(target).strip().lower() == "previous":
+        resolved = previous_production_version(client, name, current_number)
+        if resolved is None:
+            raise RegistryError(
+                f"model {name!r} has no previous Production version to roll back to (Production is {current_number})"
+            )
+    else:
+        try:
+            resolved = int(str(target).strip())
+        except ValueError as error:
+            raise RegistryError(f"rollback target {target!r} is neither a version number nor 'previous'") from error
+    info = get_version(client, name, resolved)
+    if info.tags.get(VALIDATION_STATUS_TAG) != "passed":
+        raise RegistryError(
+            f"version {resolved} of {name!r} never passed validation "
+            f"(validation status: {info.tags.get(VALIDATION_STATUS_TAG, 'none')}); refusing to put it in Production"
+        )
+    if resolved == current_number:
+        raise RegistryError(f"version {resolved} of {name!r} is already in Production")
+    promote(settings, resolved, expected_current=current_number, actor=actor, reason=reason, event="manual_rollback")
+    return current_number, resolved
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)

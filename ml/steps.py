@@ -1,0 +1,516 @@
+"""The seven pipeline steps as plain functions taking and returning the contract's dicts.
+
+Each step has a typed core (``extract``, ``transform``, ...) that tests call directly, and a thin entry point named
+after its Airflow task that reads the run context and settings from an Airflow context mapping. The seed's keys
+(``data_extracted``, ``records``, ``features``, ...) are kept in every returned dict; real fields sit beside them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ml import data, evaluation, registry
+from ml.context import RunContext
+from ml.settings import ConfigurationError, Settings
+
+log = logging.getLogger(__name__)
+
+# MLflow saves scikit-learn models with skops, which refuses to load types it was not told to trust;
+# the imputer keeps the dtype it was fitted on.
+SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
+
+
+def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
+    run = RunContext.from_airflow(context)
+    return Settings.from_env().with_overrides(run.params), run
+
+
+def extract_data(context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    return extract(settings, run)
+
+
+def transform_data(extract_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    return transform(settings, run, extract_result)
+
+
+def train_model(transform_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    return train(settings, run, transform_result)
+
+
+def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    return validate(settings, run, train_result)
+
+
+def deploy_model(validation_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    return deploy(settings, run, validation_result)
+
+
+def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    return archive(settings, run, deploy_result)
+
+
+def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
+    settings, run = resolve(context)
+    ti = context.get("ti")
+    deploy_result = ti.xcom_pull(task_ids="deploy_model") if ti is not None else context.get("deploy_result")
+    return rollback(settings, run, deploy_result)
+
+
+def check_configuration(settings: Settings) -> None:
+    """Fail fast, before any data is read or model trained, on settings the later steps would trip over."""
+    from ml.training import resolve_hyperparameters
+
+    settings.validate()
+    resolve_hyperparameters(settings.model_family, settings.hyperparameters)
+    data.source_kind(settings.data_source)
+    try:
+        registry.ensure_registered_model(registry.client_for(settings), settings.model_name)
+    except Exception as error:
+        raise ConfigurationError(
+            f"MLflow at {settings.tracking_uri} cannot be used: {type(error).__name__}: {error}"
+        ) from error
+
+
+def extract(settings: Settings, run: RunContext) -> dict[str, Any]:
+    check_configuration(settings)
+    source = data.describe_source(settings.data_source, settings.data_query)
+    log.info("extracting data from %s", source)
+    frame = data.load_source(settings.data_source, settings.data_query, settings.label_column)
+    snapshot = data.write_snapshot(frame, settings.data_store)
+    log.info("extracted %d rows x %d columns; snapshot %s", snapshot.rows, len(snapshot.columns), snapshot.uri)
+    return {
+        "data_extracted": True,
+        "records": snapshot.rows,
+        "source": source,
+        "snapshot_uri": snapshot.uri,
+        "digest": snapshot.digest,
+        "columns": snapshot.columns,
+    }
+
+
+def transform(settings: Settings, run: RunContext, extract_result: Mapping[str, Any]) -> dict[str, Any]:
+    if not extract_result.get("data_extracted"):
+        raise ValueError("Data extraction failed")
+    frame = data.read_frame(extract_result["snapshot_uri"])
+    features = data.validate_frame(
+        frame,
+        label=settings.label_column,
+        source=extract_result.get("source", settings.data_source),
+        min_rows=settings.min_rows,
+        min_rows_per_class=settings.min_rows_per_class,
+    )
+    split = data.split_frame(
+        frame,
+        label=settings.label_column,
+        features=features,
+        test_size=settings.test_size,
+        seed=settings.random_seed,
+        data_store=settings.data_store,
+        run_folder=data.run_folder_name(run.run_key),
+    )
+    log.info(
+        "split %d rows: %d train, %d test, %d features", len(frame), split.train_rows, split.test_rows, len(features)
+    )
+    return {
+        "data_transformed": True,
+        "features": len(features),
+        "feature_names": split.features,
+        "label_column": split.label,
+        "classes": split.classes,
+        "train_uri": split.train_uri,
+        "test_uri": split.test_uri,
+        "train_rows": split.train_rows,
+        "test_rows": split.test_rows,
+        "digest": extract_result["digest"],
+        "snapshot_uri": extract_result["snapshot_uri"],
+    }
+
+
+def train(settings: Settings, run: RunContext, transform_result: Mapping[str, Any]) -> dict[str, Any]:
+    if not transform_result.get("data_transformed"):
+        raise ValueError("Data transformation failed")
+    from ml import training
+
+    client = registry.client_for(settings)
+    registry.ensure_registered_model(client, settings.model_name)
+    existing = registry.find_version_for_run_key(client, settings.model_name, run.run_key)
+    if existing is not None:
+        log.info(
+            "version %s was already registered for %s; a retry registers nothing new", existing.version, run.run_key
+        )
+        metrics = client.get_run(existing.run_id).data.metrics if existing.run_id else {}
+        return _train_result(
+            settings, transform_result, existing.version, existing.run_id or "", metrics.get("accuracy", 0.0)
+        )
+    train_frame = data.read_frame(transform_result["train_uri"])
+    test_frame = data.read_frame(transform_result["test_uri"])
+    features, label = transform_result["feature_names"], transform_result["label_column"]
+    hyperparameters = training.resolve_hyperparameters(settings.model_family, settings.hyperparameters)
+    pipeline = training.build_pipeline(settings.model_family, settings.hyperparameters, settings.random_seed)
+
+    mlflow = _mlflow(settings)
+    lineage = {
+        **run.lineage_tags(),
+        "mlops.data.digest": transform_result["digest"],
+        "mlops.data.snapshot_uri": transform_result["snapshot_uri"],
+        "mlops.random_seed": str(settings.random_seed),
+        "mlops.model_family": settings.model_family,
+    }
+    with mlflow.start_run(run_name=f"{run.run_id} try {run.try_number}", tags=lineage) as active:
+        mlflow.log_params(
+            {
+                **settings.run_parameters(),
+                **{f"model.{k}": v for k, v in hyperparameters.items()},
+                "train_rows": len(train_frame),
+                "test_rows": len(test_frame),
+                "features": len(features),
+            }
+        )
+        _log_datasets(mlflow, train_frame, test_frame, transform_result, label)
+        log.info("fitting %s on %d rows", settings.model_family, len(train_frame))
+        pipeline.fit(train_frame[features], train_frame[label])
+        predictions = pipeline.predict(test_frame[features])
+        metrics = evaluation.score(predictions, test_frame[label])
+        train_metrics = evaluation.score(pipeline.predict(train_frame[features]), train_frame[label])
+        mlflow.log_metrics({**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}})
+        figure = evaluation.confusion_matrix_figure(
+            predictions, test_frame[label], f"{settings.model_family}: held-out set"
+        )
+        mlflow.log_figure(figure, "evaluation/confusion_matrix.png")
+        _close(figure)
+        model_uri = _log_model(mlflow, pipeline, train_frame[features])
+        log.info("logged model %s; registering as %s", model_uri, settings.model_name)
+        version = mlflow.register_model(model_uri, settings.model_name, tags=lineage)
+        run_id = active.info.run_id
+    log.info("registered %s version %s with accuracy %.4f", settings.model_name, version.version, metrics["accuracy"])
+    return _train_result(settings, transform_result, int(version.version), run_id, metrics["accuracy"])
+
+
+def _train_result(
+    settings: Settings, transform_result: Mapping[str, Any], version: int, run_id: str, accuracy: float
+) -> dict[str, Any]:
+    return {
+        "model_trained": True,
+        "accuracy": float(accuracy),
+        "run_id": run_id,
+        "model_name": settings.model_name,
+        "model_version": version,
+        "model_uri": f"models:/{settings.model_name}/{version}",
+        "model_family": settings.model_family,
+        "test_uri": transform_result["test_uri"],
+        "label_column": transform_result["label_column"],
+        "feature_names": transform_result["feature_names"],
+        "digest": transform_result["digest"],
+    }
+
+
+def validate(settings: Settings, run: RunContext, train_result: Mapping[str, Any]) -> dict[str, Any]:
+    if not train_result.get("model_trained"):
+        raise ValueError("Model training failed")
+    mlflow = _mlflow(settings)
+    client = registry.client_for(settings)
+    name, version = settings.model_name, int(train_result["model_version"])
+    test_frame = data.read_frame(train_result["test_uri"])
+    features, label = train_result["feature_names"], train_result["label_column"]
+    candidate = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    accuracy = evaluation.score(candidate.predict(test_frame[features]), test_frame[label])["accuracy"]
+
+    champion = registry.production_version(client, name, settings.production_alias)
+    champion_accuracy = None
+    if champion is not None and champion.version != version and settings.compare_with_champion:
+        champion_accuracy = _score_champion(mlflow, name, champion.version, test_frame, features, label)
+    verdict = evaluation.judge(
+        accuracy,
+        threshold=settings.accuracy_threshold,
+        champion_accuracy=champion_accuracy,
+        champion_version=champion.version if champion else None,
+        tolerance=settings.champion_tolerance,
+        compare_with_champion=settings.compare_with_champion,
+    )
+    status = "passed" if verdict.passed else "failed"
+    registry.set_version_tags(
+        client,
+        name,
+        version,
+        {
+            registry.VALIDATION_STATUS_TAG: status,
+            "mlops.validation.accuracy": accuracy,
+            "mlops.validation.threshold": settings.accuracy_threshold,
+            "mlops.validation.champion_version": champion.version if champion else "none",
+            "mlops.validation.champion_accuracy": champion_accuracy if champion_accuracy is not None else "none",
+            "mlops.validation.reasons": "; ".join(verdict.reasons) or "all checks passed",
+            "mlops.validation.validated_at": registry.utc_now(),
+        },
+    )
+    metrics = {"validation_accuracy": accuracy}
+    if champion_accuracy is not None:
+        metrics["champion_accuracy"] = champion_accuracy
+    if train_result.get("run_id"):
+        client.log_batch(train_result["run_id"], metrics=_metric_list(metrics))
+    if verdict.passed:
+        log.info("version %s passed validation: accuracy %.4f >= %.4f", version, accuracy, settings.accuracy_threshold)
+    else:
+        log.warning("version %s failed validation: %s", version, "; ".join(verdict.reasons))
+    return {
+        "validation": status,
+        "accuracy": accuracy,
+        "threshold": settings.accuracy_threshold,
+        "champion_version": champion.version if champion else None,
+        "champion_accuracy": champion_accuracy,
+        "reasons": verdict.reasons,
+        "model_name": name,
+        "model_version": version,
+        "run_id": train_result.get("run_id"),
+        "test_uri": train_result["test_uri"],
+        "feature_names": features,
+        "label_column": label,
+        "digest": train_result.get("digest"),
+    }
+
+
+def _score_champion(
+    mlflow: Any, name: str, version: int, test_frame: Any, features: list[str], label: str
+) -> float | None:
+    try:
+        champion_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        predictions = champion_model.predict(test_frame[features])
+    except Exception as error:
+        log.warning(
+            "Production version %s cannot score this held-out set (%s); comparing on threshold only", version, error
+        )
+        return None
+    return evaluation.score(predictions, test_frame[label])["accuracy"]
+
+
+def deploy(settings: Settings, run: RunContext, validation_result: Mapping[str, Any]) -> dict[str, Any]:
+    client = registry.client_for(settings)
+    name, version = settings.model_name, int(validation_result["model_version"])
+    current = registry.production_version(client, name, settings.production_alias)
+    previous = current.version if current else None
+    base = {"version": version, "model_name": name, "previous_version": previous}
+    if validation_result["validation"] != "passed":
+        reason = "validation failed: " + ("; ".join(validation_result.get("reasons") or []) or "unknown")
+        log.warning("not deploying version %s (accuracy %s): %s", version, validation_result.get("accuracy"), reason)
+        registry.set_version_tags(
+            client, name, version, {registry.DEPLOYMENT_STATUS_TAG: "rejected", "mlops.deployment.reason": reason}
+        )
+        return {"deployed": False, **base, "promoted": False, "health_check": "not_run", "reason": reason}
+    reason = f"passed validation with accuracy {validation_result['accuracy']:.4f}"
+    if current is not None and current.version == version:
+        previous = _int_or_none(current.tags.get("mlops.deployment.replaced_version"))
+        base["previous_version"] = previous
+        log.info("version %s was already promoted by an earlier try of this run", version)
+    else:
+        registry.promote(settings, version, expected_current=previous, actor=run.actor, reason=reason)
+    problems = check_deployment(settings, version, validation_result)
+    if problems:
+        log.error("post-deploy check of version %s failed: %s", version, "; ".join(problems))
+        return {
+            "deployed": False,
+            **base,
+            "promoted": True,
+            "health_check": "failed",
+            "reason": "post-deploy check failed: " + "; ".join(problems),
+        }
+    log.info("version %s is Production and serves as validated", version)
+    return {"deployed": True, **base, "promoted": True, "health_check": "passed", "reason": reason}
+
+
+def check_deployment(settings: Settings, version: int, validation_result: Mapping[str, Any]) -> list[str]:
+    """Load what the Production alias now serves and check it is this version and predicts as validated."""
+    if not settings.post_deploy_check:
+        return []
+    mlflow = _mlflow(settings)
+    client = registry.client_for(settings)
+    name, alias = settings.model_name, settings.production_alias
+    served = registry.production_version(client, name, alias)
+    if served is None or served.version != version:
+        return [f"alias {alias!r} points at {served.version if served else 'nothing'}, not version {version}"]
+    model_uri = f"models:/{name}@{alias}"
+    problems = []
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        test_frame = data.read_frame(validation_result["test_uri"])
+        features, label = validation_result["feature_names"], validation_result["label_column"]
+        served_accuracy = evaluation.score(model.predict(test_frame[features]), test_frame[label])["accuracy"]
+        if abs(served_accuracy - float(validation_result["accuracy"])) > 1e-9:
+            problems.append(f"{model_uri} scores {served_accuracy:.4f}, validated {validation_result['accuracy']:.4f}")
+    except Exception as error:
+        problems.append(f"{model_uri} does not serve: {type(error).__name__}: {error}")
+    if not problems and settings.deploy_check_hook:
+        problems.extend(_run_deploy_check_hook(settings.deploy_check_hook, model_uri, version))
+    return problems
+
+
+def _run_deploy_check_hook(hook: str, model_uri: str, version: int) -> list[str]:
+    """Call a user's extra check, ``module:function(model_uri, version)``; an exception means the check failed."""
+    module_name, _, function_name = hook.partition(":")
+    try:
+        check = getattr(importlib.import_module(module_name), function_name)
+        check(model_uri=model_uri, version=version)
+    except Exception as error:
+        return [f"deploy check hook {hook} failed: {type(error).__name__}: {error}"]
+    return []
+
+
+def archive(settings: Settings, run: RunContext, deploy_result: Mapping[str, Any]) -> dict[str, Any]:
+    if not deploy_result.get("deployed"):
+        log.info("version %s was not deployed; nothing to archive", deploy_result.get("version"))
+        return {"archived": False, "version": deploy_result.get("version"), "record": {}}
+    client = registry.client_for(settings)
+    name, version = settings.model_name, int(deploy_result["version"])
+    info = registry.get_version(client, name, version)
+    record = {
+        "mlops.deployment.deployed_at": registry.utc_now(),
+        "mlops.deployment.airflow_dag_id": run.dag_id,
+        "mlops.deployment.airflow_run_id": run.run_id,
+        "mlops.deployment.accuracy": info.tags.get("mlops.validation.accuracy", ""),
+        "mlops.deployment.data_digest": info.tags.get("mlops.data.digest", ""),
+        "mlops.deployment.replaced_version": deploy_result.get("previous_version") or "none",
+        "mlops.deployment.health_check": deploy_result.get("health_check", "passed"),
+    }
+    registry.set_version_tags(client, name, version, record)
+    log.info("recorded the deployment of %s version %s", name, version)
+    return {"archived": True, "version": version, "record": record}
+
+
+def rollback(settings: Settings, run: RunContext, deploy_result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Restore the prior Production unless this run ended with a healthy new Production version.
+
+    ``deploy_result`` is ``None`` when deploy_model failed or never ran; the registry then says what this run did.
+    """
+    client = registry.client_for(settings)
+    name, alias = settings.model_name, settings.production_alias
+    current = registry.production_version(client, name, alias)
+    current_number = current.version if current else None
+    if deploy_result and deploy_result.get("deployed"):
+        log.info("version %s deployed and healthy; no rollback needed", deploy_result.get("version"))
+        return {
+            "rollback_performed": False,
+            "restored_version": None,
+            "production_version": current_number,
+            "reason": "deployment healthy",
+        }
+    candidate = _candidate_of_run(client, name, run, deploy_result)
+    if candidate is None or current_number != candidate:
+        reason = (
+            "this run registered no version" if candidate is None else f"version {candidate} never became Production"
+        )
+        log.info("no rollback needed: %s; Production stays %s", reason, current_number)
+        registry.reconcile_production(settings)
+        if candidate is not None and deploy_result is None:
+            registry.mark_rolled_back_if_demoted(settings, candidate, "deploy_model did not complete")
+        return {
+            "rollback_performed": False,
+            "restored_version": None,
+            "production_version": current_number,
+            "reason": reason,
+        }
+    previous = (deploy_result or {}).get("previous_version")
+    if not deploy_result:
+        previous = registry.previous_production_version(client, name, candidate)
+    reason = (deploy_result or {}).get("reason") or "deploy_model did not complete"
+    log.warning("rolling back %s version %s to %s: %s", name, candidate, previous, reason)
+    after = registry.restore(settings, failed_version=candidate, restore_to=previous, actor=run.actor, reason=reason)
+    return {
+        "rollback_performed": True,
+        "restored_version": previous,
+        "rolled_back_version": candidate,
+        "production_version": after,
+        "reason": reason,
+    }
+
+
+def _candidate_of_run(client: Any, name: str, run: RunContext, deploy_result: Mapping[str, Any] | None) -> int | None:
+    if deploy_result and deploy_result.get("version") is not None:
+        return int(deploy_result["version"])
+    found = registry.find_version_for_run_key(client, name, run.run_key)
+    return found.version if found else None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
+def _mlflow(settings: Settings) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    if settings.registry_uri:
+        mlflow.set_registry_uri(settings.registry_uri)
+    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        location = None
+        if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
+            location = _as_uri(settings.artifact_root)
+        try:
+            mlflow.create_experiment(settings.experiment_name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    mlflow.set_experiment(settings.experiment_name)
+    return mlflow
+
+
+def _as_uri(location: str) -> str:
+    from pathlib import Path
+
+    return location if "://" in location else Path(location).expanduser().resolve().as_uri()
+
+
+def _log_datasets(
+    mlflow: Any, train_frame: Any, test_frame: Any, transform_result: Mapping[str, Any], label: str
+) -> None:
+    digest = transform_result["digest"]
+    for frame, context, uri in (
+        (train_frame, "training", transform_result["train_uri"]),
+        (test_frame, "evaluation", transform_result["test_uri"]),
+    ):
+        dataset = mlflow.data.from_pandas(frame, source=uri, targets=label, name=f"snapshot-{digest[:12]}-{context}")
+        mlflow.log_input(dataset, context=context, tags={"snapshot_digest": digest})
+
+
+def _log_model(mlflow: Any, pipeline: Any, features: Any) -> str:
+    from importlib import metadata
+
+    from mlflow.models import infer_signature
+
+    requirements = [
+        f"{package}=={metadata.version(package)}"
+        for package in ("mlflow-skinny", "scikit-learn", "pandas", "numpy", "scipy")
+    ]
+    example = features.head(3)
+    signature = infer_signature(example, pipeline.predict(example))
+    info = mlflow.sklearn.log_model(
+        pipeline,
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=requirements,
+        skops_trusted_types=SKOPS_TRUSTED_TYPES,
+    )
+    return info.model_uri
+
+
+def _metric_list(metrics: Mapping[str, float]) -> list[Any]:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+
+
+def _close(figure: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
