@@ -1,0 +1,150 @@
+"""Shared fixtures: a real Airflow metadata database, real MLflow stores and a real ``mlflow server`` process.
+
+Airflow reads its configuration when first imported, so its environment is set here, at import time, before any test
+module imports it. Each test gets its own MLflow store and data store under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DAGS = REPO / "dags"
+
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="mlops-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
+os.environ["MLOPS_RETRY_DELAY_SECONDS"] = "1"
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database (SQLite), shared by the session's DAG runs."""
+    subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture
+def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty MLflow store (SQLite file) and data store for one test; returns the settings that point at them."""
+    from ml.settings import Settings
+
+    home = tmp_path / "mlops"
+    monkeypatch.setenv("MLOPS_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    for name in list(os.environ):
+        if name.startswith("MLOPS_") and name not in {"MLOPS_HOME", "MLOPS_RETRY_DELAY_SECONDS"}:
+            monkeypatch.delenv(name)
+    return Settings.from_env()
+
+
+class MlflowServer:
+    """A real ``mlflow server`` process on loopback, with its own SQLite store; can be stopped and started again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.log = root / "mlflow-server.log"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(self.root / "artifacts"),
+                    "--workers",
+                    "1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path / "mlflow-server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server_env(mlflow_server: MlflowServer, mlops_env, monkeypatch: pytest.MonkeyPatch):
+    """Settings that track to the real MLflow server over HTTP."""
+    from ml.settings import Settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    return Settings.from_env()
