@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,17 @@ def get_version(client: MlflowClient, name: str, version: int | str) -> VersionI
 
 def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
     versions = client.search_model_versions(f"name = '{_quote(name)}'")
-    return sorted((VersionInfo.from_model_version(v) for v in versions), key=lambda v: v.version)
+    if not versions:
+        return []
+    # Searching versions leaves their aliases out; the registered model has them all.
+    aliases_by_version: dict[int, list[str]] = {}
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        aliases_by_version.setdefault(int(version), []).append(alias)
+    infos = []
+    for model_version in versions:
+        info = VersionInfo.from_model_version(model_version)
+        infos.append(replace(info, aliases=tuple(sorted(aliases_by_version.get(info.version, [])))))
+    return sorted(infos, key=lambda v: v.version)
 
 
 def find_version_for_run_key(client: MlflowClient, name: str, run_key: str) -> VersionInfo | None:

@@ -95,6 +95,7 @@ class Settings:
     min_rows: int = 50
     min_rows_per_class: int = 5
     post_deploy_check: bool = True
+    enforce_production_schema: bool = True
     deploy_check_hook: str = ""
     serving_url: str = ""
 
@@ -124,6 +125,7 @@ class Settings:
             min_rows=_env_int(environ, "MLOPS_MIN_ROWS", 50),
             min_rows_per_class=_env_int(environ, "MLOPS_MIN_ROWS_PER_CLASS", 5),
             post_deploy_check=_env_bool(environ, "MLOPS_POST_DEPLOY_CHECK", True),
+            enforce_production_schema=_env_bool(environ, "MLOPS_ENFORCE_PRODUCTION_SCHEMA", True),
             deploy_check_hook=_env(environ, "MLOPS_DEPLOY_CHECK_HOOK", ""),
             serving_url=_env(environ, "MLOPS_SERVING_URL", ""),
         )

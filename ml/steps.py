@@ -107,6 +107,7 @@ def transform(settings: Settings, run: RunContext, extract_result: Mapping[str, 
         source=extract_result.get("source", settings.data_source),
         min_rows=settings.min_rows,
         min_rows_per_class=settings.min_rows_per_class,
+        expected_features=production_features(settings) if settings.enforce_production_schema else None,
     )
     split = data.split_frame(
         frame,
@@ -133,6 +134,17 @@ def transform(settings: Settings, run: RunContext, extract_result: Mapping[str, 
         "digest": extract_result["digest"],
         "snapshot_uri": extract_result["snapshot_uri"],
     }
+
+
+def production_features(settings: Settings) -> list[str] | None:
+    """The input columns of the Production model's signature, or None when there is no Production model."""
+    client = registry.client_for(settings)
+    champion = registry.production_version(client, settings.model_name, settings.production_alias)
+    if champion is None:
+        return None
+    mlflow = _mlflow(settings)
+    signature = mlflow.models.get_model_info(f"models:/{settings.model_name}/{champion.version}").signature
+    return signature.inputs.input_names() if signature is not None else None
 
 
 def train(settings: Settings, run: RunContext, transform_result: Mapping[str, Any]) -> dict[str, Any]:
@@ -475,7 +487,9 @@ def _log_datasets(
         (train_frame, "training", transform_result["train_uri"]),
         (test_frame, "evaluation", transform_result["test_uri"]),
     ):
-        dataset = mlflow.data.from_pandas(frame, source=uri, targets=label, name=f"snapshot-{digest[:12]}-{context}")
+        dataset = mlflow.data.from_pandas(
+            frame, source=_as_uri(uri), targets=label, name=f"snapshot-{digest[:12]}-{context}"
+        )
         mlflow.log_input(dataset, context=context, tags={"snapshot_digest": digest})
 
 

@@ -1,0 +1,57 @@
+# Every target runs from the repository root; state lives in .mlops/ (MLOPS_HOME) unless the environment says otherwise.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+UV_VERSION := 0.13.8
+LOCAL_ENV = eval "$$($(BIN)/mlops env)" && PATH="$(BIN):$$PATH"
+
+.PHONY: setup run test test-fast lint format bench airflow-ui mlflow-ui serve status lock clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+run: setup  ## the main job: one full pipeline run through Airflow on embedded defaults
+	$(BIN)/mlops run
+
+test: setup  ## the whole test suite, as CI runs it
+	$(BIN)/pytest
+
+test-fast: setup  ## everything but the end-to-end and stack tests
+	$(BIN)/pytest -m "not slow and not stack"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/serving_bench.py
+
+status: setup
+	$(BIN)/mlops status
+
+airflow-ui: setup  ## Airflow UI on the same settings as `make run`: http://localhost:8080
+	$(LOCAL_ENV) && airflow standalone
+
+mlflow-ui: setup  ## MLflow UI on the same store as `make run`: http://localhost:5000
+	$(LOCAL_ENV) && mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port 5000
+
+serve: setup  ## the model server, following Production: http://localhost:5001
+	$(BIN)/mlops serve --port 5001
+
+lock:  ## re-resolve requirements.lock from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o requirements.lock
+
+clean:
+	rm -rf .mlops

@@ -1,0 +1,232 @@
+"""The ``mlops`` console script: run the pipeline, show the registry, roll Production back, serve the model.
+
+Local defaults are applied to the environment before Airflow is imported, because Airflow reads its configuration
+once, at import: everything lives under ``MLOPS_HOME`` (``./.mlops``) unless the standard variables say otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_DAGS = Path(__file__).resolve().parent.parent / "dags"
+
+
+def apply_local_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """Fill in the embedded defaults that Airflow and MLflow need; returns what was set."""
+    home = Path(environ.get("MLOPS_HOME") or Path.cwd() / ".mlops").expanduser().resolve()
+    defaults = {
+        "MLOPS_HOME": str(home),
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+    }
+    applied = {}
+    for key, value in defaults.items():
+        if not environ.get(key):
+            environ[key] = value
+            applied[key] = value
+    Path(environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    return applied
+
+
+def parse_params(pairs: Sequence[str], conf: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = json.loads(conf) if conf else {}
+    for pair in pairs:
+        key, separator, raw = pair.partition("=")
+        if not separator:
+            raise SystemExit(f"--param takes KEY=VALUE, got {pair!r}")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.strip()] = raw
+    return params
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from ml.airflow_runner import migrate_airflow_db, run_dag
+
+    params = parse_params(args.param, args.conf)
+    logging.getLogger(__name__).info("preparing the Airflow database in %s", os.environ["AIRFLOW_HOME"])
+    migrate_airflow_db()
+    run = run_dag("mlops_pipeline", conf=params)
+    print(format_run_summary(run))
+    return 0 if run.state == "success" else 1
+
+
+def format_run_summary(run: Any) -> str:
+    from ml import registry
+    from ml.settings import Settings
+
+    settings = Settings.from_env()
+    client = registry.client_for(settings)
+    trained = run.result("train_model")
+    validated = run.result("validate_model")
+    deployed = run.result("deploy_model")
+    rolled_back = run.result("rollback_model")
+    production = registry.production_version(client, settings.model_name, settings.production_alias)
+    failed = [task for task, outcome in sorted(run.tasks.items()) if outcome.state == "failed"]
+    lines = [
+        f"DAG run {run.dag_id} / {run.run_id}: {run.state}",
+        f"  accuracy on held-out data : {_fmt(validated.get('accuracy', trained.get('accuracy')))}",
+        f"  version registered        : {settings.model_name} v{trained['model_version']}"
+        if trained
+        else "  version registered        : none",
+        f"  validation                : {validated.get('validation', 'not run')}"
+        + (f" ({'; '.join(validated['reasons'])})" if validated.get("reasons") else ""),
+        f"  promoted to Production    : {'yes' if deployed.get('deployed') else 'no'}"
+        + (f" ({deployed['reason']})" if deployed.get("reason") and not deployed.get("deployed") else ""),
+        f"  rolled back               : {'yes' if rolled_back.get('rollback_performed') else 'no'}",
+        f"  Production now            : {f'v{production.version}' if production else 'none'}",
+    ]
+    if failed:
+        lines.append(f"  failed tasks              : {', '.join(failed)} (see the task logs in the Airflow UI)")
+    lines += [
+        "",
+        "Look at it:",
+        "  Airflow UI : make airflow-ui   (airflow standalone on these settings; http://localhost:8080)",
+        "  MLflow UI  : make mlflow-ui    (mlflow ui on these settings; http://localhost:5000)",
+        f"  Registry   : {Path(sys.executable).parent / 'mlops'} status",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value if value is not None else "n/a")
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from ml import registry
+    from ml.settings import Settings
+
+    settings = Settings.from_env()
+    client = registry.client_for(settings)
+    versions = registry.list_versions(client, settings.model_name)
+    production = registry.production_version(client, settings.model_name, settings.production_alias)
+    history = registry.deployment_history(client, settings.model_name)
+    if args.json:
+        print(json.dumps(status_document(settings.model_name, versions, production, history), indent=2))
+        return 0
+    print(f"Model {settings.model_name} at {settings.tracking_uri}")
+    print(f"Production ({settings.production_alias!r} alias): {f'v{production.version}' if production else 'none'}")
+    print()
+    print(f"{'version':>7}  {'stage':<10} {'aliases':<12} {'validation':<10} {'accuracy':>8}  {'deployment':<12} run")
+    for info in versions:
+        print(
+            f"{info.version:>7}  {info.stage:<10} {','.join(info.aliases) or '-':<12} "
+            f"{info.tags.get(registry.VALIDATION_STATUS_TAG, '-'):<10} "
+            f"{info.tags.get('mlops.validation.accuracy', '-')[:8]:>8}  "
+            f"{info.tags.get(registry.DEPLOYMENT_STATUS_TAG, '-'):<12} "
+            f"{info.tags.get('mlops.airflow.run_id', '-')}"
+        )
+    print()
+    print("Deployment history (oldest first):")
+    if not history:
+        print("  none")
+    for event in history:
+        previous = f"v{event.previous_version}" if event.previous_version is not None else "none"
+        print(f"  {event.at}  {event.event:<15} v{event.version} (was {previous}) by {event.actor}: {event.reason}")
+    return 0
+
+
+def status_document(name: str, versions: Sequence[Any], production: Any, history: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "model": name,
+        "production_version": production.version if production else None,
+        "versions": [
+            {"version": v.version, "stage": v.stage, "aliases": list(v.aliases), "run_id": v.run_id, "tags": v.tags}
+            for v in versions
+        ],
+        "history": [event.as_dict() for event in history],
+    }
+
+
+def command_rollback(args: argparse.Namespace) -> int:
+    from ml import registry
+    from ml.settings import Settings
+
+    settings = Settings.from_env()
+    actor = f"cli:{os.environ.get('USER', 'unknown')}"
+    try:
+        replaced, restored = registry.manual_rollback(settings, args.to, actor=actor, reason=args.reason)
+    except registry.RegistryError as error:
+        print(f"rollback refused: {error}", file=sys.stderr)
+        return 2
+    print(f"Production of {settings.model_name}: v{replaced} -> v{restored}")
+    return 0
+
+
+def command_env(args: argparse.Namespace) -> int:
+    for key in ("MLOPS_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES"):
+        print(f"export {key}={_shell_quote(os.environ[key])}")
+    print(f"export MLFLOW_TRACKING_URI={_shell_quote(os.environ['MLFLOW_TRACKING_URI'])}")
+    return 0
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from ml.serving.app import main as serve_main
+
+    return serve_main(args.serve_args)
+
+
+def _shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlops", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Airflow's and MLflow's logs too")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run mlops_pipeline once through Airflow and print a summary")
+    run.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="a DAG Param, e.g. model_family=random_forest"
+    )
+    run.add_argument("--conf", help="all Params as one JSON object")
+    run.set_defaults(handler=command_run)
+
+    status = commands.add_parser("status", help="versions, which one is Production, and the deployment history")
+    status.add_argument("--json", action="store_true", help="print a JSON document")
+    status.set_defaults(handler=command_status)
+
+    rollback = commands.add_parser("rollback", help="put the previous (or a named) version back in Production")
+    rollback.add_argument("--to", default="previous", help="'previous' (default) or a version number")
+    rollback.add_argument("--reason", default="manual rollback from the command line")
+    rollback.set_defaults(handler=command_rollback)
+
+    env = commands.add_parser("env", help="print the environment, as shell exports, that these commands use")
+    env.set_defaults(handler=command_env)
+
+    serve = commands.add_parser("serve", help="serve the Production model and follow the registry", add_help=False)
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(handler=command_serve)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for noisy in ("airflow", "alembic", "sqlalchemy", "mlflow", "py.warnings", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    apply_local_defaults(os.environ)
+    if not args.verbose:
+        os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    configure_logging(args.verbose)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Data sources, snapshots, validation and the split, on the real Breast Cancer Wisconsin data."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml import data
+
+
+@pytest.fixture(scope="module")
+def cancer() -> pd.DataFrame:
+    return data.load_source("sklearn:breast_cancer")
+
+
+def validate(frame: pd.DataFrame, **overrides):
+    options = {"label": "target", "source": "test.csv", "min_rows": 50, "min_rows_per_class": 5} | overrides
+    return data.validate_frame(frame, **options)
+
+
+def test_bundled_source_is_the_breast_cancer_data(cancer):
+    assert cancer.shape == (569, 31)
+    assert set(cancer["target"].unique()) == {0, 1}
+    assert validate(cancer) == [c for c in cancer.columns if c != "target"]
+
+
+def test_csv_parquet_and_sql_sources_read_the_same_content(cancer, tmp_path):
+    csv_path, parquet_path, db_path = tmp_path / "d.csv", tmp_path / "d.parquet", tmp_path / "d.db"
+    cancer.to_csv(csv_path, index=False)
+    cancer.to_parquet(parquet_path, index=False)
+    with sqlite3.connect(db_path) as connection:
+        cancer.to_sql("cases", connection, index=False)
+
+    from_csv = data.load_source(str(csv_path))
+    from_parquet = data.load_source(parquet_path.as_uri())
+    from_table = data.load_source(f"sqlite:///{db_path}", "cases")
+    from_query = data.load_source(f"sqlite:///{db_path}", "SELECT * FROM cases WHERE target = 1")
+
+    assert data.content_digest(from_parquet) == data.content_digest(cancer)
+    assert from_csv.shape == from_table.shape == cancer.shape
+    np.testing.assert_allclose(from_csv["mean radius"], cancer["mean radius"])
+    assert len(from_query) == int((cancer["target"] == 1).sum())
+
+
+def test_snapshot_is_content_addressed(cancer, tmp_path):
+    store = str(tmp_path / "store")
+    first = data.write_snapshot(cancer, store)
+    again = data.write_snapshot(cancer.copy(), store)
+    changed = data.write_snapshot(cancer.iloc[:-1], store)
+    assert first.uri == again.uri and first.digest == again.digest
+    assert changed.digest != first.digest
+    pd.testing.assert_frame_equal(data.read_frame(first.uri), cancer)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("sklearn:digits_of_pi", "unknown bundled data set 'digits_of_pi'"),
+        ("/data/cases.xlsx", "is not recognised"),
+        ("/nowhere/cases.csv", "does not exist"),
+        ("sqlite:////nowhere/cases.db", "cannot read SQL data source"),
+    ],
+)
+def test_unreadable_sources_name_the_source(source, message):
+    with pytest.raises(data.DataSourceError, match=message):
+        data.load_source(source, "cases")
+
+
+def test_sql_source_without_query_is_refused(tmp_path):
+    with pytest.raises(data.DataSourceError, match="no query or table name"):
+        data.load_source(f"sqlite:///{tmp_path / 'd.db'}", "")
+
+
+def test_sql_credentials_are_not_echoed():
+    with pytest.raises(data.DataSourceError) as error:
+        data.load_source("postgresql://reader:s3cret@127.0.0.1:1/none", "cases")
+    assert "s3cret" not in str(error.value)
+
+
+def test_empty_and_garbled_files_are_named(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(data.DataValidationError, match=f"data file {empty} is empty"):
+        data.load_source(str(empty))
+    garbled = tmp_path / "garbled.parquet"
+    garbled.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(data.DataSourceError, match="not readable Parquet"):
+        data.load_source(str(garbled))
+
+
+def test_duplicated_csv_header_is_refused(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("a,b,a,target\n1,2,3,0\n")
+    with pytest.raises(data.DataValidationError, match="duplicated column names: a"):
+        data.load_source(str(path))
+
+
+def test_missing_label_is_named(cancer):
+    with pytest.raises(data.DataValidationError, match="label column 'target' is missing"):
+        validate(cancer.drop(columns="target"))
+
+
+def test_single_class_is_refused(cancer):
+    with pytest.raises(data.DataValidationError, match=r"has 1 class\(es\) \(1\); at least 2 are needed"):
+        validate(cancer[cancer["target"] == 1])
+
+
+def test_non_numeric_and_empty_columns_are_named(cancer):
+    frame = cancer.copy()
+    frame["diagnosis note"] = "benign?"
+    frame["unused"] = np.nan
+    with pytest.raises(data.DataValidationError) as error:
+        validate(frame)
+    assert "non-numeric feature columns: diagnosis note (e.g. 'benign?')" in str(error.value)
+    assert "columns entirely empty: unused" in str(error.value)
+
+
+def test_too_few_rows_and_rows_per_class(cancer):
+    few = pd.concat([cancer[cancer["target"] == 0].head(3), cancer[cancer["target"] == 1].head(40)])
+    with pytest.raises(data.DataValidationError) as error:
+        validate(few)
+    assert "only 43 rows; at least 50" in str(error.value)
+    assert "too few rows per class" in str(error.value) and "0: 3" in str(error.value)
+
+
+def test_empty_frame_is_refused():
+    with pytest.raises(data.DataValidationError, match="is empty"):
+        validate(pd.DataFrame())
+
+
+def test_columns_must_match_production_signature(cancer):
+    expected = [c for c in cancer.columns if c != "target"]
+    with pytest.raises(data.DataValidationError, match="missing: mean radius; unexpected: radius"):
+        validate(cancer.rename(columns={"mean radius": "radius"}), expected_features=expected)
+
+
+def test_split_is_stratified_seeded_and_stored(cancer, tmp_path):
+    features = validate(cancer)
+    options = {"label": "target", "features": features, "test_size": 0.2, "seed": 7, "run_folder": "r"}
+    split = data.split_frame(cancer, data_store=str(tmp_path / "a"), **options)
+    again = data.split_frame(cancer, data_store=str(tmp_path / "b"), **options)
+    train, test = data.read_frame(split.train_uri), data.read_frame(split.test_uri)
+    assert (split.train_rows, split.test_rows) == (455, 114)
+    pd.testing.assert_frame_equal(test, data.read_frame(again.test_uri))
+    assert abs(train["target"].mean() - test["target"].mean()) < 0.01
+    assert all(train[c].dtype == np.float64 for c in features)

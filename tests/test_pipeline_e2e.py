@@ -1,0 +1,184 @@
+"""End-to-end runs of mlops_pipeline through Airflow (dag.test) against real MLflow stores.
+
+The module shares one store whose first run promotes version 1; every later test states its expectations relative to
+the registry as it found it, so none depends on what another test left behind beyond that baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from ml import registry
+from ml.airflow_runner import PipelineRun, run_dag
+from ml.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def production(settings: Settings) -> tuple[int | None, list[int]]:
+    client = registry.client_for(settings)
+    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
+    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
+    return (aliased.version if aliased else None), staged
+
+
+def version_count(settings: Settings) -> int:
+    return len(registry.list_versions(registry.client_for(settings), settings.model_name))
+
+
+@pytest.fixture(scope="module")
+def baseline(airflow_db, tmp_path_factory):
+    """A fresh SQLite MLflow store and the first pipeline run against it."""
+    home = tmp_path_factory.mktemp("e2e") / "mlops"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("MLOPS_") and n != "MLOPS_RETRY_DELAY_SECONDS"]:
+            patch.delenv(name)
+        patch.setenv("MLOPS_HOME", str(home))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        settings = Settings.from_env()
+        yield settings, run_dag()
+
+
+@pytest.fixture
+def settings(baseline, monkeypatch) -> Settings:
+    return baseline[0]
+
+
+def test_first_run_promotes_version_1_with_full_lineage(baseline):
+    settings, run = baseline
+    assert run.state == "success", run.tasks
+    assert production(settings) == (1, [1])
+    assert run.result("extract_data")["records"] == 569 and run.result("extract_data")["data_extracted"] is True
+    assert run.result("transform_data")["features"] == 30
+    assert run.result("validate_model")["validation"] == "passed"
+    assert run.result("deploy_model") | {"deployed": True, "previous_version": None} == run.result("deploy_model")
+    assert run.result("archive_model")["archived"] is True
+    assert run.result("rollback_model")["rollback_performed"] is False
+
+    client = registry.client_for(settings)
+    version = registry.get_version(client, settings.model_name, 1)
+    digest = run.result("extract_data")["digest"]
+    assert version.tags["mlops.airflow.dag_id"] == "mlops_pipeline"
+    assert version.tags["mlops.airflow.run_id"] == run.run_id
+    assert version.tags["mlops.airflow.try_number"] == "1"
+    assert version.tags["mlops.data.digest"] == digest
+    assert version.tags["mlops.random_seed"] == "42"
+    assert version.tags["mlops.code.revision"].startswith(("git:", "package:"))
+    assert version.tags["mlops.validation.status"] == "passed"
+    assert version.tags["mlops.deployment.status"] == "production"
+    assert version.tags["mlops.deployment.airflow_run_id"] == run.run_id
+    assert version.tags["mlops.deployment.data_digest"] == digest
+    assert version.tags["mlops.deployment.replaced_version"] == "none"
+    assert [(e.event, e.version) for e in registry.deployment_history(client, settings.model_name)] == [("promoted", 1)]
+
+    mlflow_run = client.get_run(version.run_id)
+    assert mlflow_run.data.params["model_family"] == "logistic_regression"
+    assert mlflow_run.data.metrics["accuracy"] > 0.9
+    assert mlflow_run.data.tags["mlops.airflow.url"].endswith(f"/dags/mlops_pipeline/runs/{run.run_id}")
+    inputs = {d.tags[0].value if d.tags else None: d.dataset for d in mlflow_run.inputs.dataset_inputs}
+    assert {"training", "evaluation"} <= set(inputs)
+    assert all(digest[:12] in dataset.name for dataset in inputs.values())
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts
+    model_info = mlflow.models.get_model_info(f"models:/{settings.model_name}/1")
+    assert model_info.signature.inputs.input_names()[0] == "mean radius"
+    assert model_info.saved_input_example_info is not None
+
+
+def test_failed_validation_leaves_production_and_records_why(settings):
+    before, count = production(settings), version_count(settings)
+    run = run_dag(conf={"accuracy_threshold": 1.0})
+    candidate = run.result("train_model")["model_version"]
+    assert candidate == count + 1
+    assert production(settings) == before
+    assert run.result("validate_model")["validation"] == "failed"
+    assert run.result("deploy_model")["deployed"] is False
+    assert run.result("deploy_model")["previous_version"] == before[0]
+    assert run.result("archive_model")["archived"] is False
+    assert run.result("rollback_model")["rollback_performed"] is False
+    tags = registry.get_version(registry.client_for(settings), settings.model_name, candidate).tags
+    assert tags["mlops.validation.status"] == "failed"
+    assert "below the threshold 1.0000" in tags["mlops.validation.reasons"]
+    assert tags["mlops.deployment.status"] == "rejected"
+
+
+def test_candidate_worse_than_production_is_not_promoted(settings):
+    before = production(settings)
+    weak = {"accuracy_threshold": 0.5, "hyperparameters": {"C": 0.0001}}
+    run = run_dag(conf=weak)
+    result = run.result("validate_model")
+    assert result["validation"] == "failed", result
+    assert result["champion_version"] == before[0]
+    assert any("worse than Production" in reason for reason in result["reasons"])
+    assert production(settings) == before
+
+
+def test_failed_post_deploy_check_restores_the_prior_version(settings, monkeypatch):
+    before = production(settings)
+    monkeypatch.setenv("MLOPS_DEPLOY_CHECK_HOOK", "deploy_hooks:refuse")
+    run = run_dag()
+    candidate = run.result("train_model")["model_version"]
+    deploy = run.result("deploy_model")
+    assert (deploy["deployed"], deploy["promoted"], deploy["health_check"]) == (False, True, "failed")
+    assert "HTTP 503" in deploy["reason"]
+    rollback = run.result("rollback_model")
+    assert rollback["rollback_performed"] is True
+    assert rollback["restored_version"] == rollback["production_version"] == before[0]
+    assert production(settings) == before
+    client = registry.client_for(settings)
+    demoted = registry.get_version(client, settings.model_name, candidate)
+    assert demoted.stage == "Archived"
+    assert demoted.tags["mlops.deployment.status"] == "rolled_back"
+    history = registry.deployment_history(client, settings.model_name)
+    assert [(e.event, e.version, e.previous_version) for e in history[-2:]] == [
+        ("promoted", candidate, before[0]),
+        ("rolled_back", candidate, before[0]),
+    ]
+
+
+def _cancer() -> pd.DataFrame:
+    from ml.data import load_source
+
+    return load_source("sklearn:breast_cancer")
+
+
+BAD_DATA = {
+    "missing label": (lambda: _cancer().drop(columns="target"), "label column 'target' is missing"),
+    "one class": (lambda: _cancer().assign(target=1), "has 1 class(es)"),
+    "empty file": (lambda: None, "is empty"),
+    "non-numeric column": (lambda: _cancer().assign(note="check"), "non-numeric feature columns: note"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, capfd):
+    make, message = BAD_DATA[case]
+    path = tmp_path / "cases.csv"
+    frame = make()
+    path.write_text("") if frame is None else frame.to_csv(path, index=False)
+    before, count = production(settings), version_count(settings)
+    run = run_dag(conf={"data_source": str(path)})
+    assert run.state == "failed"
+    failed = [task for task, outcome in run.tasks.items() if outcome.state == "failed"]
+    assert failed in (["extract_data"], ["transform_data"])
+    assert message in capfd.readouterr().out
+    assert run.state_of("train_model") == "upstream_failed"
+    assert run.state_of("rollback_model") == "success"
+    assert version_count(settings) == count
+    assert production(settings) == before
+
+
+def test_pipeline_over_a_real_mlflow_server(airflow_db, server_env, mlflow_server):
+    run = run_dag()
+    assert run.state == "success", run.tasks
+    assert production(server_env) == (1, [1])
+    assert Path(mlflow_server.root / "artifacts").exists()
+    failing = run_dag(conf={"accuracy_threshold": 1.0})
+    assert failing.result("validate_model")["validation"] == "failed"
+    assert production(server_env) == (1, [1])
+    assert version_count(server_env) == 2

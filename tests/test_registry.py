@@ -1,0 +1,138 @@
+"""Registry semantics on a real MLflow store (SQLite): promotion, rollback, history, the check-then-set guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from ml import registry
+
+
+@pytest.fixture
+def registered(mlops_env, tmp_path):
+    """Three registered versions; 1 and 2 passed validation, 3 failed."""
+    client = registry.client_for(mlops_env)
+    registry.ensure_registered_model(client, mlops_env.model_name)
+    for number, status in ((1, "passed"), (2, "passed"), (3, "failed")):
+        source = tmp_path / f"model-{number}"
+        source.mkdir()
+        version = client.create_model_version(mlops_env.model_name, source.as_uri())
+        assert int(version.version) == number
+        registry.set_version_tags(client, mlops_env.model_name, number, {registry.VALIDATION_STATUS_TAG: status})
+    return mlops_env, client
+
+
+def production_markers(settings, client) -> tuple[int | None, list[int]]:
+    """(the version the alias points at, the versions whose stage is Production)."""
+    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
+    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
+    return (aliased.version if aliased else None), staged
+
+
+def test_promotion_moves_stage_and_alias_and_archives_the_replaced(registered):
+    settings, client = registered
+    assert registry.promote(settings, 1, expected_current=None, actor="test", reason="first") is None
+    replaced = registry.promote(settings, 2, expected_current=1, actor="test", reason="better")
+    assert replaced.version == 1
+    assert production_markers(settings, client) == (2, [2])
+    old = registry.get_version(client, settings.model_name, 1)
+    assert old.stage == "Archived" and old.tags[registry.DEPLOYMENT_STATUS_TAG] == "archived"
+    assert old.tags["mlops.deployment.replaced_by"] == "2"
+    new = registry.get_version(client, settings.model_name, 2)
+    assert new.tags["mlops.deployment.replaced_version"] == "1" and new.aliases == ("production",)
+
+
+def test_promotion_refuses_when_production_moved_meanwhile(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="run-a", reason="first")
+    with pytest.raises(registry.ProductionMovedError, match="is version 1, expected None"):
+        registry.promote(settings, 2, expected_current=None, actor="run-b", reason="stale decision")
+    assert production_markers(settings, client) == (1, [1])
+
+
+def test_restore_puts_the_prior_version_back_and_marks_the_candidate(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
+    after = registry.restore(settings, failed_version=2, restore_to=1, actor="test", reason="does not serve")
+    assert after == 1
+    assert production_markers(settings, client) == (1, [1])
+    demoted = registry.get_version(client, settings.model_name, 2)
+    assert demoted.stage == "Archived"
+    assert demoted.tags[registry.DEPLOYMENT_STATUS_TAG] == "rolled_back"
+    assert demoted.tags["mlops.deployment.rollback_reason"] == "does not serve"
+
+
+def test_restore_with_no_prior_version_clears_production(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    assert registry.restore(settings, failed_version=1, restore_to=None, actor="test", reason="broken") is None
+    assert production_markers(settings, client) == (None, [])
+
+
+def test_restore_never_undoes_a_later_move(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
+    assert registry.restore(settings, failed_version=1, restore_to=None, actor="test", reason="late") == 2
+    assert production_markers(settings, client) == (2, [2])
+
+
+def test_history_records_every_move_in_order(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="run-1", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="run-2", reason="second")
+    registry.restore(settings, failed_version=2, restore_to=1, actor="run-2", reason="check failed")
+    events = [
+        (e.event, e.version, e.previous_version, e.actor)
+        for e in registry.deployment_history(client, settings.model_name)
+    ]
+    assert events == [
+        ("promoted", 1, None, "run-1"),
+        ("promoted", 2, 1, "run-2"),
+        ("rolled_back", 2, 1, "run-2"),
+    ]
+
+
+def test_manual_rollback_to_previous_and_to_a_named_version(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
+    assert registry.manual_rollback(settings, "previous", actor="cli:ops", reason="incident") == (2, 1)
+    assert production_markers(settings, client) == (1, [1])
+    assert registry.manual_rollback(settings, 2, actor="cli:ops", reason="fixed") == (1, 2)
+    last = registry.deployment_history(client, settings.model_name)[-1]
+    assert (last.event, last.version, last.previous_version, last.actor) == ("manual_rollback", 2, 1, "cli:ops")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [(3, "never passed validation"), (9, "has no version 9"), ("latest", "neither a version number"), (2, "already")],
+)
+def test_manual_rollback_refuses_bad_targets(registered, target, message):
+    settings, client = registered
+    registry.promote(settings, 2, expected_current=None, actor="test", reason="first")
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.manual_rollback(settings, target, actor="cli", reason="x")
+    assert production_markers(settings, client) == (2, [2])
+
+
+def test_manual_rollback_without_history_is_refused(registered):
+    settings, _ = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    with pytest.raises(registry.RegistryError, match="no previous Production version"):
+        registry.manual_rollback(settings, "previous", actor="cli", reason="x")
+
+
+def test_reconcile_makes_stage_agree_with_alias(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    client.transition_model_version_stage(settings.model_name, "2", "Production")
+    assert registry.reconcile_production(settings) == 1
+    assert production_markers(settings, client) == (1, [1])
+
+
+def test_reconcile_adopts_a_version_promoted_by_stage_alone(registered):
+    settings, client = registered
+    client.transition_model_version_stage(settings.model_name, "2", "Production")
+    assert registry.reconcile_production(settings) == 2
+    assert production_markers(settings, client) == (2, [2])
