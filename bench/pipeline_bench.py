@@ -1,0 +1,114 @@
+"""Benchmark: mlops_pipeline against a stub DAG with the same seven tasks doing nothing, both through dag.test().
+
+Prints the DAG file's parse time and a full run's wall time, each as a ratio to the stub's, measured in this one
+invocation on the default data set. Parse time is what a DAG processor pays per file with Airflow already loaded:
+each file is parsed in fresh interpreters, several times, and the median kept. Run time is the median of alternating
+runs after one warm-up run of each (the warm-up creates the MLflow store, a one-time cost that is printed apart).
+
+    .venv/bin/python bench/pipeline_bench.py [--runs 3] [--parses 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINE_FILE = REPO / "dags" / "mlops_pipeline.py"
+STUB_FILE = REPO / "bench" / "dags" / "stub_pipeline.py"
+
+PARSE_PROBE = """
+import sys, time
+from airflow.dag_processing.dagbag import DagBag
+started = time.perf_counter()
+bag = DagBag(dag_folder=sys.argv[1])
+elapsed = time.perf_counter() - started
+assert not bag.import_errors, bag.import_errors
+print(elapsed)
+"""
+
+
+def prepare_environment(workdir: Path) -> Path:
+    dags = workdir / "dags"
+    dags.mkdir()
+    for source in (PIPELINE_FILE, STUB_FILE):
+        shutil.copy(source, dags / source.name)
+    home = workdir / "mlops"
+    os.environ.update(
+        {
+            "AIRFLOW_HOME": str(workdir / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR",
+            "MLOPS_HOME": str(home),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        }
+    )
+    return dags
+
+
+def parse_seconds(path: Path, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", PARSE_PROBE, str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        samples.append(float(out.strip().splitlines()[-1]))
+    return statistics.median(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="measured runs of each DAG (default 3)")
+    parser.add_argument("--parses", type=int, default=5, help="parses of each DAG file (default 5)")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
+    try:
+        dags = prepare_environment(workdir)
+        from ml.airflow_runner import load_dag, migrate_airflow_db, run_dag
+
+        migrate_airflow_db()
+        parse_ours = parse_seconds(dags / PIPELINE_FILE.name, args.parses)
+        parse_stub = parse_seconds(dags / STUB_FILE.name, args.parses)
+
+        pipeline, stub = load_dag("mlops_pipeline"), load_dag("stub_pipeline")
+
+        def timed(dag) -> float:
+            started = time.perf_counter()
+            run = run_dag(dag=dag)
+            elapsed = time.perf_counter() - started
+            if run.state != "success":
+                raise SystemExit(f"{dag.dag_id} run {run.run_id} ended {run.state}: {run.tasks}")
+            return elapsed
+
+        cold_ours, cold_stub = timed(pipeline), timed(stub)
+        ours, stubs = [], []
+        for _ in range(args.runs):
+            ours.append(timed(pipeline))
+            stubs.append(timed(stub))
+        run_ours, run_stub = statistics.median(ours), statistics.median(stubs)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(f"{'measure':<34}{'mlops_pipeline':>16}{'stub (7 empty)':>16}{'ratio':>9}{'aim':>8}")
+    print(
+        f"{'DAG file parse, median (ms)':<34}{parse_ours * 1e3:>16.1f}{parse_stub * 1e3:>16.1f}"
+        f"{parse_ours / parse_stub:>8.2f}x{'1.2x':>8}"
+    )
+    print(f"{'full run, median (s)':<34}{run_ours:>16.2f}{run_stub:>16.2f}{run_ours / run_stub:>8.2f}x{'1.5x':>8}")
+    print(f"{'first run, new MLflow store (s)':<34}{cold_ours:>16.2f}{cold_stub:>16.2f}{cold_ours / cold_stub:>8.2f}x")
+    print(f"runs: mlops_pipeline {', '.join(f'{s:.2f}' for s in ours)}; stub {', '.join(f'{s:.2f}' for s in stubs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
