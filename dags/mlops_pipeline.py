@@ -7,11 +7,15 @@ more than parsing a DAG of empty tasks. The logic, and its tests, live in the ``
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from ml.assets import training_data_asset
 from ml.settings import MODEL_FAMILIES, param_defaults
 
 DEFAULTS = param_defaults()
+# The configured data source. A run starts every day at midnight UTC, or as soon as the asset is updated (by the
+# mlops_ingest DAG, a POST to /api/v2/assets/events, ...), whichever comes first.
+TRAINING_DATA = training_data_asset()
 
 default_args = {
     "owner": "airflow",
@@ -43,6 +47,14 @@ version.
 | rollback_model | restores the previous Production version unless the new one is deployed and healthy |
 
 Every parameter of the trigger form overrides the service's setting for this run only.
+
+#### Data-aware
+Runs daily **or** when the training-data asset is updated (see the asset's page for the events and the runs they
+triggered). If the extracted data has the same digest as the data the Production version was trained on, the run is
+a no-op: every task returns `"skipped_reason": "no new data"`, nothing is registered and Production is untouched;
+`force_retrain` retrains anyway. Each training run measures drift (PSI and a KS test per feature, label balance)
+against the Production version's data and logs it to MLflow (`drift/`); above `drift_threshold` the candidate must
+beat Production by `drift_margin` instead of being within the tolerance.
 """
 
 
@@ -50,7 +62,7 @@ Every parameter of the trigger form overrides the service's setting for this run
     dag_id="mlops_pipeline",
     description="Retrain, validate and promote a scikit-learn model through the MLflow Model Registry",
     default_args=default_args,
-    schedule="@daily",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@daily", timezone="UTC"), assets=TRAINING_DATA),
     start_date=datetime(2023, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -127,6 +139,30 @@ Every parameter of the trigger form overrides the service's setting for this run
             type="integer",
             title="Random seed",
             description="Seeds the split and the estimator; recorded on the run and the version.",
+        ),
+        "force_retrain": Param(
+            DEFAULTS["force_retrain"],
+            type="boolean",
+            title="Retrain on unchanged data",
+            description="Train, validate and possibly promote even when the data is the data the Production version "
+            "was trained on (same digest); otherwise such a run ends early with 'no new data'.",
+        ),
+        "drift_threshold": Param(
+            DEFAULTS["drift_threshold"],
+            type="number",
+            minimum=0,
+            title="Drift threshold (PSI)",
+            description="Largest per-feature population stability index, against the Production version's data, "
+            "above which drift counts as high (0.1: moderate, 0.2: significant).",
+        ),
+        "drift_margin": Param(
+            DEFAULTS["drift_margin"],
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Margin over Production under high drift",
+            description="Under high drift the candidate must beat Production's accuracy by at least this much, "
+            "instead of being within the tolerance.",
         ),
     },
 )

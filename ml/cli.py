@@ -77,7 +77,7 @@ def format_run_summary(run: Any) -> str:
         f"DAG run {run.dag_id} / {run.run_id}: {run.state}",
         f"  accuracy on held-out data : {_fmt(validated.get('accuracy', trained.get('accuracy')))}",
         f"  version registered        : {settings.model_name} v{trained['model_version']}"
-        if trained
+        if trained.get("model_version") is not None
         else "  version registered        : none",
         f"  validation                : {validated.get('validation', 'not run')}"
         + (f" ({'; '.join(validated['reasons'])})" if validated.get("reasons") else ""),
@@ -86,6 +86,13 @@ def format_run_summary(run: Any) -> str:
         f"  rolled back               : {'yes' if rolled_back.get('rollback_performed') else 'no'}",
         f"  Production now            : {f'v{production.version}' if production else 'none'}",
     ]
+    extracted = run.result("extract_data")
+    if extracted.get("skipped_reason"):
+        lines.insert(
+            1,
+            f"  data                      : {extracted['skipped_reason']} (the data Production "
+            f"v{extracted.get('production_version')} was trained on); nothing trained; force_retrain=true retrains",
+        )
     if failed:
         lines.append(f"  failed tasks              : {', '.join(failed)} (see the task logs in the Airflow UI)")
     lines += [
@@ -173,7 +180,27 @@ def command_env(args: argparse.Namespace) -> int:
 def command_serve(args: argparse.Namespace) -> int:
     from ml.serving.app import main as serve_main
 
-    return serve_main(args.serve_args)
+    return serve_main(args.passed_arguments)
+
+
+def command_ingest(args: argparse.Namespace) -> int:
+    from ml.ingest import main as ingest_main
+
+    return ingest_main(args.passed_arguments)
+
+
+PASS_THROUGH_COMMANDS = ("serve", "ingest")
+
+
+def split_pass_through_arguments(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """``mlops [-v] serve|ingest ARGS...``: ARGS belong to the model server or the ingester, which parse them."""
+    arguments = list(argv)
+    for index, word in enumerate(arguments):
+        if word in PASS_THROUGH_COMMANDS:
+            return arguments[: index + 1], arguments[index + 1 :]
+        if not word.startswith("-"):
+            break
+    return arguments, None
 
 
 def _shell_quote(value: str) -> str:
@@ -206,9 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="print the environment, as shell exports, that these commands use")
     env.set_defaults(handler=command_env)
 
-    serve = commands.add_parser("serve", help="serve the Production model and follow the registry", add_help=False)
-    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
+    serve = commands.add_parser(
+        "serve", help="serve the Production model and follow the registry (mlops serve --help for its options)"
+    )
     serve.set_defaults(handler=command_serve)
+
+    ingest = commands.add_parser(
+        "ingest", help="land a batch of the bundled data into the configured folder or SQL source (--help for more)"
+    )
+    ingest.set_defaults(handler=command_ingest)
     return parser
 
 
@@ -220,7 +253,9 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    own, passed_arguments = split_pass_through_arguments(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    args.passed_arguments = passed_arguments or []
     apply_local_defaults(os.environ)
     if not args.verbose:
         os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")

@@ -62,7 +62,11 @@ def describe_source(source: str, query: str = "") -> str:
 
 
 def source_kind(source: str) -> str:
-    """One of ``bundled``, ``sql``, ``csv`` or ``parquet``; raises DataSourceError for anything else."""
+    """One of ``bundled``, ``sql``, ``csv``, ``parquet`` or ``folder``; raises DataSourceError for anything else.
+
+    A folder is a local directory, or a path or fsspec URL ending in ``/`` (``s3://bucket/incoming/``);
+    its ``.csv`` and ``.parquet`` files are read in name order and concatenated.
+    """
     if source.startswith("sklearn:"):
         name = source.removeprefix("sklearn:")
         if name not in BUNDLED_DATASETS:
@@ -77,10 +81,20 @@ def source_kind(source: str) -> str:
     suffix = Path(source.split("?", 1)[0]).suffix.lower()
     if suffix in FILE_FORMATS:
         return FILE_FORMATS[suffix]
+    if source.endswith("/") or _is_folder(source):
+        return "folder"
     raise DataSourceError(
         f"data source {source!r} is not recognised: use sklearn:<name> ({', '.join(BUNDLED_DATASETS)}), "
-        "a .csv or .parquet path or URL, or a SQLAlchemy URL with a query"
+        "a .csv or .parquet path or URL, a folder of them (an existing directory, or a path ending in /), "
+        "or a SQLAlchemy URL with a query"
     )
+
+
+def _is_folder(source: str) -> bool:
+    """A local directory. Remote folders are marked by a trailing ``/``: telling them apart needs a network call."""
+    if "://" in source and not source.startswith("file://"):
+        return False
+    return Path(source.removeprefix("file://")).expanduser().is_dir()
 
 
 def load_source(source: str, query: str = "", label: str = "target") -> pd.DataFrame:
@@ -90,7 +104,50 @@ def load_source(source: str, query: str = "", label: str = "target") -> pd.DataF
         return _load_bundled(source.removeprefix("sklearn:"), label)
     if kind == "sql":
         return _load_sql(source, query)
+    if kind == "folder":
+        return _load_folder(source)
     return _load_file(source, kind)
+
+
+def folder_files(uri: str) -> list[str]:
+    """The data files of a folder source, as URLs, in name order; hidden (``.``) and ``_`` files are left out."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.isdir(path):
+            raise DataSourceError(f"data folder {uri} does not exist")
+        entries = fs.ls(path, detail=False)
+    except DataSourceError:
+        raise
+    except Exception as error:
+        raise DataSourceError(f"cannot list data folder {uri}: {error}") from error
+    names = {}
+    for entry in entries:
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if Path(name).suffix.lower() in FILE_FORMATS and not name.startswith((".", "_")):
+            names[name] = fs.unstrip_protocol(str(entry))
+    return [names[name] for name in sorted(names)]
+
+
+def _load_folder(uri: str) -> pd.DataFrame:
+    """Read every data file of the folder in name order and concatenate them; their columns must agree."""
+    files = folder_files(uri)
+    if not files:
+        raise DataValidationError(f"data folder {uri} has no .csv or .parquet files")
+    frames = [(file, _load_file(file, FILE_FORMATS[Path(file).suffix.lower()])) for file in files]
+    first_file, first = frames[0]
+    columns = [str(c) for c in first.columns]
+    for file, frame in frames[1:]:
+        names = [str(c) for c in frame.columns]
+        missing = [c for c in columns if c not in names]
+        extra = [c for c in names if c not in columns]
+        if missing or extra:
+            raise DataValidationError(
+                f"data folder {uri}: the columns of {file} differ from those of {first_file}"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; unexpected: {', '.join(extra)}" if extra else "")
+            )
+    log.info("read %d files from data folder %s", len(frames), uri)
+    return pd.concat([frame[columns] for _, frame in frames], ignore_index=True)
 
 
 def _load_bundled(name: str, label: str) -> pd.DataFrame:

@@ -38,16 +38,31 @@ def judge(
     champion_version: int | None,
     tolerance: float,
     compare_with_champion: bool,
+    drift: float | None = None,
+    drift_threshold: float | None = None,
+    drift_margin: float = 0.0,
 ) -> Verdict:
-    """Pass when accuracy reaches the threshold and, if enabled, is no worse than the champion beyond tolerance."""
+    """Pass when accuracy reaches the threshold and, if enabled, is no worse than the champion beyond tolerance.
+
+    Under high drift (``drift``, the largest PSI, above ``drift_threshold``) the comparison with the champion is
+    stricter: the candidate must beat it by at least ``drift_margin`` instead of being within ``tolerance``. Without a
+    drift threshold, or a drift figure, the rule is not applied.
+    """
     reasons = []
     if accuracy < threshold:
         reasons.append(f"accuracy {accuracy:.4f} is below the threshold {threshold:.4f}")
-    if compare_with_champion and champion_accuracy is not None and accuracy < champion_accuracy - tolerance:
-        reasons.append(
-            f"accuracy {accuracy:.4f} is worse than Production version {champion_version} "
-            f"({champion_accuracy:.4f}) by more than the tolerance {tolerance:.4f}"
-        )
+    high_drift = drift is not None and drift_threshold is not None and drift > drift_threshold
+    if compare_with_champion and champion_accuracy is not None:
+        if high_drift and accuracy < champion_accuracy + drift_margin:
+            reasons.append(
+                f"under high drift (PSI {drift:.3f} > {drift_threshold:.3f}) accuracy {accuracy:.4f} must beat "
+                f"Production version {champion_version} ({champion_accuracy:.4f}) by at least {drift_margin:.4f}"
+            )
+        elif not high_drift and accuracy < champion_accuracy - tolerance:
+            reasons.append(
+                f"accuracy {accuracy:.4f} is worse than Production version {champion_version} "
+                f"({champion_accuracy:.4f}) by more than the tolerance {tolerance:.4f}"
+            )
     return Verdict(passed=not reasons, reasons=reasons)
 
 

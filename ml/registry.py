@@ -315,7 +315,7 @@ def reconcile_production(settings: Settings) -> int | None:
                 log.warning("version %s had stage Production without the %r alias; archiving it", info.version, alias)
                 _transition(client, name, info.version, ARCHIVED_STAGE)
         if aliased is not None and aliased.stage != PRODUCTION_STAGE:
-            _transition(client, name, aliased.version, PRODUCTION_STAGE, archive_existing=True)
+            _move_production(client, name, alias, aliased.version)
         return aliased.version if aliased else None
 
 
@@ -351,7 +351,12 @@ def _mark_rolled_back(
 
 
 def _move_production(client: MlflowClient, name: str, alias: str, version: int) -> None:
-    _transition(client, name, version, PRODUCTION_STAGE, archive_existing=True)
+    # Archiving the others one by one instead of archive_existing_versions=True: MLflow's bulk archive query fails
+    # on PostgreSQL through psycopg 3 (integer <> character varying).
+    for info in list_versions(client, name):
+        if info.stage == PRODUCTION_STAGE and info.version != version:
+            _transition(client, name, info.version, ARCHIVED_STAGE)
+    _transition(client, name, version, PRODUCTION_STAGE)
     client.set_registered_model_alias(name, alias, str(version))
 
 
@@ -364,10 +369,10 @@ def _clear_production(client: MlflowClient, name: str, alias: str, version: int)
             raise
 
 
-def _transition(client: MlflowClient, name: str, version: int, stage: str, archive_existing: bool = False) -> None:
+def _transition(client: MlflowClient, name: str, version: int, stage: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        client.transition_model_version_stage(name, str(version), stage, archive_existing_versions=archive_existing)
+        client.transition_model_version_stage(name, str(version), stage)
 
 
 def record_history(client: MlflowClient, name: str, event: HistoryEvent) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "gradient_boosting")
 DEFAULT_DATA_SOURCE = "sklearn:breast_cancer"
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
 
 
 class ConfigurationError(ValueError):
@@ -97,7 +98,12 @@ class Settings:
     post_deploy_check: bool = True
     enforce_production_schema: bool = True
     deploy_check_hook: str = ""
+    step_hook: str = ""
     serving_url: str = ""
+    force_retrain: bool = False
+    drift_threshold: float = 0.2
+    drift_margin: float = 0.0
+    data_asset_uri: str = ""
 
     @classmethod
     def from_env(cls, environ: Environ | None = None) -> Settings:
@@ -128,6 +134,11 @@ class Settings:
             enforce_production_schema=_env_bool(environ, "MLOPS_ENFORCE_PRODUCTION_SCHEMA", True),
             deploy_check_hook=_env(environ, "MLOPS_DEPLOY_CHECK_HOOK", ""),
             serving_url=_env(environ, "MLOPS_SERVING_URL", ""),
+            step_hook=_env(environ, "MLOPS_STEP_HOOK", ""),
+            force_retrain=_env_bool(environ, "MLOPS_FORCE_RETRAIN", False),
+            drift_threshold=_env_float(environ, "MLOPS_DRIFT_THRESHOLD", 0.2),
+            drift_margin=_env_float(environ, "MLOPS_DRIFT_MARGIN", 0.0),
+            data_asset_uri=_env(environ, "MLOPS_DATA_ASSET_URI", ""),
         )
         settings.validate()
         return settings
@@ -143,12 +154,14 @@ class Settings:
                 changes["hyperparameters"] = json.loads(changes["hyperparameters"] or "{}")
             except json.JSONDecodeError as error:
                 raise ConfigurationError(f"hyperparameters is not valid JSON: {error}") from error
-        for name in ("accuracy_threshold", "champion_tolerance", "test_size"):
+        for name in ("accuracy_threshold", "champion_tolerance", "test_size", "drift_threshold", "drift_margin"):
             if name in changes:
                 changes[name] = _as_float(name, changes[name])
         for name in ("random_seed", "min_rows", "min_rows_per_class"):
             if name in changes:
                 changes[name] = _as_int(name, changes[name])
+        if "force_retrain" in changes:
+            changes["force_retrain"] = _as_bool("force_retrain", changes["force_retrain"])
         updated = replace(self, **changes)
         updated.validate()
         return updated
@@ -165,12 +178,22 @@ class Settings:
             problems.append(f"test_size {self.test_size} must be strictly between 0 and 1")
         if not isinstance(self.hyperparameters, dict):
             problems.append("hyperparameters must be a mapping of parameter name to value")
+        if self.drift_threshold < 0:
+            problems.append(f"drift_threshold {self.drift_threshold} must not be negative")
+        if not 0.0 <= self.drift_margin <= 1.0:
+            problems.append(f"drift_margin {self.drift_margin} is outside [0, 1]")
         if self.min_rows < 2:
             problems.append(f"min_rows {self.min_rows} must be at least 2")
         if not self.label_column:
             problems.append("label_column is empty")
         if not self.model_name:
             problems.append("model_name is empty")
+        scheme = self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in self.tracking_uri else "file"
+        if scheme not in TRACKING_SCHEMES:
+            problems.append(
+                f"tracking URI {self.tracking_uri!r} has an unsupported scheme {scheme!r}; "
+                f"use one of {', '.join(TRACKING_SCHEMES)}"
+            )
         if problems:
             raise ConfigurationError("invalid settings: " + "; ".join(problems))
 
@@ -185,6 +208,9 @@ class Settings:
             "random_seed": self.random_seed,
             "data_source": self.data_source,
             "label_column": self.label_column,
+            "force_retrain": self.force_retrain,
+            "drift_threshold": self.drift_threshold,
+            "drift_margin": self.drift_margin,
         }
 
 
@@ -193,6 +219,17 @@ def _as_float(name: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError) as error:
         raise ConfigurationError(f"{name}={value!r} is not a number") from error
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigurationError(f"{name}={value!r} is not a boolean (use true or false)")
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -211,7 +248,7 @@ def param_defaults() -> dict[str, Any]:
     try:
         settings = Settings.from_env()
     except ConfigurationError:
-        settings = Settings.from_env({key: value for key, value in os.environ.items() if not key.startswith("MLOPS_")})
+        settings = Settings.from_env({})
     return {
         "accuracy_threshold": settings.accuracy_threshold,
         "model_family": settings.model_family,
@@ -223,4 +260,7 @@ def param_defaults() -> dict[str, Any]:
         "champion_tolerance": settings.champion_tolerance,
         "test_size": settings.test_size,
         "random_seed": settings.random_seed,
+        "force_retrain": settings.force_retrain,
+        "drift_threshold": settings.drift_threshold,
+        "drift_margin": settings.drift_margin,
     }

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ml import data, evaluation, registry
+from ml import data, drift, evaluation, registry
 from ml.context import RunContext
 from ml.settings import ConfigurationError, Settings
+
+PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError)
 
 log = logging.getLogger(__name__)
 
@@ -29,40 +31,63 @@ def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
 
 
 def extract_data(context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
-    return extract(settings, run)
+    return run_step("extract_data", context, extract)
 
 
 def transform_data(extract_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
-    return transform(settings, run, extract_result)
+    return run_step("transform_data", context, transform, extract_result)
 
 
 def train_model(transform_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
-    return train(settings, run, transform_result)
+    return run_step("train_model", context, train, transform_result)
 
 
 def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
-    return validate(settings, run, train_result)
+    return run_step("validate_model", context, validate, train_result)
 
 
 def deploy_model(validation_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
-    return deploy(settings, run, validation_result)
+    return run_step("deploy_model", context, deploy, validation_result)
 
 
 def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
-    return archive(settings, run, deploy_result)
+    return run_step("archive_model", context, archive, deploy_result)
 
 
 def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
-    settings, run = resolve(context)
     ti = context.get("ti")
     deploy_result = ti.xcom_pull(task_ids="deploy_model") if ti is not None else context.get("deploy_result")
-    return rollback(settings, run, deploy_result)
+    return run_step("rollback_model", context, rollback, deploy_result)
+
+
+def run_step(
+    name: str, context: Mapping[str, Any], core: Callable[..., dict[str, Any]], *upstream: Any
+) -> dict[str, Any]:
+    """Run one step's core for an Airflow task.
+
+    Errors that a retry cannot cure (bad settings, bad data, a refused registry change) fail the task at once instead
+    of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries.
+    """
+    try:
+        settings, run = resolve(context)
+        if settings.step_hook:
+            call_hook(settings.step_hook, step=name, run_key=run.run_key, try_number=run.try_number)
+        return core(settings, run, *upstream)
+    except PERMANENT_ERRORS as error:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        log.error("%s failed and will not be retried: %s", name, error)
+        raise AirflowFailException(f"{type(error).__name__}: {error}") from error
+
+
+def call_hook(hook: str, **arguments: Any) -> None:
+    """Call ``module:function`` from the settings with keyword arguments (a seam for checks and fault injection)."""
+    module_name, _, function_name = hook.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigurationError(f"hook {hook!r} cannot be imported: {error}") from error
+    function(**arguments)
 
 
 def check_configuration(settings: Settings) -> None:
@@ -71,13 +96,27 @@ def check_configuration(settings: Settings) -> None:
 
     settings.validate()
     resolve_hyperparameters(settings.model_family, settings.hyperparameters)
-    data.source_kind(settings.data_source)
     try:
-        registry.ensure_registered_model(registry.client_for(settings), settings.model_name)
-    except Exception as error:
-        raise ConfigurationError(
-            f"MLflow at {settings.tracking_uri} cannot be used: {type(error).__name__}: {error}"
-        ) from error
+        data.source_kind(settings.data_source)
+    except data.DataSourceError as error:
+        raise ConfigurationError(str(error)) from error
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        _probe_tracking_server(settings.tracking_uri)
+    registry.ensure_registered_model(registry.client_for(settings), settings.model_name)
+
+
+def _probe_tracking_server(uri: str) -> None:
+    """One quick request, so that an unreachable server is reported at once, not after the client's backoff."""
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        raise TrackingServerUnavailable(f"MLflow tracking server {uri} does not answer: {error}") from error
+
+
+class TrackingServerUnavailable(RuntimeError):
+    """The tracking server did not answer; worth a retry, unlike a configuration error."""
 
 
 def extract(settings: Settings, run: RunContext) -> dict[str, Any]:
@@ -87,7 +126,7 @@ def extract(settings: Settings, run: RunContext) -> dict[str, Any]:
     frame = data.load_source(settings.data_source, settings.data_query, settings.label_column)
     snapshot = data.write_snapshot(frame, settings.data_store)
     log.info("extracted %d rows x %d columns; snapshot %s", snapshot.rows, len(snapshot.columns), snapshot.uri)
-    return {
+    result = {
         "data_extracted": True,
         "records": snapshot.rows,
         "source": source,
@@ -95,9 +134,43 @@ def extract(settings: Settings, run: RunContext) -> dict[str, Any]:
         "digest": snapshot.digest,
         "columns": snapshot.columns,
     }
+    return {**result, **_freshness(settings, snapshot.digest)}
+
+
+NO_NEW_DATA = "no new data"
+
+
+def _freshness(settings: Settings, digest: str) -> dict[str, Any]:
+    """Whether the Production version was trained on this very data; if so (and not forced) the run is a no-op."""
+    client = registry.client_for(settings)
+    champion = registry.production_version(client, settings.model_name, settings.production_alias)
+    unchanged = champion is not None and champion.tags.get("mlops.data.digest") == digest
+    if not unchanged:
+        return {"unchanged": False}
+    if settings.force_retrain:
+        log.info("Production version %s was trained on this data; retraining anyway (force_retrain)", champion.version)
+        return {"unchanged": True, "production_version": champion.version}
+    log.info("Production version %s was trained on this data (digest %s): %s", champion.version, digest, NO_NEW_DATA)
+    return {"unchanged": True, "production_version": champion.version, "skipped_reason": NO_NEW_DATA}
+
+
+def _skipped(upstream: Mapping[str, Any] | None, **contract: Any) -> dict[str, Any] | None:
+    """The result of a step that has nothing to do because an earlier one found no new data; None otherwise."""
+    if not upstream or not upstream.get("skipped_reason"):
+        return None
+    log.info("nothing to do: %s", upstream["skipped_reason"])
+    return {
+        **contract,
+        "skipped_reason": upstream["skipped_reason"],
+        "production_version": upstream.get("production_version"),
+    }
 
 
 def transform(settings: Settings, run: RunContext, extract_result: Mapping[str, Any]) -> dict[str, Any]:
+    columns = extract_result.get("columns") or []
+    features = len([c for c in columns if c != settings.label_column])
+    if skipped := _skipped(extract_result, data_transformed=False, features=features, digest=extract_result["digest"]):
+        return skipped
     if not extract_result.get("data_extracted"):
         raise ValueError("Data extraction failed")
     frame = data.read_frame(extract_result["snapshot_uri"])
@@ -148,6 +221,10 @@ def production_features(settings: Settings) -> list[str] | None:
 
 
 def train(settings: Settings, run: RunContext, transform_result: Mapping[str, Any]) -> dict[str, Any]:
+    if skipped := _skipped(
+        transform_result, model_trained=False, accuracy=None, model_name=settings.model_name, model_version=None
+    ):
+        return skipped
     if not transform_result.get("data_transformed"):
         raise ValueError("Data transformation failed")
     from ml import training
@@ -160,8 +237,10 @@ def train(settings: Settings, run: RunContext, transform_result: Mapping[str, An
             "version %s was already registered for %s; a retry registers nothing new", existing.version, run.run_key
         )
         metrics = client.get_run(existing.run_id).data.metrics if existing.run_id else {}
+        drift_fields = drift.fields_from_tags(existing.tags, settings.drift_threshold)
+        accuracy = metrics.get("accuracy", 0.0)
         return _train_result(
-            settings, transform_result, existing.version, existing.run_id or "", metrics.get("accuracy", 0.0)
+            settings, transform_result, existing.version, existing.run_id or "", accuracy, drift_fields
         )
     train_frame = data.read_frame(transform_result["train_uri"])
     test_frame = data.read_frame(transform_result["test_uri"])
@@ -169,6 +248,8 @@ def train(settings: Settings, run: RunContext, transform_result: Mapping[str, An
     hyperparameters = training.resolve_hyperparameters(settings.model_family, settings.hyperparameters)
     pipeline = training.build_pipeline(settings.model_family, settings.hyperparameters, settings.random_seed)
 
+    drift_report, drift_reference = _drift_against_production(settings, client, transform_result)
+    drift_tags = drift.version_tags(drift_report, settings.drift_threshold, drift_reference)
     mlflow = _mlflow(settings)
     lineage = {
         **run.lineage_tags(),
@@ -199,16 +280,50 @@ def train(settings: Settings, run: RunContext, transform_result: Mapping[str, An
         )
         mlflow.log_figure(figure, "evaluation/confusion_matrix.png")
         _close(figure)
+        if drift_report is not None:
+            drift.log_report(mlflow, drift_report, settings.drift_threshold, drift_reference)
+        mlflow.set_tags(drift_tags)
         model_uri = _log_model(mlflow, pipeline, train_frame[features])
         log.info("logged model %s; registering as %s", model_uri, settings.model_name)
-        version = mlflow.register_model(model_uri, settings.model_name, tags=lineage)
+        version = mlflow.register_model(model_uri, settings.model_name, tags={**lineage, **drift_tags})
         run_id = active.info.run_id
     log.info("registered %s version %s with accuracy %.4f", settings.model_name, version.version, metrics["accuracy"])
-    return _train_result(settings, transform_result, int(version.version), run_id, metrics["accuracy"])
+    drift_fields = drift.result_fields(drift_report, settings.drift_threshold, drift_reference)
+    return _train_result(settings, transform_result, int(version.version), run_id, metrics["accuracy"], drift_fields)
+
+
+def _drift_against_production(
+    settings: Settings, client: Any, transform_result: Mapping[str, Any]
+) -> tuple[drift.DriftReport | None, int | None]:
+    """Compare this run's data with the snapshot the Production version was trained on (none: nothing to compare)."""
+    champion = registry.production_version(client, settings.model_name, settings.production_alias)
+    reference_uri = champion.tags.get("mlops.data.snapshot_uri") if champion else None
+    if champion is None or not reference_uri:
+        log.info("no Production version with a data snapshot to measure drift against")
+        return None, None
+    try:
+        reference = data.read_frame(reference_uri)
+    except data.DataSourceError as error:
+        log.warning("cannot measure drift against Production version %s: %s", champion.version, error)
+        return None, None
+    report = drift.compare(reference, data.read_frame(transform_result["snapshot_uri"]), label=settings.label_column)
+    log.info(
+        "drift against Production version %s: largest PSI %.4f (%s), smallest KS p-value %.3g",
+        champion.version,
+        report.max_psi,
+        report.max_psi_feature,
+        report.min_ks_pvalue,
+    )
+    return report, champion.version
 
 
 def _train_result(
-    settings: Settings, transform_result: Mapping[str, Any], version: int, run_id: str, accuracy: float
+    settings: Settings,
+    transform_result: Mapping[str, Any],
+    version: int,
+    run_id: str,
+    accuracy: float,
+    drift_fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "model_trained": True,
@@ -222,10 +337,15 @@ def _train_result(
         "label_column": transform_result["label_column"],
         "feature_names": transform_result["feature_names"],
         "digest": transform_result["digest"],
+        **(drift_fields or {}),
     }
 
 
 def validate(settings: Settings, run: RunContext, train_result: Mapping[str, Any]) -> dict[str, Any]:
+    if skipped := _skipped(
+        train_result, validation="skipped", accuracy=None, reasons=[NO_NEW_DATA], model_version=None
+    ):
+        return skipped
     if not train_result.get("model_trained"):
         raise ValueError("Model training failed")
     mlflow = _mlflow(settings)
@@ -247,6 +367,9 @@ def validate(settings: Settings, run: RunContext, train_result: Mapping[str, Any
         champion_version=champion.version if champion else None,
         tolerance=settings.champion_tolerance,
         compare_with_champion=settings.compare_with_champion,
+        drift=train_result.get("drift_max_psi"),
+        drift_threshold=settings.drift_threshold,
+        drift_margin=settings.drift_margin,
     )
     status = "passed" if verdict.passed else "failed"
     registry.set_version_tags(
@@ -286,6 +409,8 @@ def validate(settings: Settings, run: RunContext, train_result: Mapping[str, Any
         "feature_names": features,
         "label_column": label,
         "digest": train_result.get("digest"),
+        **{key: value for key, value in train_result.items() if key.startswith("drift_")},
+        "drift_margin_required": settings.drift_margin if train_result.get("drift_high") else None,
     }
 
 
@@ -304,6 +429,18 @@ def _score_champion(
 
 
 def deploy(settings: Settings, run: RunContext, validation_result: Mapping[str, Any]) -> dict[str, Any]:
+    production = validation_result.get("production_version")
+    if skipped := _skipped(
+        validation_result,
+        deployed=False,
+        version=None,
+        model_name=settings.model_name,
+        previous_version=production,
+        promoted=False,
+        health_check="not_run",
+        reason=f"{NO_NEW_DATA}: Production version {production} was trained on the same data",
+    ):
+        return skipped
     client = registry.client_for(settings)
     name, version = settings.model_name, int(validation_result["model_version"])
     current = registry.production_version(client, name, settings.production_alias)
@@ -322,7 +459,18 @@ def deploy(settings: Settings, run: RunContext, validation_result: Mapping[str, 
         base["previous_version"] = previous
         log.info("version %s was already promoted by an earlier try of this run", version)
     else:
-        registry.promote(settings, version, expected_current=previous, actor=run.actor, reason=reason)
+        validated_against = validation_result.get("champion_version", previous)
+        try:
+            registry.promote(settings, version, expected_current=validated_against, actor=run.actor, reason=reason)
+        except registry.ProductionMovedError as error:
+            log.warning("not deploying version %s: %s", version, error)
+            registry.set_version_tags(
+                client,
+                name,
+                version,
+                {registry.DEPLOYMENT_STATUS_TAG: "superseded", "mlops.deployment.reason": str(error)},
+            )
+            return {"deployed": False, **base, "promoted": False, "health_check": "not_run", "reason": str(error)}
     problems = check_deployment(settings, version, validation_result)
     if problems:
         log.error("post-deploy check of version %s failed: %s", version, "; ".join(problems))
@@ -364,17 +512,17 @@ def check_deployment(settings: Settings, version: int, validation_result: Mappin
 
 
 def _run_deploy_check_hook(hook: str, model_uri: str, version: int) -> list[str]:
-    """Call a user's extra check, ``module:function(model_uri, version)``; an exception means the check failed."""
-    module_name, _, function_name = hook.partition(":")
+    """A user's extra check of the deployment; an exception means the check failed."""
     try:
-        check = getattr(importlib.import_module(module_name), function_name)
-        check(model_uri=model_uri, version=version)
+        call_hook(hook, model_uri=model_uri, version=version)
     except Exception as error:
         return [f"deploy check hook {hook} failed: {type(error).__name__}: {error}"]
     return []
 
 
 def archive(settings: Settings, run: RunContext, deploy_result: Mapping[str, Any]) -> dict[str, Any]:
+    if skipped := _skipped(deploy_result, archived=False, version=None, record={}):
+        return skipped
     if not deploy_result.get("deployed"):
         log.info("version %s was not deployed; nothing to archive", deploy_result.get("version"))
         return {"archived": False, "version": deploy_result.get("version"), "record": {}}
@@ -404,6 +552,8 @@ def rollback(settings: Settings, run: RunContext, deploy_result: Mapping[str, An
     name, alias = settings.model_name, settings.production_alias
     current = registry.production_version(client, name, alias)
     current_number = current.version if current else None
+    if skipped := _skipped(deploy_result, rollback_performed=False, restored_version=None, reason=NO_NEW_DATA):
+        return {**skipped, "production_version": current_number}
     if deploy_result and deploy_result.get("deployed"):
         log.info("version %s deployed and healthy; no rollback needed", deploy_result.get("version"))
         return {
@@ -528,3 +678,16 @@ def _close(figure: Any) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:
+    """The mlops_rollback DAG's one step: put a chosen version back in Production."""
+    return run_step("rollback_production", context, manual_rollback)
+
+
+def manual_rollback(settings: Settings, run: RunContext) -> dict[str, Any]:
+    target = str(run.params.get("target_version") or "previous")
+    reason = str(run.params.get("reason") or "manual rollback from the Airflow UI")
+    replaced, restored = registry.manual_rollback(settings, target, actor=run.actor, reason=reason)
+    log.info("Production of %s: version %s -> %s (%s)", settings.model_name, replaced, restored, reason)
+    return {"rollback_performed": True, "replaced_version": replaced, "production_version": restored, "reason": reason}

@@ -80,6 +80,9 @@ def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for name in list(os.environ):
         if name.startswith("MLOPS_") and name not in {"MLOPS_HOME", "MLOPS_RETRY_DELAY_SECONDS"}:
             monkeypatch.delenv(name)
+    # These tests run the pipeline on the same bundled data again and again and expect each run to train; without
+    # force_retrain every run after the first would end early with "no new data" (see tests/test_data_aware.py).
+    monkeypatch.setenv("MLOPS_FORCE_RETRAIN", "true")
     return Settings.from_env()
 
 

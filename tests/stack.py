@@ -12,6 +12,7 @@ Standard library only: the compose test imports it without starting anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -65,6 +66,7 @@ NATIVE_ONLY_ENV = {
 # Set in compose only.
 COMPOSE_ONLY_ENV = {
     "DUMB_INIT_SETSID": "the worker's warm shutdown in the official image (docker-stack docs, signal propagation)",
+    "CONNECTION_CHECK_MAX_COUNT": "the model server has no Airflow database for the image's entrypoint to wait for",
 }
 
 
@@ -163,7 +165,10 @@ SERVICES: dict[str, Service] = {
         Service(
             name="airflow-worker",
             command=("airflow", "celery", "worker"),
-            health_shell='celery --app airflow.providers.celery.executors.celery_executor.app inspect ping -d "celery@${HOSTNAME}"',
+            health_shell=(
+                "celery --app airflow.providers.celery.executors.celery_executor.app"
+                ' inspect ping -d "celery@${HOSTNAME}"'
+            ),
             depends_on={**_AIRFLOW_DEPENDS, "airflow-apiserver": _HEALTHY, "mlflow": _HEALTHY},
         ),
         Service(
@@ -190,7 +195,8 @@ SERVICES: dict[str, Service] = {
         ),
         Service(
             name="serving",
-            command=("mlops", "serve", "--host", "{host}", "--port", "{port}"),
+            # `python -m ml.serving`, the model server's own entry point (`mlops serve` wraps it).
+            command=("python", "-m", "ml.serving", "--host", "{host}", "--port", "{port}"),
             port=5001,
             health_path="/ping",
             depends_on={"mlflow": _HEALTHY},
@@ -257,7 +263,11 @@ def _airflow_env(v: StackValues) -> dict[str, str]:
 def service_env(name: str, v: StackValues) -> dict[str, str]:
     """The environment variables a service needs, natively and in compose (see ``NATIVE_ONLY_ENV`` for the rest)."""
     if name == "airflow-init":
-        return {**_airflow_env(v), "AIRFLOW_ADMIN_USERNAME": v.admin_username, "AIRFLOW_ADMIN_PASSWORD": v.admin_password}
+        return {
+            **_airflow_env(v),
+            "AIRFLOW_ADMIN_USERNAME": v.admin_username,
+            "AIRFLOW_ADMIN_PASSWORD": v.admin_password,
+        }
     if name in AIRFLOW_SERVICES:
         return _airflow_env(v)
     if name == "mlflow":
@@ -305,22 +315,14 @@ class Process:
     def stop(self, grace: float = 20) -> None:
         """Stop the whole process group (api-server workers, celery children, task runners)."""
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # children that outlived the leader
+        with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def base_env(bin_dir: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ import sys
 from datetime import timedelta
 
 import pytest
-
 from conftest import DAGS
 
 CONTRACT_EDGES = {
@@ -30,12 +29,47 @@ def dag():
 
 
 def test_dag_identity_and_schedule(dag):
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    from ml.assets import training_data_asset
+
     assert dag.dag_id == "mlops_pipeline"
-    assert dag.schedule == "@daily" or str(dag.timetable.summary) == "@daily"
+    # Daily, as the contract says, or when the training data (an Asset) is updated, whichever comes first.
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)
+    daily = dag.timetable.timetable
+    assert isinstance(daily, CronTriggerTimetable)
+    assert (daily.expression, str(daily.timezone)) == ("0 0 * * *", "UTC")
+    assert dag.timetable.asset_condition == training_data_asset()
+    assert isinstance(dag.timetable.asset_condition, Asset)
     assert dag.catchup is False
     assert {"intro", "ml"} <= set(dag.tags)
     assert dag.doc_md and "rollback_model" in dag.doc_md
     assert dag.max_active_runs == 1
+
+
+def test_daily_cadence_survives_serialization(dag):
+    from datetime import UTC, datetime
+
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.timetables.base import TimeRestriction
+
+    timetable = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag)).timetable
+    assert timetable.summary == "Asset or 0 0 * * *"
+    restriction = TimeRestriction(earliest=datetime(2026, 3, 4, 10, 30, tzinfo=UTC), latest=None, catchup=False)
+    first = timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
+    second = timetable.next_dagrun_info(last_automated_data_interval=first.data_interval, restriction=restriction)
+    assert second.run_after - first.run_after == timedelta(days=1)
+    assert (second.run_after.hour, second.run_after.minute) == (0, 0)
+
+
+def test_ingest_dag_updates_the_asset_the_pipeline_is_scheduled_on(dag):
+    from airflow.dag_processing.dagbag import DagBag
+
+    ingest = DagBag(dag_folder=str(DAGS)).dags["mlops_ingest"]
+    assert ingest.catchup is False and ingest.max_active_runs == 1
+    assert [task.task_id for task in ingest.tasks] == ["land_batch"]
+    assert ingest.get_task("land_batch").outlets == [dag.timetable.asset_condition]
+    assert set(ingest.params) == {"batch", "shift", "file_format"}
 
 
 def test_tasks_and_edges_follow_the_contract(dag):
@@ -72,17 +106,17 @@ def test_params_have_descriptions_and_sane_defaults(dag):
         assert params[name] == default
     for name in params:
         assert params.get_param(name).description, f"Param {name} has no description"
-    with pytest.raises(Exception, match="greater than the maximum|maximum"):
+    with pytest.raises(Exception, match=r"greater than the maximum|maximum"):
         dag.params.get_param("accuracy_threshold").resolve(1.5)
 
 
-def test_no_heavy_imports_at_dag_file_top_level():
+@pytest.mark.parametrize("dag_file", ["mlops_pipeline.py", "mlops_ingest.py"])
+def test_no_heavy_imports_at_dag_file_top_level(dag_file):
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
-        "heavy = sorted(m for m in ('mlflow', 'sklearn', 'pandas', 'numpy', 'scipy', 'matplotlib') if m in sys.modules);"
+        "heavy = sorted(m for m in ('mlflow', 'sklearn', 'pandas', 'numpy', 'scipy', 'matplotlib') "
+        "if m in sys.modules);"
         "print(','.join(heavy))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(DAGS / "mlops_pipeline.py")], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code, str(DAGS / dag_file)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -1,0 +1,252 @@
+"""Our model server against ``mlflow models serve`` on the same registered model, under the same load.
+
+    .venv/bin/python bench/serving_bench.py [--seconds 4]
+
+In one run: a temporary MLflow store (SQLite) gets two registered versions of a scikit-learn pipeline trained on the
+breast cancer data, version 1 becomes Production, and both servers start on ``models:/<name>@production``. Each is
+driven with single-row and 100-row requests from 1 and 8 threads (one keep-alive httpx client per thread), and the
+table gives throughput, p50 and p99 latency and the ratios ours/mlflow. Last, Production moves to version 2 and back
+(a promotion, then a rollback), and the time from each alias change to the first answer from the new version on our
+server is measured. Every process started here is stopped, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+from mlflow.models import infer_signature
+from sklearn.datasets import load_breast_cancer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import mlflow
+from ml import registry
+from ml.settings import Settings
+
+BIN = Path(sys.executable).parent
+LOAD_SHAPES = ((1, 1), (1, 8), (100, 1), (100, 8))
+WARM_UP_SECONDS = 0.5
+OUR_POLL_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    requests: int
+    failures: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
+
+
+def train_and_register(settings: Settings) -> None:
+    """Two versions of the same pipeline (different regularisation), logged like the pipeline logs its models."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_experiment("serving_bench")
+    features, labels = load_breast_cancer(return_X_y=True, as_frame=True)
+    requirements = [f"{name}=={metadata.version(name)}" for name in ("mlflow-skinny", "scikit-learn", "pandas")]
+    for regularisation in (1.0, 0.1):
+        pipeline = Pipeline(
+            [
+                ("impute", SimpleImputer(strategy="median")),
+                ("scale", StandardScaler()),
+                ("model", LogisticRegression(C=regularisation, max_iter=1000)),
+            ]
+        ).fit(features, labels)
+        example = features.head(3)
+        with mlflow.start_run():
+            info = mlflow.sklearn.log_model(
+                pipeline,
+                name="model",
+                signature=infer_signature(example, pipeline.predict(example)),
+                input_example=example,
+                pip_requirements=requirements,
+                skops_trusted_types=["numpy.dtype"],
+            )
+        mlflow.register_model(info.model_uri, settings.model_name)
+    registry.promote(settings, 1, expected_current=None, actor="bench", reason="benchmark baseline")
+
+
+def request_bodies() -> dict[int, bytes]:
+    features = load_breast_cancer(as_frame=True).data
+    return {
+        rows: json.dumps(
+            {"dataframe_split": {"columns": list(features.columns), "data": features.head(rows).values.tolist()}}
+        ).encode()
+        for rows in (1, 100)
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], log_path: Path, ready_url: str) -> Iterator[None]:
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_ready(ready_url, process, log_path)
+        yield
+    finally:
+        stop(process)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready within {timeout} s; log:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def drive(url: str, body: bytes, threads: int, seconds: float) -> LoadResult:
+    """``threads`` clients, each sending requests back to back; counts only what completes after the warm-up."""
+    started = time.perf_counter()
+    measure_from, stop_at = started + WARM_UP_SECONDS, started + WARM_UP_SECONDS + seconds
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    failures = [0] * threads
+
+    def client(index: int) -> None:
+        with httpx.Client(headers={"content-type": "application/json"}, timeout=30) as session:
+            while (now := time.perf_counter()) < stop_at:
+                try:
+                    ok = session.post(f"{url}/invocations", content=body).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if now >= measure_from:
+                    latencies[index].append(time.perf_counter() - now)
+                    failures[index] += not ok
+
+    workers = [threading.Thread(target=client, args=(index,)) for index in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    merged = [latency for per_thread in latencies for latency in per_thread]
+    return LoadResult(len(merged) - sum(failures), sum(failures), seconds, merged)
+
+
+def time_to_new_version(url: str, version: int, move: Callable[[], object]) -> float:
+    """Seconds from ``move()`` returning (the alias has moved) to the first answer carrying ``version``."""
+    body = request_bodies()[1]
+    with httpx.Client(headers={"content-type": "application/json"}, timeout=30) as session:
+        move()
+        moved = time.perf_counter()
+        while time.perf_counter() - moved < 120:
+            if session.post(f"{url}/invocations", content=body).headers.get("x-model-version") == str(version):
+                return time.perf_counter() - moved
+            time.sleep(0.005)
+    raise TimeoutError(f"version {version} never answered")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per load shape")
+    arguments = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as root, ExitStack() as servers:
+        home = Path(root)
+        environ = {key: value for key, value in os.environ.items() if not key.startswith(("MLOPS_", "MLFLOW_"))}
+        environ |= {"MLOPS_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+        settings = Settings.from_env(environ)
+        print(f"training and registering 2 versions of {settings.model_name} in {home} ...", flush=True)
+        train_and_register(settings)
+
+        urls = {"mlflow": f"http://127.0.0.1:{free_port()}", "ours": f"http://127.0.0.1:{free_port()}"}
+        model_uri = f"models:/{settings.model_name}@{settings.production_alias}"
+        commands = {
+            "mlflow": [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"],
+            "ours": [sys.executable, "-m", "ml.serving", "--poll-interval", str(OUR_POLL_INTERVAL)],
+        }
+        # mlflow models serve starts `uvicorn` from PATH.
+        path = f"{BIN}{os.pathsep}{environ.get('PATH', '')}"
+        environ |= {"MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true", "PATH": path}
+        for name in ("mlflow", "ours"):
+            port = urls[name].rsplit(":", 1)[1]
+            command = [*commands[name], "--port" if name == "ours" else "-p", port]
+            print(f"starting {name}: {' '.join(command)}", flush=True)
+            servers.enter_context(running(command, environ, home / f"{name}.log", f"{urls[name]}/ping"))
+
+        bodies = request_bodies()
+        results: dict[tuple[str, int, int], LoadResult] = {}
+        for rows, threads in LOAD_SHAPES:
+            for name in ("mlflow", "ours"):
+                print(f"  {name}: {rows} row(s), {threads} thread(s) ...", flush=True)
+                results[name, rows, threads] = drive(urls[name], bodies[rows], threads, arguments.seconds)
+        print_table(results)
+
+        promote = partial(registry.promote, settings, 2, expected_current=1, actor="bench", reason="swap")
+        rollback = partial(registry.restore, settings, failed_version=2, restore_to=1, actor="bench", reason="back")
+        promoted_after = time_to_new_version(urls["ours"], 2, promote)
+        rolled_back_after = time_to_new_version(urls["ours"], 1, rollback)
+        print(
+            f"\nalias change -> first answer from the new version on ours (poll interval {OUR_POLL_INTERVAL:g} s):\n"
+            f"  promotion 1 -> 2 (new version loaded): {promoted_after:.2f} s\n"
+            f"  rollback 2 -> 1 (previous version kept loaded): {rolled_back_after:.2f} s"
+        )
+    return 0
+
+
+def print_table(results: dict[tuple[str, int, int], LoadResult]) -> None:
+    print(
+        f"\n{'rows':>4} {'thr':>3} | {'mlflow req/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
+        f"{'ours req/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'x req/s':>7} {'p99 ratio':>9} | failures"
+    )
+    for rows, threads in LOAD_SHAPES:
+        theirs, ours = results["mlflow", rows, threads], results["ours", rows, threads]
+        print(
+            f"{rows:>4} {threads:>3} | {theirs.throughput:>12.0f} {theirs.percentile(0.5):>7.1f} "
+            f"{theirs.percentile(0.99):>7.1f} | {ours.throughput:>10.0f} {ours.percentile(0.5):>7.1f} "
+            f"{ours.percentile(0.99):>7.1f} | {ours.throughput / theirs.throughput:>7.2f} "
+            f"{ours.percentile(0.99) / theirs.percentile(0.99):>9.2f} | {theirs.failures}/{ours.failures}"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The configured data source as an Airflow Asset, shared by the DAG that updates it and the DAG that retrains on it.
+
+Light on purpose: DAG files import it at top level, so it imports nothing heavier than the Airflow SDK and the
+settings. The asset's URI is where the data lives (``MLOPS_DATA_ASSET_URI`` overrides it):
+
+- a local folder or file: ``file:///abs/path`` (a relative path is resolved against the current directory);
+- an fsspec URL (``s3://bucket/incoming/``, ...): the URL itself;
+- a SQL table: ``x-mlops-<dialect>://<host or local>/<database>/<table>`` (credentials left out);
+- a bundled data set: ``x-mlops://sklearn/<name>``.
+
+Its name is its URI, so pointing the service at another source makes another asset rather than renaming one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ml.settings import ConfigurationError, Settings
+
+if TYPE_CHECKING:
+    from airflow.sdk import Asset
+
+SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
+
+
+def data_asset_uri(source: str, query: str = "") -> str:
+    """The asset URI of a data source (see the module's docstring); never contains credentials."""
+    if source.startswith("sklearn:"):
+        return f"x-mlops://sklearn/{source.removeprefix('sklearn:')}"
+    if "://" not in source:
+        return Path(source).expanduser().resolve().as_uri()
+    scheme = source.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme in SQL_SCHEMES:
+        return _sql_asset_uri(source, scheme, query)
+    parsed = urllib.parse.urlsplit(source)
+    netloc = parsed.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query="", fragment=""))
+
+
+def _sql_asset_uri(source: str, dialect: str, query: str) -> str:
+    parsed = urllib.parse.urlsplit(source)
+    host = parsed.netloc.rpartition("@")[2] or "local"
+    database = re.sub(r"/+", "/", parsed.path).strip("/") or "default"
+    statement = query.strip()
+    if statement and not re.search(r"\s", statement):
+        table = statement.strip('"')
+    else:
+        table = "query-" + hashlib.sha256(statement.encode()).hexdigest()[:12]
+    return f"x-mlops-{dialect}://{host}/{database}/{table}"
+
+
+def current_settings() -> Settings:
+    """The environment's settings, or the embedded defaults if those are invalid: DAG parsing must not fail."""
+    try:
+        return Settings.from_env()
+    except ConfigurationError:
+        return Settings.from_env({k: v for k, v in os.environ.items() if k in ("MLOPS_DATA_SOURCE", "MLOPS_HOME")})
+
+
+def training_data_asset(settings: Settings | None = None) -> Asset:
+    """The Asset that stands for the configured data source."""
+    from airflow.sdk import Asset
+
+    settings = settings or current_settings()
+    uri = settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)
+    return Asset(uri=uri, extra={"model": settings.model_name, "label_column": settings.label_column})

@@ -1,0 +1,359 @@
+"""Land new batches of data in the configured source, so that the loop new data -> retrain -> promote can be shown.
+
+The batches come from the public data set itself: the rows of scikit-learn's breast cancer data, put in a fixed
+seeded order, are held back and released over time. Batch 0 is the initial bulk (the first ``INITIAL_ROWS`` rows of
+that order); batch k >= 1 is the next ``BATCH_ROWS`` rows after the bulk and the k - 1 batches before it. So batch k is
+always the same rows, on any machine. A batch can be shifted on the way in (features multiplied or offset) to show
+drift.
+
+Targets:
+
+- a folder (``MLOPS_DATA_SOURCE`` is a directory, or a path or URL ending in ``/``): batch k is written as
+  ``batch-000k.csv`` (or ``.parquet``) and recorded in ``_manifest.json`` there, which the pipeline's reader ignores;
+- a SQL table (``MLOPS_DATA_SOURCE`` a SQLAlchemy URL, ``MLOPS_DATA_QUERY`` the table name): rows are appended, and the
+  batch is recorded in ``<table>_mlops_batches`` in the same transaction.
+
+The ``mlops_ingest`` DAG calls :func:`land_batch_task`; its task has the data asset as outlet, so each landed batch
+is an asset event that triggers ``mlops_pipeline``. ``python -m ml.ingest`` lands a batch without Airflow (and so
+without an asset event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from ml import data
+from ml.settings import ConfigurationError, Settings
+
+log = logging.getLogger(__name__)
+
+HELD_BACK_SOURCE = "sklearn:breast_cancer"
+INITIAL_ROWS = 269
+BATCH_ROWS = 50
+RELEASE_SEED = 20241105
+MANIFEST = "_manifest.json"
+LEDGER_SUFFIX = "_mlops_batches"
+FILE_FORMATS = ("csv", "parquet")
+BATCH_FILE = re.compile(r"^batch-(\d+)\.(csv|parquet)$")
+
+
+class IngestError(ConfigurationError):
+    """A batch cannot be landed: the target, the batch number or the shift is not usable."""
+
+
+def release_plan(total_rows: int, initial_rows: int = INITIAL_ROWS, batch_rows: int = BATCH_ROWS) -> list[range]:
+    """The positions, in release order, of each batch: batch 0 is the initial bulk, the last may be shorter."""
+    if not 0 < initial_rows <= total_rows or batch_rows < 1:
+        raise IngestError(f"cannot plan batches: initial {initial_rows}, batch {batch_rows}, total {total_rows} rows")
+    plan = [range(0, initial_rows)]
+    plan += [range(start, min(start + batch_rows, total_rows)) for start in range(initial_rows, total_rows, batch_rows)]
+    return plan
+
+
+def held_back_batch(
+    number: int,
+    *,
+    label: str = "target",
+    source: str = HELD_BACK_SOURCE,
+    initial_rows: int = INITIAL_ROWS,
+    batch_rows: int = BATCH_ROWS,
+    seed: int = RELEASE_SEED,
+) -> pd.DataFrame:
+    """Batch ``number`` of the held-back data set: a fixed slice of a seeded permutation of its rows."""
+    frame = data.load_source(source, label=label)
+    plan = release_plan(len(frame), initial_rows, batch_rows)
+    if not 0 <= number < len(plan):
+        raise IngestError(f"batch {number} does not exist: {source} is released as batches 0 to {len(plan) - 1}")
+    order = np.random.default_rng(seed).permutation(len(frame))
+    return frame.iloc[order[plan[number].start : plan[number].stop]].reset_index(drop=True)
+
+
+def batch_total(source: str = HELD_BACK_SOURCE, label: str = "target") -> int:
+    return len(release_plan(len(data.load_source(source, label=label))))
+
+
+def parse_shift(shift: Mapping[str, Any] | str | None, features: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Normalise a shift to ``{feature: (multiply, offset)}``.
+
+    Accepted: ``{"mean radius": 1.5}`` (multiply), ``{"worst area": {"multiply": 1.2, "offset": 10}}``, and ``"*"`` for
+    every feature. Unknown features and non-numbers are refused with the valid names.
+    """
+    if isinstance(shift, str):
+        try:
+            shift = json.loads(shift or "{}")
+        except json.JSONDecodeError as error:
+            raise IngestError(f"shift is not valid JSON: {error}") from error
+    if not shift:
+        return {}
+    if not isinstance(shift, Mapping):
+        raise IngestError(f"shift must be a JSON object of feature -> factor, got {type(shift).__name__}")
+    parsed: dict[str, tuple[float, float]] = {}
+    for name, spec in shift.items():
+        targets = list(features) if name == "*" else [name]
+        if name != "*" and name not in features:
+            raise IngestError(f"shift names unknown feature {name!r}; features are: {', '.join(features)}")
+        if isinstance(spec, Mapping) and set(spec) - {"multiply", "offset"}:
+            unknown = sorted(set(spec) - {"multiply", "offset"})
+            raise IngestError(f"shift of {name!r} has unknown keys {unknown}; use multiply, offset")
+        try:
+            if isinstance(spec, Mapping):
+                factor = (float(spec.get("multiply", 1.0)), float(spec.get("offset", 0.0)))
+            else:
+                factor = (float(spec), 0.0)
+        except (TypeError, ValueError) as error:
+            raise IngestError(f"shift of {name!r} is not a number or {{multiply, offset}}: {spec!r}") from error
+        for target in targets:
+            parsed[target] = factor
+    return parsed
+
+
+def apply_shift(frame: pd.DataFrame, shift: Mapping[str, tuple[float, float]]) -> pd.DataFrame:
+    """A copy of ``frame`` with each named feature multiplied, then offset."""
+    shifted = frame.copy()
+    for name, (multiply, offset) in shift.items():
+        shifted[name] = shifted[name].astype(float) * multiply + offset
+    return shifted
+
+
+def target_kind(source: str) -> str:
+    """``folder`` or ``sql``: where batches can land. A bundled data set or a single file cannot take batches."""
+    if source.startswith("sklearn:"):
+        raise IngestError(
+            f"data source {source!r} is a bundled data set, which cannot take new batches; point MLOPS_DATA_SOURCE at "
+            "a folder (e.g. .mlops/incoming/) or a SQL table (SQLAlchemy URL + MLOPS_DATA_QUERY=<table>)"
+        )
+    scheme = source.split("://", 1)[0].split("+", 1)[0].lower() if "://" in source else ""
+    if scheme in data.SQL_SCHEMES:
+        return "sql"
+    if source.split("?", 1)[0].lower().endswith(tuple(data.FILE_FORMATS)):
+        raise IngestError(
+            f"data source {source!r} is a single file; batches land in a folder of files: use its directory instead"
+        )
+    return "folder"
+
+
+def land(
+    settings: Settings,
+    *,
+    batch: int | None = None,
+    shift: Mapping[str, Any] | str | None = None,
+    file_format: str = "csv",
+    run_key: str = "manual",
+) -> dict[str, Any]:
+    """Land batch ``batch`` (default: the next one) in the configured source; returns what was landed.
+
+    ``landed`` is False, with a ``reason``, when there is nothing to land (every batch is in, or the requested one
+    already is). A second call with the same ``run_key`` (a retried task) returns the batch the first one landed.
+    """
+    kind = target_kind(settings.data_source)
+    if file_format not in FILE_FORMATS:
+        raise IngestError(f"file format {file_format!r} is not one of {', '.join(FILE_FORMATS)}")
+    target = FolderTarget(settings.data_source) if kind == "folder" else SqlTarget(settings)
+    records = target.records()
+    earlier = next((r for r in records if r.get("run_key") == run_key and run_key != "manual"), None)
+    if earlier is not None and target.holds(earlier):
+        log.info("batch %s was landed by an earlier try of %s", earlier["batch"], run_key)
+        return {**earlier, "landed": True, "reason": "landed by an earlier try of this run"}
+    total = batch_total(label=settings.label_column)
+    landed_numbers = {int(r["batch"]) for r in records}
+    number = (max(landed_numbers) + 1 if landed_numbers else 0) if batch is None else int(batch)
+    if batch is None and number >= total:
+        return _nothing(f"all {total} batches of {HELD_BACK_SOURCE} have landed", target, total)
+    if number in landed_numbers:
+        return _nothing(f"batch {number} has already landed", target, total)
+    frame = held_back_batch(number, label=settings.label_column)
+    factors = parse_shift(shift, [c for c in frame.columns if c != settings.label_column])
+    frame = apply_shift(frame, factors)
+    record = {
+        "batch": number,
+        "rows": len(frame),
+        "digest": data.content_digest(frame),
+        "shift": {name: {"multiply": m, "offset": o} for name, (m, o) in factors.items()},
+        "landed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_key": run_key,
+    }
+    record["location"] = target.write(frame, record, file_format)
+    left = total - len(landed_numbers | {number})
+    log.info(
+        "landed batch %d (%d rows%s) at %s", number, len(frame), ", shifted" if factors else "", record["location"]
+    )
+    return {"landed": True, **record, "target": target.describe(), "batches_total": total, "batches_left": left}
+
+
+def _nothing(reason: str, target: Any, total: int) -> dict[str, Any]:
+    log.info("nothing to land: %s", reason)
+    return {"landed": False, "reason": reason, "target": target.describe(), "batches_total": total}
+
+
+class FolderTarget:
+    """A folder of batch files and the manifest that records them."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.uri)
+
+    def describe(self) -> str:
+        return self.uri
+
+    def records(self) -> list[dict[str, Any]]:
+        manifest = f"{self.path}/{MANIFEST}"
+        recorded = []
+        if self.fs.exists(manifest):
+            with self.fs.open(manifest, "r") as handle:
+                recorded = json.load(handle).get("batches", [])
+        numbers = {int(r["batch"]) for r in recorded}
+        # Files copied in by hand (or landed before a crash) count as landed too.
+        if self.fs.isdir(self.path):
+            for entry in self.fs.ls(self.path, detail=False):
+                match = BATCH_FILE.match(str(entry).rstrip("/").rsplit("/", 1)[-1])
+                if match and int(match.group(1)) not in numbers:
+                    recorded.append({"batch": int(match.group(1)), "location": self.fs.unstrip_protocol(str(entry))})
+        return sorted(recorded, key=lambda r: int(r["batch"]))
+
+    def holds(self, record: Mapping[str, Any]) -> bool:
+        return bool(record.get("location")) and self.fs.exists(fsspec.core.url_to_fs(record["location"])[1])
+
+    def write(self, frame: pd.DataFrame, record: dict[str, Any], file_format: str) -> str:
+        self.fs.makedirs(self.path, exist_ok=True)
+        name = f"batch-{int(record['batch']):04d}.{file_format}"
+        final, temporary = f"{self.path}/{name}", f"{self.path}/.{name}.tmp"
+        with self.fs.open(temporary, "wb") as handle:
+            if file_format == "csv":
+                handle.write(frame.to_csv(index=False).encode())
+            else:
+                frame.to_parquet(handle, index=False)
+        # Record first: a crash between the two leaves a manifest entry whose file is missing, which a retry of the
+        # same run lands again, instead of a file that no run knows it landed.
+        location = self.fs.unstrip_protocol(final)
+        self._record({**record, "location": location})
+        self.fs.mv(temporary, final)
+        return location
+
+    def _record(self, record: dict[str, Any]) -> None:
+        manifest = f"{self.path}/{MANIFEST}"
+        recorded = []
+        if self.fs.exists(manifest):
+            with self.fs.open(manifest, "r") as handle:
+                recorded = json.load(handle).get("batches", [])
+        recorded = [r for r in recorded if int(r["batch"]) != int(record["batch"])] + [record]
+        with self.fs.open(manifest, "w") as handle:
+            json.dump({"source": HELD_BACK_SOURCE, "batches": recorded}, handle, indent=2)
+
+
+class SqlTarget:
+    """A SQL table that batches are appended to, and its ledger table."""
+
+    def __init__(self, settings: Settings) -> None:
+        table = settings.data_query.strip().strip('"')
+        if not table or re.search(r"\s", table):
+            raise IngestError(
+                "a SQL data source takes batches only when MLOPS_DATA_QUERY is a table name, "
+                f"not {settings.data_query!r}"
+            )
+        self.url, self.table, self.ledger = settings.data_source, table, f"{table}{LEDGER_SUFFIX}"
+
+    def describe(self) -> str:
+        return f"{data.describe_source(self.url, self.table)}"
+
+    def _engine(self) -> Any:
+        import sqlalchemy
+
+        return sqlalchemy.create_engine(self.url)
+
+    def records(self) -> list[dict[str, Any]]:
+        import sqlalchemy
+
+        engine = self._engine()
+        if not sqlalchemy.inspect(engine).has_table(self.ledger):
+            return []
+        with engine.connect() as connection:
+            rows = pd.read_sql(sqlalchemy.text(f'SELECT * FROM "{self.ledger}" ORDER BY batch'), connection)
+        # Through JSON, so that the records hold plain Python values (they travel in XCom).
+        return [
+            {**row, "batch": int(row["batch"]), "shift": json.loads(row.get("shift") or "{}")}
+            for row in json.loads(rows.to_json(orient="records"))
+        ]
+
+    def holds(self, record: Mapping[str, Any]) -> bool:
+        return True  # rows and ledger entry are committed together
+
+    def write(self, frame: pd.DataFrame, record: dict[str, Any], file_format: str) -> str:
+        location = f"{self.describe()} batch {record['batch']}"
+        ledger_row = pd.DataFrame([{**record, "shift": json.dumps(record["shift"]), "location": location}])
+        engine = self._engine()
+        with engine.begin() as connection:
+            frame.to_sql(self.table, connection, if_exists="append", index=False)
+            ledger_row.to_sql(self.ledger, connection, if_exists="append", index=False)
+        return location
+
+
+def land_batch_task(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
+    """The mlops_ingest DAG's one step: land a batch, describe it on the asset event, or skip if there is none."""
+    from ml.context import RunContext
+
+    run = RunContext.from_airflow(context)
+    settings = Settings.from_env()
+    params = run.params
+    result = land(
+        settings,
+        batch=params.get("batch"),
+        shift=params.get("shift") or {},
+        file_format=str(params.get("file_format") or "csv"),
+        run_key=run.run_key,
+    )
+    if not result["landed"]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        # A skipped task emits no asset event, so mlops_pipeline is not triggered for nothing.
+        raise AirflowSkipException(result["reason"])
+    outlet_events = context.get("outlet_events")
+    if asset is not None and outlet_events is not None:
+        outlet_events[asset].extra = {
+            key: result[key] for key in ("batch", "rows", "digest", "location", "shift", "landed_at") if key in result
+        }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ml.ingest",
+        description="Land a batch of the held-back breast cancer data in MLOPS_DATA_SOURCE (a folder or SQL table). "
+        "Outside Airflow no asset event is emitted: the daily run, or POST /api/v2/assets/events, picks it up.",
+    )
+    parser.add_argument("--initial", action="store_true", help="land batch 0, the initial bulk")
+    parser.add_argument("--batch", type=int, help="the batch to land (default: the next one)")
+    parser.add_argument("--shift", default="", help='JSON, e.g. \'{"mean radius": 1.5, "*": {"offset": 0.1}}\'')
+    parser.add_argument("--format", default="csv", choices=FILE_FORMATS, help="file format in a folder source")
+    parser.add_argument("--list", action="store_true", help="list the batches landed so far")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    settings = Settings.from_env()
+    try:
+        if args.list:
+            kind = target_kind(settings.data_source)
+            target = FolderTarget(settings.data_source) if kind == "folder" else SqlTarget(settings)
+            for record in target.records():
+                print(json.dumps(record, sort_keys=True))
+            return 0
+        batch = 0 if args.initial else args.batch
+        result = land(settings, batch=batch, shift=args.shift, file_format=args.format)
+    except ConfigurationError as error:
+        print(f"ingest refused: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0 if result["landed"] or args.initial else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

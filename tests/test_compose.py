@@ -1,0 +1,234 @@
+"""docker-compose.yaml says what the native stack test runs: same services, commands, ports, health checks,
+dependencies and environment (tests/stack.py is the one description both read). Fast: no Docker, no processes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stack
+import yaml
+from stack import COMPOSE_ONLY_ENV, FIXED_ENV, NATIVE_ONLY_ENV, SERVICES, compose_placement, service_env
+
+REPO = stack.REPO
+INFRASTRUCTURE = {"postgres", "redis"}
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|FERNET")
+VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {key: str(value) for key, value in environment.items()}
+
+
+def _health_test(service: dict[str, Any]) -> list[str]:
+    test = service["healthcheck"]["test"]
+    return [test] if isinstance(test, str) else list(test)
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> volume name (or host path) of a service's volumes."""
+    found = {}
+    for volume in service.get("volumes") or []:
+        source, target = volume.split(":")[:2]
+        found[target] = source
+    return found
+
+
+def test_compose_has_exactly_the_described_services(services):
+    assert set(services) == set(SERVICES) | INFRASTRUCTURE
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_command_matches_the_stack_test(services, name):
+    spec = SERVICES[name]
+    assert services[name]["command"] == spec.argv(compose_placement(spec), native=False)
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_ports_match(services, name):
+    spec = SERVICES[name]
+    published = [str(port) for port in services[name].get("ports") or []]
+    if spec.port is None:
+        assert not published, f"{name} publishes {published} but the stack test gives it no port"
+    else:
+        assert [port.rsplit(":", 1)[-1] for port in published] == [str(spec.port)]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_health_check_is_the_one_the_stack_test_waits_on(services, name):
+    spec, service = SERVICES[name], services[name]
+    if spec.one_shot:
+        assert "healthcheck" not in service and "restart" not in service
+        return
+    assert service.get("restart") == "always"
+    test = _health_test(service)
+    if spec.health_path:
+        port = spec.health_port or spec.port
+        assert any(f"http://localhost:{port}{spec.health_path}" in part for part in test), test
+    else:
+        # compose escapes $ as $$; the container's shell then sees the command the stack test runs.
+        assert test[0] == "CMD-SHELL"
+        assert test[1].replace("$$", "$") == spec.health_shell
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_depends_on_conditions(services, name):
+    depends_on = services[name].get("depends_on") or {}
+    assert {key: value["condition"] for key, value in depends_on.items()} == dict(SERVICES[name].depends_on)
+
+
+def test_infrastructure_has_health_checks(services):
+    for name in INFRASTRUCTURE:
+        assert services[name]["healthcheck"]["test"], name
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_environment_keys_match(services, name):
+    expected = set(service_env(name, stack.placeholder_values()))
+    actual = set(_env(services[name]))
+    assert not (actual - set(COMPOSE_ONLY_ENV)) ^ expected, {
+        "missing in compose": sorted(expected - actual),
+        "only in compose (declare in COMPOSE_ONLY_ENV or tests/stack.py)": sorted(
+            actual - expected - set(COMPOSE_ONLY_ENV)
+        ),
+    }
+    for key, value in FIXED_ENV.items():
+        if key in expected:
+            assert _env(services[name])[key] == value, key
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_native_environment_is_compose_plus_declared_extras(tmp_path, name):
+    """What the stack test really passes to each process: compose's keys plus NATIVE_ONLY_ENV, same URL schemes."""
+    from test_stack import NativeStack
+
+    native = NativeStack(tmp_path).env(name)
+    expected = set(service_env(name, stack.placeholder_values()))
+    assert set(native) - set(NATIVE_ONLY_ENV) == expected
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_url_schemes_match_the_native_stack(services, tmp_path, name):
+    from test_stack import NativeStack
+
+    native = NativeStack(tmp_path).env(name)
+    for key, value in _env(services[name]).items():
+        if "://" in value and key in native:
+            assert value.split("://")[0] == native[key].split("://")[0], key
+
+
+def test_airflow_services_share_urls_volumes_and_data_store(services):
+    api, mlflow = SERVICES["airflow-apiserver"], SERVICES["mlflow"]
+    data_volumes = set()
+    for name in stack.AIRFLOW_SERVICES:
+        env, mounts = _env(services[name]), _mounts(services[name])
+        assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://airflow-apiserver:{api.port}/execution/"
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg://")
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://")
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379/")
+        assert env["AIRFLOW__CORE__DAGS_FOLDER"] == stack.CONTAINER_DAGS
+        assert env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"] == str(
+            SERVICES["airflow-scheduler"].health_port
+        )
+        assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{mlflow.port}"
+        # The snapshots' store: one named volume, at MLOPS_DATA_STORE, in every Airflow container.
+        assert env["MLOPS_DATA_STORE"] == stack.CONTAINER_DATA_STORE
+        assert stack.CONTAINER_DATA_STORE in mounts, f"{name} does not mount the data store"
+        data_volumes.add(mounts[stack.CONTAINER_DATA_STORE])
+        assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == stack.CONTAINER_PASSWORDS_FILE
+    assert len(data_volumes) == 1 and not next(iter(data_volumes)).startswith((".", "/"))
+    passwords_dir = str(Path(stack.CONTAINER_PASSWORDS_FILE).parent)
+    writer, reader = _mounts(services["airflow-init"]), _mounts(services["airflow-apiserver"])
+    assert writer[passwords_dir] == reader[passwords_dir]
+    assert _env(services["serving"])["MLFLOW_TRACKING_URI"] == f"http://mlflow:{mlflow.port}"
+
+
+def test_mlflow_server_configuration(services):
+    env, mounts = _env(services["mlflow"]), _mounts(services["mlflow"])
+    for key in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI"):
+        # psycopg2: MLflow 3.17's registry breaks promotions on PostgreSQL with psycopg 3 (mlflow/mlflow#24592).
+        assert env[key].startswith("postgresql+psycopg2://") and "@postgres:5432/" in env[key], key
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == stack.CONTAINER_AUTH_CONFIG
+    assert stack.CONTAINER_ARTIFACTS in mounts
+    assert "mlflow:5000" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    # Every variable the basic-auth template needs without a default is set.
+    template = (REPO / "mlflow" / "basic_auth.ini").read_text()
+    lines = [line for line in template.splitlines() if not line.lstrip().startswith("#")]
+    needed = set(re.findall(r"\$\{(\w+)\}", "\n".join(lines)))
+    assert needed and needed <= set(env)
+    postgres_init = (REPO / "docker" / "postgres-init.sql").read_text()
+    for database in {
+        uri.rsplit("/", 1)[-1] for uri in (env["MLFLOW_BACKEND_STORE_URI"], env["MLFLOW_AUTH_DATABASE_URI"])
+    }:
+        assert f"CREATE DATABASE {database};" in postgres_init
+
+
+def test_no_secrets_in_the_compose_file(services):
+    for name, service in services.items():
+        for key, value in _env(service).items():
+            if SECRET_KEY.search(key) and not key.endswith(("_FILE", "_PATH")):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), f"{name}.{key} must come from .env as ${{VAR:?...}}"
+            if "@" in value and "://" in value:
+                # user:password@host, the password from .env and nothing literal besides the variables
+                assert re.search(r":\$\{\w+:\?[^}]+\}@", value), f"{name}.{key}: the password must be ${{VAR:?...}}"
+                literal = re.sub(r"\$\{[^}]*\}", "", value)
+                assert re.search(r"://:@", literal), f"{name}.{key} has a literal user or password"
+
+
+def test_env_example_lists_every_variable(compose):
+    lines = (REPO / "docker-compose.yaml").read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    used = set(VARIABLE.findall(text)) - {"HOSTNAME"}
+    example = {
+        line.split("=", 1)[0]
+        for line in (REPO / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert used <= example, sorted(used - example)
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    for line in (REPO / ".env.example").read_text().splitlines():
+        if line.split("=", 1)[0] in required:
+            assert line.endswith("="), f"{line.split('=')[0]} is a secret: leave it empty in .env.example"
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_images_install_the_lock_and_place_files_where_compose_expects_them():
+    lock = (REPO / "requirements.lock").read_text()
+    airflow_version = re.search(r"^apache-airflow==(\S+)$", lock, re.M).group(1)
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(rf"^FROM apache/airflow:{re.escape(airflow_version)}-python3\.11$", dockerfile, re.M)
+    assert "-r /opt/mlops/src/requirements.lock" in dockerfile
+    assert "--no-deps /opt/mlops/src" in dockerfile
+    assert f"docker {stack.CONTAINER_SOURCE}/docker" in dockerfile
+    assert f"dags {stack.CONTAINER_DAGS}" in dockerfile
+    assert stack.CONTAINER_DATA_STORE in dockerfile and str(Path(stack.CONTAINER_PASSWORDS_FILE).parent) in dockerfile
+    assert (REPO / "docker" / "airflow-init.sh").exists()
+
+    mlflow_dockerfile = (REPO / "mlflow" / "Dockerfile").read_text()
+    assert "--constraint /tmp/requirements.lock" in mlflow_dockerfile
+    assert '"mlflow[auth]"' in mlflow_dockerfile and "psycopg2-binary" in mlflow_dockerfile
+    assert "COPY mlflow/entrypoint.sh mlflow/basic_auth.ini /opt/mlflow/" in mlflow_dockerfile
+    assert 'ENTRYPOINT ["/opt/mlflow/entrypoint.sh"]' in mlflow_dockerfile
+    # The native run adds what the image's ENTRYPOINT adds.
+    assert SERVICES["mlflow"].native_prefix == ("sh", "{source}/mlflow/entrypoint.sh")
+    assert not (REPO / "mlflow" / "__init__.py").exists()
+
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert ".venv" in ignored and ".env" in ignored

@@ -1,0 +1,259 @@
+"""Reliability: bad configuration, a tracking server that goes away, killed workers, overlapping moves of
+Production and the manual rollback path. Every scenario ends by checking the registry, never just a return code."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fault_hooks
+import pytest
+
+from ml import registry, steps
+from ml.airflow_runner import run_dag
+from ml.context import RunContext
+from ml.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+PIPELINE_TASKS = [
+    "extract_data",
+    "transform_data",
+    "train_model",
+    "validate_model",
+    "deploy_model",
+    "archive_model",
+    "rollback_model",
+]
+
+
+def markers(settings: Settings) -> tuple[int | None, list[int]]:
+    """(the version the Production alias names, the versions whose stage is Production)."""
+    client = registry.client_for(settings)
+    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
+    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
+    return (aliased.version if aliased else None), staged
+
+
+def assert_consistent(settings: Settings) -> int | None:
+    aliased, staged = markers(settings)
+    assert staged == ([aliased] if aliased is not None else []), (aliased, staged)
+    history = registry.deployment_history(registry.client_for(settings), settings.model_name)
+    if history:
+        last = history[-1]
+        expected = last.previous_version if last.event == "rolled_back" else last.version
+        assert expected == aliased, history
+    return aliased
+
+
+def versions(settings: Settings) -> int:
+    return len(registry.list_versions(registry.client_for(settings), settings.model_name))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MLOPS_MODEL_FAMILY", "deep_forest", "model_family 'deep_forest' is unknown"),
+        ("MLOPS_ACCURACY_THRESHOLD", "1.5", "accuracy_threshold 1.5 is outside [0, 1]"),
+        ("MLFLOW_TRACKING_URI", "mlflow-tracking://nowhere", "unsupported scheme 'mlflow-tracking'"),
+        ("MLOPS_DATA_SOURCE", "ftp://files.example/cases.xlsx", "is not recognised"),
+    ],
+)
+def test_bad_configuration_fails_at_the_first_task_without_retry(
+    airflow_db, mlops_env, monkeypatch, capfd, variable, value, message
+):
+    monkeypatch.setenv(variable, value)
+    run = run_dag()
+    assert run.state == "failed"
+    assert run.state_of("extract_data") == "failed"
+    assert run.tasks["extract_data"].try_number == 1
+    assert run.state_of("train_model") == "upstream_failed"
+    assert message in capfd.readouterr().out
+    assert versions(mlops_env) == 0
+
+
+def test_bad_parameters_are_refused_before_a_run_starts(airflow_db, mlops_env):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="model_family"):
+        run_dag(conf={"model_family": "deep_forest"})
+    with pytest.raises(ParamValidationError, match="accuracy_threshold"):
+        run_dag(conf={"accuracy_threshold": 2})
+
+
+@pytest.fixture
+def fragile_server(airflow_db, server_env, mlflow_server, monkeypatch):
+    """A real tracking server with version 1 in Production, and a step hook that can stop it."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    assert run_dag().state == "success"
+    assert markers(server_env) == (1, [1])
+    monkeypatch.setattr(fault_hooks, "mlflow_server", mlflow_server)
+    monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:stop_mlflow_server")
+    return server_env, mlflow_server
+
+
+@pytest.mark.parametrize("step", PIPELINE_TASKS)
+def test_tracking_server_down_during_a_step(fragile_server, monkeypatch, step):
+    settings, server = fragile_server
+    monkeypatch.setattr(fault_hooks, "fault_step", step)
+    run = run_dag()
+    assert run.state_of(step) == "failed"
+    assert run.tasks[step].try_number == 2, "the task is retried once, per default_args"
+    server.start()
+    production_after = assert_consistent(settings)
+    candidate = registry.find_version_for_run_key(registry.client_for(settings), settings.model_name, run.run_key)
+    healthy_deploy = run.result("deploy_model").get("deployed") is True
+    assert production_after == (candidate.version if healthy_deploy else 1)
+    assert healthy_deploy == (step in {"archive_model", "rollback_model"})
+
+    monkeypatch.setattr(fault_hooks, "fault_step", "")
+    recovered = run_dag()
+    assert recovered.state == "success"
+    assert assert_consistent(settings) == recovered.result("train_model")["model_version"]
+
+
+def _train_in_a_child(home: str, tracking_uri: str, transform_result: dict, run_id: str) -> None:
+    os.environ.update({"MLOPS_HOME": home, "MLFLOW_TRACKING_URI": tracking_uri})
+    steps.train(Settings.from_env(), RunContext("mlops_pipeline", run_id, 1, {}), transform_result)
+
+
+@pytest.mark.parametrize("kill_when", ["model version registered", "training run started"])
+def test_worker_killed_during_train_registers_exactly_one_version(mlops_env, kill_when):
+    run = RunContext("mlops_pipeline", f"killed-{kill_when.split()[0]}", 1, {})
+    transformed = steps.transform(mlops_env, run, steps.extract(mlops_env, run))
+    client = registry.client_for(mlops_env)
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(
+        target=_train_in_a_child,
+        args=(str(mlops_env.home), mlops_env.tracking_uri, transformed, run.run_id),
+    )
+    child.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.is_alive():
+        if kill_when == "model version registered":
+            reached = registry.find_version_for_run_key(client, mlops_env.model_name, run.run_key) is not None
+        else:
+            reached = (
+                bool(client.search_runs([client.get_experiment_by_name(mlops_env.experiment_name).experiment_id]))
+                if client.get_experiment_by_name(mlops_env.experiment_name)
+                else False
+            )
+        if reached:
+            os.kill(child.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL, "the worker was killed mid-task"
+
+    retried = steps.train(mlops_env, RunContext(run.dag_id, run.run_id, 2, {}), transformed)
+    matching = [
+        v
+        for v in registry.list_versions(client, mlops_env.model_name)
+        if v.tags.get(registry.RUN_KEY_TAG) == run.run_key
+    ]
+    assert [v.version for v in matching] == [retried["model_version"]]
+    assert versions(mlops_env) == 1
+
+
+def _promote_in_a_child(home: str, tracking_uri: str, version: int, start: float, outcome) -> None:
+    os.environ.update({"MLOPS_HOME": home, "MLFLOW_TRACKING_URI": tracking_uri})
+    settings = Settings.from_env()
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        registry.promote(settings, version, expected_current=1, actor=f"run-{version}", reason="overlap")
+        outcome.put((version, "promoted"))
+    except registry.ProductionMovedError:
+        outcome.put((version, "refused"))
+
+
+def test_overlapping_promotions_let_exactly_one_through(mlops_env, tmp_path):
+    client = registry.client_for(mlops_env)
+    registry.ensure_registered_model(client, mlops_env.model_name)
+    for number in range(1, 6):
+        client.create_model_version(mlops_env.model_name, (tmp_path / str(number)).as_uri())
+    registry.promote(mlops_env, 1, expected_current=None, actor="setup", reason="first")
+    context = multiprocessing.get_context("spawn")
+    outcome = context.Queue()
+    start = time.time() + 3
+    children = [
+        context.Process(
+            target=_promote_in_a_child, args=(str(mlops_env.home), mlops_env.tracking_uri, v, start, outcome)
+        )
+        for v in range(2, 6)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    results = dict(outcome.get(timeout=5) for _ in children)
+    winners = [v for v, result in results.items() if result == "promoted"]
+    assert len(winners) == 1, results
+    assert assert_consistent(mlops_env) == winners[0]
+    events = registry.deployment_history(client, mlops_env.model_name)
+    assert [(e.event, e.version, e.previous_version) for e in events] == [
+        ("promoted", 1, None),
+        ("promoted", winners[0], 1),
+    ]
+
+
+def test_manual_rollback_while_a_run_is_deploying(airflow_db, mlops_env, monkeypatch):
+    assert run_dag().state == "success"
+    assert run_dag().state == "success"
+    assert markers(mlops_env) == (2, [2])
+    monkeypatch.setattr(fault_hooks, "fault_step", "deploy_model")
+    monkeypatch.setattr(fault_hooks, "rollback_settings", mlops_env)
+    monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:manual_rollback_meanwhile")
+    run = run_dag()
+    assert run.state == "success"
+    deploy = run.result("deploy_model")
+    assert deploy["deployed"] is False and "expected 2" in deploy["reason"]
+    assert run.result("rollback_model")["rollback_performed"] is False
+    assert assert_consistent(mlops_env) == 1
+    candidate = registry.get_version(registry.client_for(mlops_env), mlops_env.model_name, 3)
+    assert candidate.tags[registry.DEPLOYMENT_STATUS_TAG] == "superseded"
+    events = registry.deployment_history(registry.client_for(mlops_env), mlops_env.model_name)
+    assert [(e.event, e.version) for e in events] == [("promoted", 1), ("promoted", 2), ("manual_rollback", 1)]
+
+
+def test_rollback_dag_and_command_line(airflow_db, mlops_env):
+    assert run_dag().state == "success"
+    assert run_dag(conf={"accuracy_threshold": 1.0}).state == "success"
+    assert run_dag().state == "success"
+    assert markers(mlops_env) == (3, [3])
+
+    refused = run_dag("mlops_rollback", conf={"target_version": "2"})
+    assert refused.state == "failed" and refused.tasks["rollback_production"].try_number == 1
+    missing = run_dag("mlops_rollback", conf={"target_version": "42"})
+    assert missing.state == "failed"
+    assert markers(mlops_env) == (3, [3])
+
+    rolled = run_dag("mlops_rollback", conf={"target_version": "previous", "reason": "latency regression"})
+    assert rolled.state == "success"
+    assert rolled.result("rollback_production") | {"replaced_version": 3, "production_version": 1} == rolled.result(
+        "rollback_production"
+    )
+    assert assert_consistent(mlops_env) == 1
+
+    cli = [sys.executable, "-m", "ml.cli"]
+    forward = subprocess.run([*cli, "rollback", "--to", "3"], capture_output=True, text=True)
+    assert forward.returncode == 0, forward.stderr
+    assert assert_consistent(mlops_env) == 3
+    never_validated = subprocess.run([*cli, "rollback", "--to", "2"], capture_output=True, text=True)
+    assert never_validated.returncode == 2
+    assert "version 2 of 'breast_cancer_classifier' never passed validation" in never_validated.stderr
+    status = json.loads(subprocess.run([*cli, "status", "--json"], capture_output=True, text=True, check=True).stdout)
+    assert status["production_version"] == 3
+    assert [(e["event"], e["version"], e["previous_version"]) for e in status["history"]] == [
+        ("promoted", 1, None),
+        ("promoted", 3, 1),
+        ("manual_rollback", 1, 3),
+        ("manual_rollback", 3, 1),
+    ]
+    assert status["history"][2]["actor"].startswith("airflow:mlops_rollback/")
+    assert status["history"][2]["reason"] == "latency regression"

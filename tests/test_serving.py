@@ -1,0 +1,469 @@
+"""The model server: real ``python -m ml.serving`` processes on loopback, following a real MLflow registry.
+
+Versions are registered from models saved once per module: ``real`` predicts the breast cancer labels, ``inverted``
+was trained on the flipped labels and predicts the opposite class, so an answer tells which version produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import PYTHON, free_port, wait_for_http
+from mlflow.models import infer_signature
+from mlflow.types import ColSpec, Schema
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import mlflow
+from ml import registry
+from ml.serving.schema import InputError, InputSchema
+from ml.settings import Settings
+
+POLL_INTERVAL = 0.3
+SWAP_DEADLINE = POLL_INTERVAL + 10.0  # a poll, plus loading a model on a busy two-core machine
+FEATURES = load_breast_cancer(as_frame=True).data
+BATCH = FEATURES.iloc[::10]
+JSON_HEADERS = {"content-type": "application/json"}
+MAX_BODY_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    path: Path
+    predictions: list[int]
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SavedModel]:
+    root = tmp_path_factory.mktemp("saved-models")
+    labels = load_breast_cancer(as_frame=True).target
+    models = {"real": labels, "inverted": 1 - labels}
+    saved = {name: _save_model(root / name, target) for name, target in models.items()}
+    assert saved["real"].predictions != saved["inverted"].predictions
+    assert len(set(saved["real"].predictions)) == 2
+    return saved
+
+
+def _save_model(path: Path, target: pd.Series) -> SavedModel:
+    pipeline = Pipeline([("scale", StandardScaler()), ("model", LogisticRegression(max_iter=1000))])
+    pipeline.fit(FEATURES, target)
+    example = FEATURES.head(3)
+    mlflow.sklearn.save_model(
+        pipeline,
+        str(path),
+        signature=infer_signature(example, pipeline.predict(example)),
+        input_example=example,
+        pip_requirements=[f"scikit-learn=={metadata.version('scikit-learn')}"],
+        skops_trusted_types=["numpy.dtype"],
+    )
+    return SavedModel(path, pipeline.predict(BATCH).tolist())
+
+
+def register(settings: Settings, source: Path | str) -> int:
+    client = registry.client_for(settings)
+    registry.ensure_registered_model(client, settings.model_name)
+    return int(client.create_model_version(settings.model_name, str(source)).version)
+
+
+def promote(settings: Settings, version: int) -> None:
+    client = registry.client_for(settings)
+    current = registry.production_version(client, settings.model_name, settings.production_alias)
+    registry.promote(
+        settings, version, expected_current=current.version if current else None, actor="test", reason="test"
+    )
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    url: str
+    log: Path
+
+    def predict(self, frame: pd.DataFrame = BATCH) -> httpx.Response:
+        body = {"dataframe_split": {"columns": list(frame.columns), "data": frame.values.tolist()}}
+        return httpx.post(f"{self.url}/invocations", json=body, timeout=10)
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(f"mlops_serving_{name} "):
+                return float(line.split()[-1])
+        raise AssertionError(f"no metric {name}")
+
+
+@contextmanager
+def model_server(settings: Settings, log_dir: Path, *options: str) -> Iterator[ServerProcess]:
+    port = free_port()
+    log = log_dir / f"model-server-{port}.log"
+    command = [
+        PYTHON,
+        "-m",
+        "ml.serving",
+        "--port",
+        str(port),
+        "--tracking-uri",
+        settings.tracking_uri,
+        "--model-name",
+        settings.model_name,
+        "--alias",
+        settings.production_alias,
+        "--poll-interval",
+        str(POLL_INTERVAL),
+        *options,
+    ]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/metrics", timeout=60, process=process)
+        yield ServerProcess(f"http://127.0.0.1:{port}", log)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` held; fails the test after ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def answering_version(server: ServerProcess) -> str:
+    return server.predict(BATCH.head(1)).headers["x-model-version"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One server, serving version 1 throughout: formats, answers, bad input.
+
+
+@pytest.fixture(scope="module")
+def steady(saved_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    home = tmp_path_factory.mktemp("steady")
+    settings = Settings.from_env({"MLOPS_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})
+    promote(settings, register(settings, saved_models["real"].path))
+    with model_server(settings, home, "--max-body-bytes", str(MAX_BODY_BYTES)) as server:
+        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        yield server
+
+
+@pytest.mark.slow
+def test_serves_production_with_its_version_on_every_response(steady, saved_models):
+    answer = steady.predict()
+    assert answer.status_code == 200
+    assert answer.json() == {"predictions": saved_models["real"].predictions}
+    assert answer.headers["x-model-version"] == "1"
+
+    for path in ("/ping", "/health", "/version", "/metrics", "/nowhere"):
+        assert httpx.get(steady.url + path).headers["x-model-version"] == "1", path
+    version = httpx.get(f"{steady.url}/version").json()
+    assert {key: version[key] for key in ("name", "version", "alias")} == {
+        "name": "breast_cancer_classifier",
+        "version": 1,
+        "alias": "production",
+    }
+    assert version["loaded_at"]
+    health = steady.health()
+    assert (health["status"], health["production_version"], health["registry"]["reachable"]) == ("ok", 1, True)
+    assert steady.metric('model_version{name="breast_cancer_classifier"}') == 1
+    assert steady.metric("invocation_seconds_count") >= 1
+
+
+SPLIT = {"dataframe_split": {"columns": list(BATCH.columns), "data": BATCH.values.tolist()}}
+SHUFFLED = BATCH[list(reversed(BATCH.columns))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", SPLIT),
+        (
+            "application/json",
+            {"dataframe_split": {"columns": list(SHUFFLED.columns), "data": SHUFFLED.values.tolist()}},
+        ),
+        ("application/json", {"dataframe_records": BATCH.to_dict(orient="records")}),
+        ("application/json", {"instances": BATCH.to_dict(orient="records")}),
+        ("application/json", {"instances": BATCH.values.tolist()}),
+        ("application/json", {"inputs": BATCH.to_dict(orient="list")}),
+        ("application/json; charset=utf-8", {"inputs": BATCH.values.tolist()}),
+        ("text/csv", SHUFFLED.to_csv(index=False)),
+    ],
+    ids=[
+        "split",
+        "split-reordered",
+        "records",
+        "instances-records",
+        "instances-rows",
+        "inputs-columns",
+        "inputs-rows",
+        "csv",
+    ],
+)
+def test_accepts_the_formats_of_mlflow_models_serve(steady, saved_models, content_type, body):
+    content = body if isinstance(body, str) else json.dumps(body)
+    answer = httpx.post(f"{steady.url}/invocations", content=content, headers={"content-type": content_type})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"predictions": saved_models["real"].predictions}
+
+
+def _with_value(row: int, column: str, value: Any) -> dict[str, Any]:
+    records = BATCH.head(3).to_dict(orient="records")
+    records[row][column] = value
+    return {"dataframe_records": records}
+
+
+ONE_ROW = BATCH.head(1)
+BAD_INPUTS = {
+    "missing-column": (
+        json.dumps(
+            {"dataframe_split": {"columns": list(ONE_ROW.columns[1:]), "data": ONE_ROW.iloc[:, 1:].values.tolist()}}
+        ),
+        "application/json",
+        400,
+        "missing columns: mean radius",
+    ),
+    "unknown-column": (
+        json.dumps({"dataframe_records": [ONE_ROW.iloc[0].to_dict() | {"colour": 1.0}]}),
+        "application/json",
+        400,
+        "unknown columns: colour",
+    ),
+    "string-in-double": (
+        json.dumps(_with_value(1, "mean texture", "12.5")),
+        "application/json",
+        400,
+        "column 'mean texture' expects double, got string '12.5' in row 1",
+    ),
+    "boolean-in-double": (json.dumps(_with_value(0, "mean area", True)), "application/json", 400, "'mean area'"),
+    "text-in-csv": (ONE_ROW.to_csv(index=False).replace("17.99", "big"), "text/csv", 400, "'mean radius' expects"),
+    "short-row": (json.dumps({"instances": [[1.0, 2.0]]}), "application/json", 400, "row 0 must be a list of 30"),
+    "malformed-json": ('{"dataframe_split": {', "application/json", 400, "malformed JSON"),
+    "not-utf8": (b"\xff\xfe{", "application/json", 400, "malformed JSON"),
+    "empty-body": ("", "application/json", 400, "the body is empty"),
+    "no-format-key": (json.dumps({"data": [[1.0]]}), "application/json", 400, "exactly one of the keys"),
+    "two-format-keys": (
+        json.dumps({"instances": [], "inputs": []}),
+        "application/json",
+        400,
+        "exactly one of the keys",
+    ),
+    "empty-batch": (json.dumps({"dataframe_records": []}), "application/json", 400, "empty batch"),
+    "empty-split": (
+        json.dumps({"dataframe_split": {"columns": list(BATCH.columns), "data": []}}),
+        "application/json",
+        400,
+        "empty batch",
+    ),
+    "header-only-csv": (",".join(BATCH.columns) + "\n", "text/csv", 400, "empty batch"),
+    "infinity": (json.dumps(_with_value(0, "mean area", float("inf"))), "application/json", 400, "could not score"),
+    "unsupported-type": ("a=1", "application/x-www-form-urlencoded", 415, "not supported"),
+    "oversized": (json.dumps({"instances": [[1.0] * 30] * 10_000}), "application/json", 413, "larger than"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("body", "content_type", "status", "message"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_gets_a_4xx_naming_the_problem(steady, body, content_type, status, message):
+    answer = httpx.post(f"{steady.url}/invocations", content=body, headers={"content-type": content_type})
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["message"]
+    assert answer.json()["error_code"]
+    assert answer.headers["x-model-version"] == "1"
+    assert steady.predict().status_code == 200
+
+
+@pytest.mark.slow
+def test_wrong_method_and_path(steady):
+    assert httpx.get(f"{steady.url}/invocations").status_code == 405
+    assert httpx.post(f"{steady.url}/ping").status_code == 405
+    assert httpx.get(f"{steady.url}/predict").status_code == 404
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Following Production.
+
+
+@pytest.mark.slow
+def test_follows_production_from_none_through_promotion_and_rollback(mlops_env, saved_models, tmp_path):
+    real = register(mlops_env, saved_models["real"].path)
+    inverted = register(mlops_env, saved_models["inverted"].path)
+    with model_server(mlops_env, tmp_path) as server:
+        wait_until(lambda: server.health()["registry"]["reachable"], 30, "a first poll")
+        ping = httpx.get(f"{server.url}/ping")
+        assert (ping.status_code, ping.headers["x-model-version"]) == (503, "none")
+        assert server.predict().status_code == 503
+        assert server.health()["status"] == "unavailable"
+        assert "no version with the 'production' alias" in server.health()["last_error"]
+
+        promote(mlops_env, real)
+        wait_until(lambda: httpx.get(f"{server.url}/ping").status_code == 200, SWAP_DEADLINE, "a first load")
+        assert server.predict().json()["predictions"] == saved_models["real"].predictions
+
+        promote(mlops_env, inverted)
+        wait_until(lambda: answering_version(server) == str(inverted), SWAP_DEADLINE, "the promotion")
+        assert server.predict().json()["predictions"] == saved_models["inverted"].predictions
+
+        registry.restore(mlops_env, failed_version=inverted, restore_to=real, actor="test", reason="bad")
+        # The version served before is kept loaded: a rollback costs one poll, not a load.
+        elapsed = wait_until(lambda: answering_version(server) == str(real), POLL_INTERVAL + 3.0, "the rollback")
+        assert server.predict().json()["predictions"] == saved_models["real"].predictions
+        assert server.metric("model_swaps_total") == 3
+        assert server.health()["status"] == "ok"
+    log = server.log.read_text()
+    assert "swapped breast_cancer_classifier from version 1 to version 2: promoted by test" in log
+    assert "swapped breast_cancer_classifier from version 2 to version 1: rolled_back by test" in log
+    assert elapsed < POLL_INTERVAL + 3.0
+
+
+@pytest.mark.slow
+def test_concurrent_requests_across_swaps_all_answer_from_the_version_in_their_header(
+    mlops_env, saved_models, tmp_path
+):
+    # Alternating sources, so that consecutive versions answer differently and every swap is a fresh load.
+    sources = ["real", "inverted", "real", "inverted"]
+    versions = {register(mlops_env, saved_models[name].path): name for name in sources}
+    promote(mlops_env, 1)
+    body = json.dumps(SPLIT)
+    answers: list[tuple[int, str, Any]] = []
+    stop = threading.Event()
+
+    def client(url: str) -> None:
+        with httpx.Client(base_url=url, headers=JSON_HEADERS, timeout=10) as session:
+            while not stop.is_set():
+                try:
+                    answer = session.post("/invocations", content=body)
+                    answers.append((answer.status_code, answer.headers.get("x-model-version", ""), answer.json()))
+                except httpx.HTTPError as error:
+                    answers.append((0, "", repr(error)))
+
+    with model_server(mlops_env, tmp_path) as server:
+        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        threads = [threading.Thread(target=client, args=(server.url,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            for version in (2, 3, 4):
+                time.sleep(0.5)
+                promote(mlops_env, version)
+                wait_until(lambda v=version: server.health()["model"]["version"] == v, SWAP_DEADLINE, f"v{version}")
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
+    failures = [answer for answer in answers if answer[0] != 200]
+    assert not failures, failures[:3]
+    mismatched = [
+        (version, payload)
+        for _, version, payload in answers
+        if payload["predictions"] != saved_models[versions[int(version)]].predictions
+    ]
+    assert not mismatched, mismatched[:3]
+    assert {version for _, version, _ in answers} == {"1", "2", "3", "4"}
+    assert len(answers) > 100
+
+
+@pytest.mark.slow
+def test_a_version_that_cannot_load_is_not_swapped_in(mlops_env, saved_models, tmp_path):
+    promote(mlops_env, register(mlops_env, saved_models["real"].path))
+    broken = register(mlops_env, tmp_path / "deleted-model")
+    with model_server(mlops_env, tmp_path) as server:
+        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        promote(mlops_env, broken)
+        wait_until(lambda: server.health()["status"] == "degraded", SWAP_DEADLINE, "the failure")
+        health = server.health()
+        assert health["model"]["version"] == 1
+        assert (health["production_version"], health["failed_version"]) == (broken, broken)
+        assert f"version {broken} failed to load" in health["last_error"]
+        assert (answering_version(server), server.predict().status_code) == ("1", 200)
+
+        time.sleep(3)  # some thirty polls: backoff allows two more attempts at most
+        assert 1 <= server.metric("model_load_failures_total") <= 3
+
+        fixed = register(mlops_env, saved_models["inverted"].path)
+        promote(mlops_env, fixed)
+        wait_until(lambda: answering_version(server) == str(fixed), SWAP_DEADLINE, "the next good version")
+        assert server.health()["status"] == "ok"
+    assert f"version {broken} failed to load" in server.log.read_text()
+
+
+@pytest.mark.slow
+def test_keeps_serving_while_the_registry_is_unreachable(mlflow_server, server_env, saved_models, tmp_path):
+    client = registry.client_for(server_env)
+    run = client.create_run(experiment_id="0")
+    client.log_artifacts(run.info.run_id, str(saved_models["real"].path), "model")
+    registry.ensure_registered_model(client, server_env.model_name)
+    version = client.create_model_version(server_env.model_name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    promote(server_env, int(version.version))
+
+    with model_server(server_env, tmp_path) as server:
+        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        mlflow_server.stop()
+        wait_until(lambda: server.health()["registry"]["reachable"] is False, 30, "noticing the outage")
+        health = server.health()
+        assert health["status"] == "degraded"
+        assert "registry is unreachable" in health["last_error"]
+        assert server.predict().status_code == 200
+        assert server.metric("registry_up") == 0
+
+        mlflow_server.start()
+        wait_until(lambda: server.health()["status"] == "ok", 30, "recovery")
+        assert server.predict().json()["predictions"] == saved_models["real"].predictions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks in-process, for column types the breast cancer model does not have.
+
+
+def test_schema_types_optional_columns_and_mixed_types():
+    columns = [ColSpec("long", "count"), ColSpec("double", "ratio", required=False), ColSpec("boolean", "flag")]
+    schema = InputSchema.from_signature(Schema([*columns, ColSpec("string", "label")]))
+
+    parsed = schema.parse(
+        json.dumps({"dataframe_records": [{"count": 3, "flag": True, "label": "x"}]}).encode(), "application/json"
+    )
+    assert parsed.dtypes.astype(str).tolist()[:3] == ["int64", "float64", "bool"]
+    assert parsed["label"].tolist() == ["x"]
+    assert np.isnan(parsed.loc[0, "ratio"])
+
+    with pytest.raises(InputError, match=re.escape("column 'count' expects long, got number 1.5")):
+        schema.parse(
+            json.dumps({"inputs": {"count": [1.5], "flag": [True], "label": ["x"]}}).encode(), "application/json"
+        )
+    with pytest.raises(InputError, match="column 'flag' expects boolean, got string 'maybe'"):
+        schema.parse(b"count,flag,label\n1,maybe,x\n", "text/csv")
+
+
+@pytest.mark.slow
+def test_oversized_body_without_a_declared_length_gets_413(steady):
+    chunks = (b" " * 100_000 for _ in range(MAX_BODY_BYTES // 100_000 + 1))
+    answer = httpx.post(f"{steady.url}/invocations", content=chunks, headers=JSON_HEADERS)
+    assert answer.status_code == 413
+    assert steady.predict().status_code == 200

@@ -1,0 +1,464 @@
+"""The production stack, proven natively: the services of docker-compose.yaml run as processes on this machine.
+
+PostgreSQL (127.0.0.1:5432, trust auth, user postgres) and Redis (127.0.0.1:6379) must be running; the test is
+skipped, loudly, only when one of them is absent. It creates fresh databases (Airflow, MLflow, MLflow's users),
+starts the MLflow server with basic-auth through the image's own entrypoint script, runs airflow-init's script, then
+starts Airflow's api-server, scheduler, dag-processor and a Celery worker, each in its own process group with its own
+AIRFLOW_HOME and the environment of ``tests/stack.py`` (which ``tests/test_compose.py`` compares with compose). It
+triggers ``mlops_pipeline`` through the REST API, checks through MLflow's REST API that Production moved to version
+1 and that the tasks went through the Celery worker, then triggers a run that must fail validation and checks that
+Production stayed. It also measures the issue's benchmark: trigger-to-Production time of mlops_pipeline against
+trigger-to-success of a stub DAG with seven empty tasks (bench/dags/stub_pipeline.py), on the same stack.
+
+Run it:  .venv/bin/pytest -m stack -s tests/test_stack.py
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stack
+from stack import SERVICES, Placement, Process, StackValues
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+REPO = stack.REPO
+BIN = Path(sys.executable).parent
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_DB = 7  # dedicated to this test; each run also gets its own Celery queue, so two runs never share tasks
+MODEL_NAME = "breast_cancer_classifier"
+STARTUP_TIMEOUT = 300
+RUN_TIMEOUT = 600
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _admin_sql(*statements: str) -> None:
+    import psycopg
+
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user="postgres", dbname="postgres", autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+class NativeStack:
+    """Databases, folders and processes of one stack; everything it creates it removes again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.suffix = secrets.token_hex(4)
+        self.databases = {
+            "airflow": f"mlops_stack_{self.suffix}",
+            "mlflow": f"mlops_stack_{self.suffix}_mlflow",
+            "auth": f"mlops_stack_{self.suffix}_auth",
+        }
+        self.ports = {name: _free_port() for name in ("airflow-apiserver", "mlflow", "serving", "scheduler", "logs")}
+        self.api_url = f"http://127.0.0.1:{self.ports['airflow-apiserver']}"
+        self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
+        self.processes: dict[str, Process] = {}
+        self.logs = root / "logs"
+        self.dags = root / "dags"
+        self.data_store = root / "datastore"
+        self.artifacts = root / "mlflow-artifacts"
+        self.admin = ("admin", secrets.token_urlsafe(12))
+        self.mlflow_user = ("mlops", secrets.token_urlsafe(12))
+        self.values = StackValues(
+            sql_alchemy_conn=self._pg("postgresql+psycopg", "airflow"),
+            broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}",
+            result_backend=self._pg("db+postgresql", "airflow"),
+            dags_folder=str(self.dags),
+            execution_api_url=f"{self.api_url}/execution/",
+            jwt_secret=secrets.token_urlsafe(32),
+            api_secret_key=secrets.token_urlsafe(32),
+            fernet_key=base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+            admin_username=self.admin[0],
+            admin_password=self.admin[1],
+            passwords_file=str(root / "auth" / "passwords.json"),
+            scheduler_health_port=str(self.ports["scheduler"]),
+            worker_log_server_port=str(self.ports["logs"]),
+            default_queue=f"mlops_stack_{self.suffix}",
+            mlflow_tracking_uri=self.mlflow_url,
+            mlflow_username=self.mlflow_user[0],
+            mlflow_password=self.mlflow_user[1],
+            # psycopg2, not psycopg 3: with psycopg 3, MLflow 3.17's registry binds model versions as VARCHAR and
+            # PostgreSQL rejects `integer <> character varying` when a promotion archives the previous version
+            # (mlflow/mlflow#24592).
+            mlflow_backend_store_uri=self._pg("postgresql+psycopg2", "mlflow"),
+            mlflow_auth_database_uri=self._pg("postgresql+psycopg2", "auth"),
+            mlflow_auth_config_path=str(root / "mlflow-auth" / "basic_auth.ini"),
+            mlflow_flask_secret_key=secrets.token_urlsafe(32),
+            mlflow_allowed_hosts="127.0.0.1,127.0.0.1:*,localhost,localhost:*",
+            data_store=str(self.data_store),
+            model_name=MODEL_NAME,
+        )
+
+    def _pg(self, scheme: str, database: str) -> str:
+        return f"{scheme}://postgres@{PG_HOST}:{PG_PORT}/{self.databases[database]}"
+
+    # --- set-up and tear-down ---
+
+    def create(self) -> None:
+        for folder in (self.logs, self.dags, self.data_store, self.artifacts):
+            folder.mkdir(parents=True, exist_ok=True)
+        # The stack's DAGs folder: the service's DAG and the benchmark's stub, nothing else.
+        (self.dags / "mlops_pipeline.py").symlink_to(REPO / "dags" / "mlops_pipeline.py")
+        (self.dags / "stub_pipeline.py").symlink_to(REPO / "bench" / "dags" / "stub_pipeline.py")
+        _admin_sql(*(f'CREATE DATABASE "{name}"' for name in self.databases.values()))
+
+    def destroy(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
+        try:
+            _admin_sql(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.databases.values()))
+        except Exception as error:
+            print(f"could not drop the stack's databases {sorted(self.databases.values())}: {error}")
+        try:
+            import redis
+
+            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
+            keys = list(client.scan_iter(match=f"*{self.values.default_queue}*"))
+            if keys:
+                client.delete(*keys)
+        except Exception as error:
+            print(f"could not clean Redis queue {self.values.default_queue}: {error}")
+
+    def print_logs(self, lines: int = 80) -> None:
+        for process in self.processes.values():
+            state = "running" if process.popen.poll() is None else f"exited {process.popen.returncode}"
+            print(f"\n===== {process.name} ({state}): last {lines} lines of {process.log} =====")
+            print(process.tail(lines))
+
+    # --- processes ---
+
+    def placement(self, name: str) -> Placement:
+        return Placement(
+            host="127.0.0.1",
+            port=self.ports.get(name, 0),
+            workers=1,
+            artifacts=str(self.artifacts),
+            source=str(REPO),
+        )
+
+    def env(self, name: str) -> dict[str, str]:
+        home = self.root / "homes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**stack.base_env(BIN), **stack.service_env(name, self.values)}
+        if name in stack.AIRFLOW_SERVICES:
+            env.update(
+                AIRFLOW_HOME=str(home),
+                AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
+                AIRFLOW__CELERY__WORKER_CONCURRENCY="2",
+                MLOPS_RETRY_DELAY_SECONDS="5",
+            )
+        env.update(MLFLOW_ENABLE_TELEMETRY="false", DO_NOT_TRACK="true")
+        return env
+
+    def start(self, name: str) -> Process:
+        service = SERVICES[name]
+        argv = service.argv(self.placement(name), native=True)
+        cwd = self.root / "homes" / name
+        process = stack.start(name, argv, self.env(name), self.logs, cwd=cwd)
+        self.processes[name] = process
+        return process
+
+    def run_one_shot(self, name: str, timeout: float) -> None:
+        process = self.start(name)
+        try:
+            code = process.popen.wait(timeout=timeout)
+        except Exception:
+            raise TimeoutError(f"{name} did not finish within {timeout} s") from None
+        if code != 0:
+            raise RuntimeError(f"{name} failed with exit code {code}:\n{process.tail()}")
+
+    def health_shell(self, name: str, hostname: str) -> None:
+        """Run the service's compose health check command natively."""
+        import subprocess
+
+        command = SERVICES[name].health_shell
+        env = {**self.env(name), "HOSTNAME": hostname}
+        result = subprocess.run(
+            ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=120, cwd=self.root
+        )
+        assert result.returncode == 0, f"health check of {name} failed: {command}\n{result.stdout}\n{result.stderr}"
+
+
+@contextmanager
+def native_stack(root: Path) -> Iterator[NativeStack]:
+    the_stack = NativeStack(root)
+    the_stack.create()
+    try:
+        yield the_stack
+    except BaseException:
+        the_stack.print_logs()
+        raise
+    finally:
+        the_stack.destroy()
+
+
+# --- REST clients ---
+
+
+class Airflow:
+    def __init__(self, url: str, username: str, password: str) -> None:
+        import httpx
+
+        self.url = url
+        response = httpx.post(f"{url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        assert response.status_code == 201, f"POST /auth/token: {response.status_code} {response.text}"
+        token = response.json()["access_token"]
+        self.http = httpx.Client(base_url=f"{url}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        response = self.http.get(path, params=params)
+        response.raise_for_status()
+        return response.json()
+
+    def unpause(self, dag_id: str) -> None:
+        response = self.http.patch(f"/dags/{dag_id}", json={"is_paused": False})
+        assert response.status_code == 200, f"unpause {dag_id}: {response.status_code} {response.text}"
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        response = self.http.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
+        assert response.status_code == 200, f"trigger {dag_id}: {response.status_code} {response.text}"
+        return response.json()["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, processes: list[Process], timeout: float = RUN_TIMEOUT) -> str:
+        return stack.wait_until(
+            lambda: (state := self.run_state(dag_id, run_id)) in {"success", "failed"} and state,
+            timeout,
+            f"{dag_id} run {run_id} to finish",
+            processes,
+            interval=0.25,
+        )
+
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+        found = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {ti["task_id"]: ti for ti in found}
+
+
+class Mlflow:
+    def __init__(self, url: str, username: str, password: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=f"{url}/api/2.0/mlflow", auth=(username, password), timeout=30)
+
+    def production_version(self, name: str, alias: str = "production") -> int | None:
+        response = self.http.get("/registered-models/alias", params={"name": name, "alias": alias})
+        if response.status_code in (400, 404) and response.json().get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        assert response.status_code == 200, f"alias lookup: {response.status_code} {response.text}"
+        return int(response.json()["model_version"]["version"])
+
+    def version_tags(self, name: str, version: int) -> dict[str, str]:
+        response = self.http.get("/model-versions/get", params={"name": name, "version": str(version)})
+        response.raise_for_status()
+        return {tag["key"]: tag["value"] for tag in response.json()["model_version"].get("tags", [])}
+
+
+# --- the test ---
+
+
+@pytest.fixture(scope="module")
+def services_available() -> None:
+    missing = [
+        f"{what} at {host}:{port}"
+        for what, host, port in (("PostgreSQL", PG_HOST, PG_PORT), ("Redis", REDIS_HOST, REDIS_PORT))
+        if not _reachable(host, port)
+    ]
+    if missing:
+        message = f"STACK TEST SKIPPED: {' and '.join(missing)} not reachable; start them to prove the stack"
+        print(f"\n{'!' * len(message)}\n{message}\n{'!' * len(message)}")
+        pytest.skip(message)
+
+
+def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -> None:
+    import httpx
+
+    began = time.monotonic()
+    figures: dict[str, float] = {}
+    with native_stack(tmp_path) as s:
+        # MLflow (basic-auth, PostgreSQL, proxied artifacts) and airflow-init run side by side.
+        mlflow_process = s.start("mlflow")
+        s.run_one_shot("airflow-init", timeout=STARTUP_TIMEOUT)
+        airflow_names = ["airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"]
+        for name in airflow_names:
+            s.start(name)
+        watched = list(s.processes.values())
+        watched = [p for p in watched if p.name != "airflow-init"]
+        stack.wait_until(
+            lambda: httpx.get(f"{s.mlflow_url}/health", timeout=5).status_code == 200,
+            STARTUP_TIMEOUT,
+            "MLflow /health",
+            [mlflow_process],
+        )
+
+        # Authentication is enforced; the pipeline's credentials work.
+        search = f"{s.mlflow_url}/api/2.0/mlflow/registered-models/search"
+        assert httpx.get(search, timeout=10).status_code == 401
+        assert httpx.get(search, auth=(s.mlflow_user[0], "wrong"), timeout=10).status_code == 401
+        assert httpx.get(search, auth=s.mlflow_user, timeout=10).status_code == 200
+        mlflow = Mlflow(s.mlflow_url, *s.mlflow_user)
+
+        api = SERVICES["airflow-apiserver"]
+        stack.wait_until(
+            lambda: httpx.get(f"{s.api_url}{api.health_path}", timeout=5).status_code == 200,
+            STARTUP_TIMEOUT,
+            "Airflow api-server",
+            watched,
+        )
+        scheduler_health = f"http://127.0.0.1:{s.ports['scheduler']}{SERVICES['airflow-scheduler'].health_path}"
+        stack.wait_until(
+            lambda: httpx.get(scheduler_health, timeout=5).status_code == 200,
+            STARTUP_TIMEOUT,
+            "scheduler health",
+            watched,
+        )
+        assert httpx.get(f"{s.api_url}/api/v2/dags", timeout=10).status_code == 401, "REST API must need a token"
+        airflow = Airflow(s.api_url, *s.admin)
+        for dag_id in ("mlops_pipeline", "stub_pipeline"):
+            stack.wait_until(
+                lambda dag_id=dag_id: airflow.http.get(f"/dags/{dag_id}").status_code == 200,
+                STARTUP_TIMEOUT,
+                f"{dag_id} to be parsed",
+                watched,
+                interval=1,
+            )
+            airflow.unpause(dag_id)
+        # compose's health checks, run natively against the live processes.
+        s.health_shell("airflow-dag-processor", hostname=socket.gethostname())
+        s.health_shell("airflow-worker", hostname=socket.gethostname())
+        startup = time.monotonic() - began
+
+        # Benchmark baseline: seven empty tasks, trigger to success.
+        t0 = time.monotonic()
+        stub_run = airflow.trigger("stub_pipeline")
+        assert airflow.wait_for_run("stub_pipeline", stub_run, watched) == "success"
+        figures["stub_1"] = time.monotonic() - t0
+
+        # The pipeline: trigger to Production moving to version 1.
+        assert mlflow.production_version(MODEL_NAME) is None
+        t0 = time.monotonic()
+        run_id = airflow.trigger("mlops_pipeline")
+        moved = stack.wait_until(
+            lambda: (
+                mlflow.production_version(MODEL_NAME)
+                or (airflow.run_state("mlops_pipeline", run_id) == "failed" and -1)
+            ),
+            RUN_TIMEOUT,
+            "Production to move",
+            watched,
+            interval=0.25,
+        )
+        figures["pipeline"] = time.monotonic() - t0
+        state = airflow.wait_for_run("mlops_pipeline", run_id, watched)
+        figures["pipeline_run"] = time.monotonic() - t0
+        tis = airflow.task_instances("mlops_pipeline", run_id)
+        assert state == "success", {task: ti["state"] for task, ti in tis.items()}
+        assert moved == 1
+        assert {task: ti["state"] for task, ti in tis.items()} == {
+            "extract_data": "success",
+            "transform_data": "success",
+            "train_model": "success",
+            "validate_model": "success",
+            "deploy_model": "success",
+            "archive_model": "success",
+            "rollback_model": "success",
+        }
+        # Every task went through Redis to the Celery worker: the stack's own queue, which only that worker reads,
+        # and the worker logged executing each task instance.
+        worker_log = s.processes["airflow-worker"].log.read_text(errors="replace")
+        for task_id, ti in tis.items():
+            assert ti["queue"] == s.values.default_queue, (task_id, ti["queue"])
+            assert ti["id"] in worker_log, f"{task_id} ({ti['id']}) not in the Celery worker's log"
+        print(
+            f"\ntask instances ran on {sorted({ti['hostname'] for ti in tis.values()})}, queue {s.values.default_queue}"
+        )
+        tags = mlflow.version_tags(MODEL_NAME, 1)
+        assert tags["mlops.validation.status"] == "passed"
+        assert tags["mlops.deployment.airflow_run_id"] == run_id
+        # Artifacts went through the server's proxy into its artifacts destination, not onto the worker's disk.
+        assert list(s.artifacts.rglob("MLmodel")), "no model in the MLflow server's artifacts destination"
+        for home in (s.root / "homes").iterdir():
+            assert not (home / "mlruns").exists() and not (home / "mlartifacts").exists(), home
+        assert list(s.data_store.rglob("*.parquet")), "no snapshot in the shared data store"
+
+        # A run that fails validation: Production stays on version 1, the new version is tagged failed.
+        # Same data as the first run: force_retrain, or the run ends early with "no new data".
+        failing = airflow.trigger("mlops_pipeline", {"accuracy_threshold": 1.0, "force_retrain": True})
+        airflow.wait_for_run("mlops_pipeline", failing, watched)
+        states = {task: ti["state"] for task, ti in airflow.task_instances("mlops_pipeline", failing).items()}
+        assert mlflow.production_version(MODEL_NAME) == 1, states
+        assert mlflow.version_tags(MODEL_NAME, 2)["mlops.validation.status"] == "failed", states
+        assert states["train_model"] == "success" and states["validate_model"] == "success", states
+        assert states["rollback_model"] == "success", states
+
+        # The baseline once more, on a warm stack.
+        t0 = time.monotonic()
+        stub_run = airflow.trigger("stub_pipeline")
+        assert airflow.wait_for_run("stub_pipeline", stub_run, watched) == "success"
+        figures["stub_2"] = time.monotonic() - t0
+
+        _check_serving(s)
+
+    baseline = min(figures["stub_1"], figures["stub_2"])
+    total = time.monotonic() - began
+    print(
+        "\nstack benchmark (native Celery stack, REST trigger to Production moving):\n"
+        f"  mlops_pipeline trigger -> Production v1: {figures['pipeline']:.1f} s "
+        f"(run finished after {figures['pipeline_run']:.1f} s)\n"
+        f"  stub_pipeline (7 empty tasks) trigger -> success: {figures['stub_1']:.1f} s, "
+        f"then {figures['stub_2']:.1f} s\n"
+        f"  ratio pipeline / stub: {figures['pipeline'] / baseline:.2f}x (baseline: the faster stub run)\n"
+        f"  stack start-up {startup:.0f} s; whole test {total:.0f} s"
+    )
+
+
+def _check_serving(s: NativeStack) -> None:
+    """Start the model server as compose does, if it has been built yet, and check it serves Production."""
+    import httpx
+
+    if not (REPO / "ml" / "serving" / "__main__.py").exists():
+        print("\nserving: ml/serving/__main__.py is not built yet; the model server was not started")
+        return
+    process = s.start("serving")
+    try:
+        stack.wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{s.ports['serving']}/ping", timeout=5).status_code == 200,
+            120,
+            "model server /ping",
+            [process],
+        )
+    except (RuntimeError, TimeoutError) as error:
+        print(f"\nserving: not ready ({error}); last lines of its log:\n{process.tail(30)}")
+        raise
+    health_url = f"http://127.0.0.1:{s.ports['serving']}/health"
+    stack.wait_until(
+        lambda: httpx.get(health_url, timeout=10).status_code == 200, 120, "model server /health", [process]
+    )
+    health = httpx.get(health_url, timeout=10)
+    print(f"\nserving: /ping 200, /health {health.status_code} {health.text[:400]}")
