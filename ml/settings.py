@@ -100,6 +100,7 @@ class Settings:
     deploy_check_hook: str = ""
     step_hook: str = ""
     serving_url: str = ""
+    serving_timeout: float = 60.0
     force_retrain: bool = False
     drift_threshold: float = 0.2
     drift_margin: float = 0.0
@@ -134,6 +135,7 @@ class Settings:
             enforce_production_schema=_env_bool(environ, "MLOPS_ENFORCE_PRODUCTION_SCHEMA", True),
             deploy_check_hook=_env(environ, "MLOPS_DEPLOY_CHECK_HOOK", ""),
             serving_url=_env(environ, "MLOPS_SERVING_URL", ""),
+            serving_timeout=_env_float(environ, "MLOPS_SERVING_TIMEOUT_SECONDS", 60.0),
             step_hook=_env(environ, "MLOPS_STEP_HOOK", ""),
             force_retrain=_env_bool(environ, "MLOPS_FORCE_RETRAIN", False),
             drift_threshold=_env_float(environ, "MLOPS_DRIFT_THRESHOLD", 0.2),

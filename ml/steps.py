@@ -501,14 +501,54 @@ def check_deployment(settings: Settings, version: int, validation_result: Mappin
         model = mlflow.pyfunc.load_model(model_uri)
         test_frame = data.read_frame(validation_result["test_uri"])
         features, label = validation_result["feature_names"], validation_result["label_column"]
-        served_accuracy = evaluation.score(model.predict(test_frame[features]), test_frame[label])["accuracy"]
+        predictions = model.predict(test_frame[features])
+        served_accuracy = evaluation.score(predictions, test_frame[label])["accuracy"]
         if abs(served_accuracy - float(validation_result["accuracy"])) > 1e-9:
             problems.append(f"{model_uri} scores {served_accuracy:.4f}, validated {validation_result['accuracy']:.4f}")
+        elif settings.serving_url:
+            problems.extend(
+                check_model_server(
+                    settings.serving_url, version, test_frame[features], predictions, settings.serving_timeout
+                )
+            )
     except Exception as error:
         problems.append(f"{model_uri} does not serve: {type(error).__name__}: {error}")
     if not problems and settings.deploy_check_hook:
         problems.extend(_run_deploy_check_hook(settings.deploy_check_hook, model_uri, version))
     return problems
+
+
+def check_model_server(url: str, version: int, features: Any, expected: Any, timeout: float) -> list[str]:
+    """Wait for the model server to follow Production to ``version``, then check it answers as the model does."""
+    import time
+
+    import httpx
+
+    base = url.rstrip("/")
+    deadline = time.monotonic() + timeout
+    serving = None
+    while time.monotonic() < deadline:
+        try:
+            serving = httpx.get(f"{base}/version", timeout=5).json().get("version")
+        except (httpx.HTTPError, ValueError):
+            serving = None
+        if serving == version:
+            break
+        time.sleep(0.5)
+    else:
+        return [f"model server {base} still serves version {serving} {timeout:.0f} s after the promotion"]
+    sample = features.head(20)
+    response = httpx.post(
+        f"{base}/invocations", json={"dataframe_split": sample.to_dict(orient="split", index=False)}, timeout=30
+    )
+    answered_by = response.headers.get("X-Model-Version")
+    if response.status_code != 200 or answered_by != str(version):
+        return [f"model server {base} answered HTTP {response.status_code} from version {answered_by}"]
+    served = [str(p) for p in response.json()["predictions"]]
+    if served != [str(p) for p in list(expected[: len(sample)])]:
+        return [f"model server {base} predicts differently from version {version} loaded from the registry"]
+    log.info("model server %s serves version %s and answers as validated", base, version)
+    return []
 
 
 def _run_deploy_check_hook(hook: str, model_uri: str, version: int) -> list[str]:
@@ -569,8 +609,9 @@ def rollback(settings: Settings, run: RunContext, deploy_result: Mapping[str, An
         )
         log.info("no rollback needed: %s; Production stays %s", reason, current_number)
         registry.reconcile_production(settings)
-        if candidate is not None and deploy_result is None:
-            registry.mark_rolled_back_if_demoted(settings, candidate, "deploy_model did not complete")
+        if candidate is not None:
+            why = (deploy_result or {}).get("reason") or "deploy_model did not complete"
+            registry.mark_rolled_back_if_demoted(settings, candidate, f"left Production before this run ended: {why}")
         return {
             "rollback_performed": False,
             "restored_version": None,

@@ -149,26 +149,49 @@ def _cancer() -> pd.DataFrame:
     return load_source("sklearn:breast_cancer")
 
 
+def _as_csv(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode()
+
+
+def _scarce_class() -> pd.DataFrame:
+    cancer = _cancer()
+    return pd.concat([cancer[cancer["target"] == 0].head(3), cancer[cancer["target"] == 1]])
+
+
 BAD_DATA = {
-    "missing label": (lambda: _cancer().drop(columns="target"), "label column 'target' is missing"),
-    "one class": (lambda: _cancer().assign(target=1), "has 1 class(es)"),
-    "empty file": (lambda: None, "is empty"),
-    "non-numeric column": (lambda: _cancer().assign(note="check"), "non-numeric feature columns: note"),
+    "missing label": ("csv", lambda: _as_csv(_cancer().drop(columns="target")), "label column 'target' is missing"),
+    "one class": ("csv", lambda: _as_csv(_cancer().assign(target=1)), "has 1 class(es)"),
+    "empty file": ("csv", lambda: b"", "is empty"),
+    "non-numeric column": ("csv", lambda: _as_csv(_cancer().assign(note="check")), "non-numeric feature columns: note"),
+    "all-NaN column": ("csv", lambda: _as_csv(_cancer().assign(unused=float("nan"))), "entirely empty: unused"),
+    "duplicated column names": (
+        "csv",
+        lambda: b"mean radius,mean radius,target\n" + b"1.0,2.0,0\n" * 60,
+        "duplicated column names: mean radius",
+    ),
+    "unreadable file": ("parquet", lambda: b"PAR1 not parquet at all", "is not readable Parquet"),
+    "schema unlike Production's": (
+        "csv",
+        lambda: _as_csv(_cancer().rename(columns={"mean radius": "radius"})),
+        "columns differ from the Production model's signature; missing: mean radius; unexpected: radius",
+    ),
+    "too few rows per class": ("csv", lambda: _as_csv(_scarce_class()), "too few rows per class"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, capfd):
-    make, message = BAD_DATA[case]
-    path = tmp_path / "cases.csv"
-    frame = make()
-    path.write_text("") if frame is None else frame.to_csv(path, index=False)
+    suffix, make, message = BAD_DATA[case]
+    path = tmp_path / f"cases.{suffix}"
+    path.write_bytes(make())
     before, count = production(settings), version_count(settings)
     run = run_dag(conf={"data_source": str(path)})
     assert run.state == "failed"
     failed = [task for task, outcome in run.tasks.items() if outcome.state == "failed"]
     assert failed in (["extract_data"], ["transform_data"])
-    assert message in capfd.readouterr().out
+    output = capfd.readouterr().out
+    assert message in output
+    assert str(path) in output, "the error names the file"
     assert run.state_of("train_model") == "upstream_failed"
     assert run.state_of("rollback_model") == "success"
     assert version_count(settings) == count
@@ -184,3 +207,25 @@ def test_pipeline_over_a_real_mlflow_server(airflow_db, server_env, mlflow_serve
     assert failing.result("validate_model")["validation"] == "failed"
     assert production(server_env) == (1, [1])
     assert version_count(server_env) == 2
+
+
+def test_deploy_checks_that_the_model_server_follows(settings, monkeypatch, tmp_path):
+    from conftest import free_port
+    from test_serving import answering_version, model_server
+
+    monkeypatch.setenv("MLOPS_FORCE_RETRAIN", "true")
+    with model_server(settings, tmp_path) as server:
+        monkeypatch.setenv("MLOPS_SERVING_URL", server.url)
+        run = run_dag()
+        promoted = run.result("train_model")["model_version"]
+        assert run.result("deploy_model")["deployed"] is True, run.result("deploy_model")
+        assert answering_version(server) == str(promoted)
+
+    monkeypatch.setenv("MLOPS_SERVING_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLOPS_SERVING_TIMEOUT_SECONDS", "2")
+    unserved = run_dag()
+    deploy = unserved.result("deploy_model")
+    assert (deploy["deployed"], deploy["health_check"]) == (False, "failed")
+    assert "still serves version None" in deploy["reason"]
+    assert unserved.result("rollback_model")["rollback_performed"] is True
+    assert production(settings) == (promoted, [promoted])
