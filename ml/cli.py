@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,8 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         for noisy in ("airflow", "alembic", "sqlalchemy", "mlflow", "py.warnings", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Libraries' notices (skops inspects every Airflow module it meets) would bury the summary; -v shows them.
+        warnings.filterwarnings("ignore")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_local_defaults(os.environ)
     if not args.verbose:
         os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     configure_logging(args.verbose)
     return args.handler(args)
 
