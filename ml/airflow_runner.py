@@ -75,15 +75,21 @@ def run_dag(dag_id: str = "mlops_pipeline", conf: dict[str, Any] | None = None, 
     return collect(dag.dag_id, dag_run.run_id)
 
 
-def collect(dag_id: str, run_id: str) -> PipelineRun:
+def _dag_run(session, dag_id: str, run_id: str):
     from airflow.models.dagrun import DagRun
+    from sqlalchemy import select
+
+    return session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).one()
+
+
+def collect(dag_id: str, run_id: str) -> PipelineRun:
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
     with create_session() as session:
-        dag_run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).one()
+        dag_run = _dag_run(session, dag_id, run_id)
         instances = session.scalars(
             select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
         ).all()
@@ -135,17 +141,15 @@ def run_existing(dag_id: str, run_id: str, dag=None) -> PipelineRun:
     """
     import time
 
-    from airflow.models.dagrun import DagRun
     from airflow.sdk.definitions.dag import _run_task
     from airflow.serialization.serialized_objects import DagSerialization
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState, TaskInstanceState
-    from sqlalchemy import select
 
     dag = dag or load_dag(dag_id)
     scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
     with create_session() as session:
-        dag_run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).one()
+        dag_run = _dag_run(session, dag_id, run_id)
         dag_run.dag = scheduler_dag
         if dag_run.state == DagRunState.QUEUED:
             dag_run.set_state(DagRunState.RUNNING)

@@ -14,18 +14,15 @@ Its name is its URI, so pointing the service at another source makes another ass
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ml.settings import ConfigurationError, Settings
+from ml.settings import SQL_SCHEMES, Settings, url_scheme
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset
-
-SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
 
 
 def data_asset_uri(source: str, query: str = "") -> str:
@@ -34,7 +31,7 @@ def data_asset_uri(source: str, query: str = "") -> str:
         return f"x-mlops://sklearn/{source.removeprefix('sklearn:')}"
     if "://" not in source:
         return Path(source).expanduser().resolve().as_uri()
-    scheme = source.split("://", 1)[0].split("+", 1)[0].lower()
+    scheme = url_scheme(source)
     if scheme in SQL_SCHEMES:
         return _sql_asset_uri(source, scheme, query)
     parsed = urllib.parse.urlsplit(source)
@@ -54,18 +51,10 @@ def _sql_asset_uri(source: str, dialect: str, query: str) -> str:
     return f"x-mlops-{dialect}://{host}/{database}/{table}"
 
 
-def current_settings() -> Settings:
-    """The environment's settings, or the embedded defaults if those are invalid: DAG parsing must not fail."""
-    try:
-        return Settings.from_env()
-    except ConfigurationError:
-        return Settings.from_env({k: v for k, v in os.environ.items() if k in ("MLOPS_DATA_SOURCE", "MLOPS_HOME")})
-
-
 def training_data_asset(settings: Settings | None = None) -> Asset:
     """The Asset that stands for the configured data source."""
     from airflow.sdk import Asset
 
-    settings = settings or current_settings()
+    settings = settings or Settings.from_env_or_embedded(keep=("MLOPS_DATA_SOURCE", "MLOPS_HOME"))
     uri = settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)
     return Asset(uri=uri, extra={"model": settings.model_name, "label_column": settings.label_column})

@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from ml.settings import SQL_SCHEMES, url_scheme
+
 log = logging.getLogger(__name__)
 
 BUNDLED_DATASETS = ("breast_cancer", "iris", "wine")
-SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
 FILE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -75,8 +76,7 @@ def source_kind(source: str) -> str:
                 f"choose one of {', '.join('sklearn:' + n for n in BUNDLED_DATASETS)}"
             )
         return "bundled"
-    scheme = source.split("://", 1)[0].split("+", 1)[0].lower() if "://" in source else ""
-    if scheme in SQL_SCHEMES:
+    if url_scheme(source) in SQL_SCHEMES:
         return "sql"
     suffix = Path(source.split("?", 1)[0]).suffix.lower()
     if suffix in FILE_FORMATS:
@@ -128,6 +128,15 @@ def folder_files(uri: str) -> list[str]:
     return [names[name] for name in sorted(names)]
 
 
+def column_differences(expected: list[str], actual: list[str]) -> str:
+    """ "; missing: a, b; unexpected: c" for the columns ``actual`` lacks and adds; "" when they agree."""
+    missing = [c for c in expected if c not in actual]
+    extra = [c for c in actual if c not in expected]
+    return (f"; missing: {', '.join(missing)}" if missing else "") + (
+        f"; unexpected: {', '.join(extra)}" if extra else ""
+    )
+
+
 def _load_folder(uri: str) -> pd.DataFrame:
     """Read every data file of the folder in name order and concatenate them; their columns must agree."""
     files = folder_files(uri)
@@ -137,14 +146,9 @@ def _load_folder(uri: str) -> pd.DataFrame:
     first_file, first = frames[0]
     columns = [str(c) for c in first.columns]
     for file, frame in frames[1:]:
-        names = [str(c) for c in frame.columns]
-        missing = [c for c in columns if c not in names]
-        extra = [c for c in names if c not in columns]
-        if missing or extra:
+        if differences := column_differences(columns, [str(c) for c in frame.columns]):
             raise DataValidationError(
-                f"data folder {uri}: the columns of {file} differ from those of {first_file}"
-                + (f"; missing: {', '.join(missing)}" if missing else "")
-                + (f"; unexpected: {', '.join(extra)}" if extra else "")
+                f"data folder {uri}: the columns of {file} differ from those of {first_file}{differences}"
             )
     log.info("read %d files from data folder %s", len(frames), uri)
     return pd.concat([frame[columns] for _, frame in frames], ignore_index=True)
@@ -293,15 +297,8 @@ def validate_frame(
         problems.append(f"non-numeric feature columns: {samples}")
     if len(frame) < min_rows:
         problems.append(f"only {len(frame)} rows; at least {min_rows} are needed")
-    if expected_features is not None:
-        missing = [c for c in expected_features if c not in features]
-        extra = [c for c in features if c not in expected_features]
-        if missing or extra:
-            problems.append(
-                "columns differ from the Production model's signature"
-                + (f"; missing: {', '.join(missing)}" if missing else "")
-                + (f"; unexpected: {', '.join(extra)}" if extra else "")
-            )
+    if expected_features is not None and (differences := column_differences(expected_features, features)):
+        problems.append(f"columns differ from the Production model's signature{differences}")
     if problems:
         raise DataValidationError(f"{where} failed validation: " + "; ".join(problems))
     return features

@@ -206,12 +206,15 @@ class FolderTarget:
     def describe(self) -> str:
         return self.uri
 
-    def records(self) -> list[dict[str, Any]]:
+    def _manifest(self) -> list[dict[str, Any]]:
         manifest = f"{self.path}/{MANIFEST}"
-        recorded = []
-        if self.fs.exists(manifest):
-            with self.fs.open(manifest, "r") as handle:
-                recorded = json.load(handle).get("batches", [])
+        if not self.fs.exists(manifest):
+            return []
+        with self.fs.open(manifest, "r") as handle:
+            return json.load(handle).get("batches", [])
+
+    def records(self) -> list[dict[str, Any]]:
+        recorded = self._manifest()
         numbers = {int(r["batch"]) for r in recorded}
         # Files copied in by hand (or landed before a crash) count as landed too.
         if self.fs.isdir(self.path):
@@ -241,13 +244,8 @@ class FolderTarget:
         return location
 
     def _record(self, record: dict[str, Any]) -> None:
-        manifest = f"{self.path}/{MANIFEST}"
-        recorded = []
-        if self.fs.exists(manifest):
-            with self.fs.open(manifest, "r") as handle:
-                recorded = json.load(handle).get("batches", [])
-        recorded = [r for r in recorded if int(r["batch"]) != int(record["batch"])] + [record]
-        with self.fs.open(manifest, "w") as handle:
+        recorded = [r for r in self._manifest() if int(r["batch"]) != int(record["batch"])] + [record]
+        with self.fs.open(f"{self.path}/{MANIFEST}", "w") as handle:
             json.dump({"source": HELD_BACK_SOURCE, "batches": recorded}, handle, indent=2)
 
 

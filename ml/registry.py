@@ -17,7 +17,7 @@ import sqlite3
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,14 +81,7 @@ class HistoryEvent:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "at": self.at,
-            "event": self.event,
-            "version": self.version,
-            "previous_version": self.previous_version,
-            "actor": self.actor,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 def client_for(settings: Settings) -> MlflowClient:
@@ -155,13 +148,21 @@ def find_version_for_run_key(client: MlflowClient, name: str, run_key: str) -> V
     return matches[0] if matches else None
 
 
-def production_version(client: MlflowClient, name: str, alias: str) -> VersionInfo | None:
-    """The version the Production alias points at; falls back to the stage for registries promoted by hand."""
+def aliased_version(client: MlflowClient, name: str, alias: str) -> VersionInfo | None:
+    """The version ``alias`` names, or None when the alias (or the model) does not exist."""
     try:
         return VersionInfo.from_model_version(client.get_model_version_by_alias(name, alias))
     except MlflowException as error:
         if error.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
             raise
+        return None
+
+
+def production_version(client: MlflowClient, name: str, alias: str) -> VersionInfo | None:
+    """The version the Production alias points at; falls back to the stage for registries promoted by hand."""
+    aliased = aliased_version(client, name, alias)
+    if aliased is not None:
+        return aliased
     try:
         in_stage = [v for v in list_versions(client, name) if v.stage == PRODUCTION_STAGE]
     except MlflowException as error:
@@ -297,12 +298,7 @@ def reconcile_production(settings: Settings) -> int | None:
     client = client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     with production_lock(settings):
-        try:
-            aliased = VersionInfo.from_model_version(client.get_model_version_by_alias(name, alias))
-        except MlflowException as error:
-            if error.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
-                raise
-            aliased = None
+        aliased = aliased_version(client, name, alias)
         in_stage = [v for v in list_versions(client, name) if v.stage == PRODUCTION_STAGE]
         if aliased is None and in_stage:
             aliased = in_stage[-1]

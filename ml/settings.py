@@ -16,6 +16,7 @@ from typing import Any
 
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "gradient_boosting")
 DEFAULT_DATA_SOURCE = "sklearn:breast_cancer"
+SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
 
 
@@ -24,6 +25,11 @@ class ConfigurationError(ValueError):
 
 
 Environ = Mapping[str, str]
+
+
+def url_scheme(uri: str) -> str:
+    """The scheme of a URL, without a SQLAlchemy driver (``postgresql+psycopg://`` -> ``postgresql``); "" for a path."""
+    return uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
 
 
 def _env(environ: Environ, name: str, default: str) -> str:
@@ -145,6 +151,18 @@ class Settings:
         settings.validate()
         return settings
 
+    @classmethod
+    def from_env_or_embedded(cls, keep: tuple[str, ...] = ()) -> Settings:
+        """The environment's settings or, if those are invalid, the embedded ones (with the ``keep`` variables).
+
+        Never raises, so a bad setting cannot break DAG parsing; the first task reads the environment again and
+        fails with the error.
+        """
+        try:
+            return cls.from_env()
+        except ConfigurationError:
+            return cls.from_env({key: value for key, value in os.environ.items() if key in keep})
+
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> Settings:
         """Apply per-run overrides (the DAG's Params); unknown keys and ``None`` values are ignored."""
         if not overrides:
@@ -190,7 +208,7 @@ class Settings:
             problems.append("label_column is empty")
         if not self.model_name:
             problems.append("model_name is empty")
-        scheme = self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in self.tracking_uri else "file"
+        scheme = url_scheme(self.tracking_uri) or "file"
         if scheme not in TRACKING_SCHEMES:
             problems.append(
                 f"tracking URI {self.tracking_uri!r} has an unsupported scheme {scheme!r}; "
@@ -242,15 +260,8 @@ def _as_int(name: str, value: Any) -> int:
 
 
 def param_defaults() -> dict[str, Any]:
-    """Defaults for the DAG's trigger form: the environment's settings, or the embedded ones if those are invalid.
-
-    Never raises, so a bad setting cannot break DAG parsing; the first task reads the environment again and fails
-    with the error.
-    """
-    try:
-        settings = Settings.from_env()
-    except ConfigurationError:
-        settings = Settings.from_env({})
+    """Defaults for the DAG's trigger form: the environment's settings, or the embedded ones if those are invalid."""
+    settings = Settings.from_env_or_embedded()
     return {
         "accuracy_threshold": settings.accuracy_threshold,
         "model_family": settings.model_family,

@@ -60,12 +60,9 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = N
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database (SQLite), shared by the session's DAG runs."""
-    subprocess.run(
-        [str(BIN / "airflow"), "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
-    )
+    from ml.airflow_runner import migrate_airflow_db
+
+    migrate_airflow_db()
     return _AIRFLOW_HOME
 
 
