@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 UV_VERSION := 0.13.8
+# The platform's certificate store, as pip and git use: uv's own bundle misses CAs that a machine adds locally.
+UV := $(BIN)/uv --system-certs
 LOCAL_ENV = eval "$$($(BIN)/mlops env)" && PATH="$(BIN):$$PATH"
 
 .PHONY: setup run test test-fast lint format bench airflow-ui mlflow-ui serve status lock clean
@@ -13,8 +15,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(UV) pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
 run: setup  ## the main job: one full pipeline run through Airflow on embedded defaults
@@ -51,7 +53,7 @@ serve: setup  ## the model server, following Production: http://localhost:5001
 	$(BIN)/mlops serve --port 5001
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o requirements.lock
 
 clean:
 	rm -rf .mlops
