@@ -11,21 +11,26 @@ import hashlib
 import io
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from ml.redaction import mask_credentials
 from ml.settings import SQL_SCHEMES, url_scheme
 
 log = logging.getLogger(__name__)
 
 BUNDLED_DATASETS = ("breast_cancer", "iris", "wine")
 FILE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SNAPSHOT_NAME = re.compile(r"(?:^|/)snapshots/(?P<digest>[0-9a-f]{64})\.parquet$")
+LONGEST_ECHOED_VALUE = 40
 
 
 class DataSourceError(ValueError):
@@ -34,6 +39,10 @@ class DataSourceError(ValueError):
 
 class DataValidationError(ValueError):
     """The data was read but cannot be trained on; the message names every problem found."""
+
+
+class SnapshotDigestError(DataSourceError):
+    """The file at a snapshot's content address does not hold the content its name promises."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,11 @@ class SplitData:
 
 
 def describe_source(source: str, query: str = "") -> str:
+    """The source as it may be shown, logged or stored: credentials masked."""
     kind = source_kind(source)
     if kind == "sql":
-        return f"SQL {_redact(source)} ({query or 'no query'})"
-    return source
+        return f"SQL {mask_credentials(source)} ({query or 'no query'})"
+    return mask_credentials(source)
 
 
 def source_kind(source: str) -> str:
@@ -78,16 +88,25 @@ def source_kind(source: str) -> str:
         return "bundled"
     if url_scheme(source) in SQL_SCHEMES:
         return "sql"
-    suffix = Path(source.split("?", 1)[0]).suffix.lower()
+    suffix = Path(_path_of(source)).suffix.lower()
     if suffix in FILE_FORMATS:
         return FILE_FORMATS[suffix]
-    if source.endswith("/") or _is_folder(source):
+    if _path_of(source).endswith("/") or _is_folder(source):
         return "folder"
     raise DataSourceError(
-        f"data source {source!r} is not recognised: use sklearn:<name> ({', '.join(BUNDLED_DATASETS)}), "
+        f"data source {mask_credentials(source)!r} is not recognised: "
+        f"use sklearn:<name> ({', '.join(BUNDLED_DATASETS)}), "
         "a .csv or .parquet path or URL, a folder of them (an existing directory, or a path ending in /), "
         "or a SQLAlchemy URL with a query"
     )
+
+
+def _path_of(source: str) -> str:
+    """The path a source names: for a URL, without its query and fragment, which the fetch does not treat as part of
+    the file name (``http://host/secret.txt#.csv`` fetches ``secret.txt``)."""
+    if "://" not in source:
+        return source
+    return urlsplit(source).path
 
 
 def _is_folder(source: str) -> bool:
@@ -114,12 +133,14 @@ def folder_files(uri: str) -> list[str]:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         if not fs.isdir(path):
-            raise DataSourceError(f"data folder {uri} does not exist")
+            raise DataSourceError(f"data folder {mask_credentials(uri)} does not exist")
         entries = fs.ls(path, detail=False)
     except DataSourceError:
         raise
     except Exception as error:
-        raise DataSourceError(f"cannot list data folder {uri}: {error}") from error
+        raise DataSourceError(
+            f"cannot list data folder {mask_credentials(uri)}: {mask_credentials(str(error))}"
+        ) from error
     names = {}
     for entry in entries:
         name = str(entry).rstrip("/").rsplit("/", 1)[-1]
@@ -140,17 +161,19 @@ def column_differences(expected: list[str], actual: list[str]) -> str:
 def _load_folder(uri: str) -> pd.DataFrame:
     """Read every data file of the folder in name order and concatenate them; their columns must agree."""
     files = folder_files(uri)
+    shown = mask_credentials(uri)
     if not files:
-        raise DataValidationError(f"data folder {uri} has no .csv or .parquet files")
+        raise DataValidationError(f"data folder {shown} has no .csv or .parquet files")
     frames = [(file, _load_file(file, FILE_FORMATS[Path(file).suffix.lower()])) for file in files]
     first_file, first = frames[0]
     columns = [str(c) for c in first.columns]
     for file, frame in frames[1:]:
         if differences := column_differences(columns, [str(c) for c in frame.columns]):
             raise DataValidationError(
-                f"data folder {uri}: the columns of {file} differ from those of {first_file}{differences}"
+                f"data folder {shown}: the columns of {mask_credentials(file)} differ from those of "
+                f"{mask_credentials(first_file)}{differences}"
             )
-    log.info("read %d files from data folder %s", len(frames), uri)
+    log.info("read %d files from data folder %s", len(frames), shown)
     return pd.concat([frame[columns] for _, frame in frames], ignore_index=True)
 
 
@@ -164,50 +187,132 @@ def _load_bundled(name: str, label: str) -> pd.DataFrame:
 
 
 def _load_sql(url: str, query: str) -> pd.DataFrame:
+    """Run one query in a read-only transaction that is always rolled back: reading never changes the database."""
     import sqlalchemy
 
+    shown = mask_credentials(url)
     if not query.strip():
-        raise DataSourceError(f"data source {_redact(url)} is SQL but no query or table name was given")
-    statement = query if re.search(r"\s", query.strip()) else f'SELECT * FROM "{query.strip()}"'
+        raise DataSourceError(f"data source {shown} is SQL but no query or table name was given")
     try:
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect() as connection:
-            return pd.read_sql(sqlalchemy.text(statement), connection)
+        engine = sqlalchemy.create_engine(url, **_read_only_engine_options(url))
     except Exception as error:
-        raise DataSourceError(f"cannot read SQL data source {_redact(url)} with {statement!r}: {error}") from error
+        raise DataSourceError(f"cannot open SQL data source {shown}: {mask_credentials(str(error))}") from error
+    statement = read_statement(query, engine.dialect.identifier_preparer.quote)
+    try:
+        with engine.connect() as connection:
+            _make_read_only(connection)
+            if not connection.in_transaction():
+                connection.begin()  # ours, so that pandas does not open (and commit) one itself
+            try:
+                return pd.read_sql(sqlalchemy.text(statement), connection)
+            finally:
+                connection.rollback()
+    except Exception as error:
+        raise DataSourceError(
+            f"cannot read SQL data source {shown} with {statement!r}: {mask_credentials(str(error))}"
+        ) from error
+    finally:
+        engine.dispose()
+
+
+def read_statement(query: str, quote: Any) -> str:
+    """The one query to run for the configured query or table name; refuses anything but a single SELECT.
+
+    A table name (no white space; ``schema.table`` allowed) is quoted with the dialect's ``quote``, so that a name
+    cannot close its quotes and append a statement.
+    """
+    import sqlparse
+
+    text = query.strip()
+    if not re.search(r"\s", text):
+        return "SELECT * FROM " + ".".join(quote(part) for part in text.split("."))
+    statements = [part for part in sqlparse.split(text) if part.strip().rstrip(";").strip()]
+    if len(statements) != 1:
+        raise DataValidationError(
+            f"the SQL data query holds {len(statements)} statements; give exactly one SELECT (a source is only read)"
+        )
+    kind = sqlparse.parse(statements[0])[0].get_type()
+    if kind != "SELECT":
+        raise DataValidationError(
+            f"the SQL data query is a {kind} statement; give one SELECT (or WITH ... SELECT): a source is only read"
+        )
+    return statements[0].strip().rstrip(";").rstrip()
+
+
+def _read_only_engine_options(url: str) -> dict[str, Any]:
+    if url_scheme(url) == "duckdb":
+        return {"connect_args": {"read_only": True}}
+    return {}
+
+
+def _make_read_only(connection: Any) -> None:
+    """Make the connection's transaction read-only where the database can enforce it (the check of the statement
+    already refuses anything but a query; this also stops a query that writes, e.g. a data-modifying WITH)."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execution_options(postgresql_readonly=True)
+    elif dialect == "sqlite":
+        connection.exec_driver_sql("PRAGMA query_only = ON")
+    elif dialect in {"mysql", "mariadb"}:
+        connection.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
+    elif dialect == "oracle":
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def _load_file(uri: str, kind: str) -> pd.DataFrame:
+    shown = mask_credentials(uri)
     try:
         with fsspec.open(uri, "rb") as handle:
             raw = handle.read()
     except FileNotFoundError as error:
-        raise DataSourceError(f"data file {uri} does not exist") from error
+        raise DataSourceError(f"data file {shown} does not exist") from error
     except Exception as error:
-        raise DataSourceError(f"cannot open data file {uri}: {error}") from error
+        raise DataSourceError(f"cannot open data file {shown}: {mask_credentials(str(error))}") from error
     if not raw.strip():
-        raise DataValidationError(f"data file {uri} is empty")
+        raise DataValidationError(f"data file {shown} is empty")
     if kind == "csv":
-        _reject_duplicate_csv_header(raw, uri)
+        _reject_duplicate_csv_header(raw, shown)
         try:
-            return pd.read_csv(io.BytesIO(raw))
+            frame = pd.read_csv(io.BytesIO(raw))
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-            raise DataSourceError(f"data file {uri} is not readable CSV: {error}") from error
+            raise DataSourceError(f"data file {shown} is not readable CSV: {_parse_failure(error)}") from error
+        if frame.shape[1] < 2:
+            # One column means no delimiter in the first line: most likely not CSV at all, and its "column name"
+            # would be the file's first line, which must not be echoed.
+            raise DataValidationError(
+                f"data file {shown} is not CSV with a header row: its first line has no comma-separated column names"
+            )
+        return frame
     try:
         return pd.read_parquet(io.BytesIO(raw))
     except Exception as error:
-        raise DataSourceError(f"data file {uri} is not readable Parquet: {error}") from error
+        raise DataSourceError(f"data file {shown} is not readable Parquet: {_parse_failure(error)}") from error
 
 
-def _reject_duplicate_csv_header(raw: bytes, uri: str) -> None:
+def _parse_failure(error: Exception) -> str:
+    """Why a parser refused a file: the exception's first line, which for pandas' C parser and pyarrow's Parquet
+    reader names a line number or a structural fault, never the content; a decoding error is reduced to its offset."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {error.start})"
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:200]}"
+
+
+def _reject_duplicate_csv_header(raw: bytes, shown: str) -> None:
     try:
         header = next(csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"))), [])
     except csv.Error as error:
-        raise DataSourceError(f"data file {uri} is not readable CSV: {error}") from error
+        raise DataSourceError(f"data file {shown} is not readable CSV: {error}") from error
     seen: set[str] = set()
     duplicated = sorted({name for name in header if name in seen or seen.add(name)})
     if duplicated:
-        raise DataValidationError(f"data file {uri} has duplicated column names: {', '.join(duplicated)}")
+        names = ", ".join(_shorten(name) for name in duplicated[:10])
+        raise DataValidationError(f"data file {shown} has duplicated column names: {names}")
+
+
+def _shorten(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= LONGEST_ECHOED_VALUE else text[: LONGEST_ECHOED_VALUE - 3] + "..."
 
 
 def content_digest(frame: pd.DataFrame) -> str:
@@ -220,18 +325,42 @@ def content_digest(frame: pd.DataFrame) -> str:
 
 
 def write_frame(frame: pd.DataFrame, uri: str) -> None:
+    """Write under a temporary name, then rename: a killed write never leaves a partial file at ``uri``."""
     fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as handle:
-        frame.to_parquet(handle, index=False)
+    parent = fs._parent(path)
+    fs.makedirs(parent, exist_ok=True)
+    temporary = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.partial"
+    try:
+        with fs.open(temporary, "wb") as handle:
+            frame.to_parquet(handle, index=False)
+        fs.mv(temporary, path)
+    finally:
+        if fs.exists(temporary):
+            fs.rm(temporary)
 
 
 def read_frame(uri: str) -> pd.DataFrame:
+    """Read a stored frame; a snapshot (named by its content digest) is checked against its name."""
+    shown = mask_credentials(uri)
     try:
         with fsspec.open(uri, "rb") as handle:
-            return pd.read_parquet(handle)
+            frame = pd.read_parquet(handle)
     except FileNotFoundError as error:
-        raise DataSourceError(f"data store object {uri} does not exist; was it written by an earlier task?") from error
+        raise DataSourceError(
+            f"data store object {shown} does not exist; was it written by an earlier task?"
+        ) from error
+    except Exception as error:
+        if SNAPSHOT_NAME.search(uri):
+            raise SnapshotDigestError(
+                f"snapshot {shown} is damaged ({_parse_failure(error)}); the next extract_data replaces it"
+            ) from error
+        raise DataSourceError(f"data store object {shown} is not readable Parquet: {_parse_failure(error)}") from error
+    named = SNAPSHOT_NAME.search(uri)
+    if named and content_digest(frame) != named["digest"]:
+        raise SnapshotDigestError(
+            f"snapshot {shown} does not hold the content its name promises; the next extract_data replaces it"
+        )
+    return frame
 
 
 def store_uri(data_store: str, *parts: str) -> str:
@@ -239,12 +368,22 @@ def store_uri(data_store: str, *parts: str) -> str:
 
 
 def write_snapshot(frame: pd.DataFrame, data_store: str) -> Snapshot:
-    """Store the frame under its content digest: re-extracting unchanged data writes nothing new."""
+    """Store the frame under its content digest: re-extracting unchanged data writes nothing new.
+
+    A file already at the address is verified first; a damaged one (a write killed by an older version, a bad disk,
+    a hand edit) is replaced.
+    """
     digest = content_digest(frame)
     uri = store_uri(data_store, "snapshots", f"{digest}.parquet")
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         write_frame(frame, uri)
+    else:
+        try:
+            read_frame(uri)
+        except DataSourceError as error:
+            log.warning("%s; writing it again", error)
+            write_frame(frame, uri)
     return Snapshot(uri=uri, digest=digest, rows=len(frame), columns=[str(c) for c in frame.columns])
 
 
@@ -266,7 +405,9 @@ def validate_frame(
     if duplicated:
         raise DataValidationError(f"{where} has duplicated column names: {', '.join(duplicated)}")
     if label not in columns:
-        raise DataValidationError(f"{where}: label column {label!r} is missing; columns are: {', '.join(columns[:30])}")
+        raise DataValidationError(
+            f"{where}: label column {label!r} is missing; columns are: {', '.join(_shorten(c) for c in columns[:30])}"
+        )
     problems: list[str] = []
     features = [c for c in columns if c != label]
     if not features:
@@ -293,7 +434,9 @@ def validate_frame(
         if c not in empty and not (pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))
     ]
     if non_numeric:
-        samples = "; ".join(f"{c} (e.g. {_first_non_numeric(frame[c])!r})" for c in non_numeric[:10])
+        samples = "; ".join(
+            f"{_shorten(c)} (e.g. {_shorten(repr(_first_non_numeric(frame[c])))})" for c in non_numeric[:10]
+        )
         problems.append(f"non-numeric feature columns: {samples}")
     if len(frame) < min_rows:
         problems.append(f"only {len(frame)} rows; at least {min_rows} are needed")
@@ -347,7 +490,3 @@ def split_frame(
 
 def run_folder_name(run_key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", run_key).strip("_") or "run"
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", url)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ml.redaction import mask_credentials
+
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "gradient_boosting")
 DEFAULT_DATA_SOURCE = "sklearn:breast_cancer"
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
@@ -226,7 +228,7 @@ class Settings:
             "compare_with_champion": self.compare_with_champion,
             "test_size": self.test_size,
             "random_seed": self.random_seed,
-            "data_source": self.data_source,
+            "data_source": mask_credentials(self.data_source),
             "label_column": self.label_column,
             "force_retrain": self.force_retrain,
             "drift_threshold": self.drift_threshold,

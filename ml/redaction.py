@@ -1,0 +1,71 @@
+"""Credentials out of everything shown or stored: logs, HTTP responses, command output, MLflow params, XCom.
+
+URLs carry secrets in two places: the user-info part (``scheme://user:password@host``) and query parameters such as
+``?password=`` or a signed URL's ``sig=``. :func:`mask_credentials` replaces the secret parts wherever they occur in a
+text, keeping the rest (scheme, user name, host, path), which is what a reader needs to tell one store from another.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+MASK = "***"
+
+_USER_INFO = re.compile(r"(?P<prefix>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:?#]*):(?P<password>[^\s/?#]*)@")
+_SECRET_PARAMETER = re.compile(
+    r"(?P<prefix>[?&;](?:[A-Za-z0-9_.-]*(?:password|passwd|pwd|secret|token|signature|credential|api[_-]?key"
+    r"|access[_-]?key|sig))=)(?P<value>[^&#\s'\"]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with every URL password and secret-looking query parameter replaced by ``***``."""
+    if "://" not in text and "=" not in text:
+        return text
+    masked = _USER_INFO.sub(lambda m: f"{m['prefix']}{m['user']}:{MASK}@", text)
+    return _SECRET_PARAMETER.sub(lambda m: f"{m['prefix']}{MASK}", masked)
+
+
+def without_user_info(url: str) -> str:
+    """The URL without ``user:password@``: what may be printed for a shell to use, the credentials going elsewhere."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def has_user_info(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.password is not None
+
+
+class MaskCredentialsFilter(logging.Filter):
+    """Masks credentials in every record a handler emits, third-party libraries' records included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_credentials(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask_credentials(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = mask_credentials(record.exc_text)
+        return True
+
+
+def mask_logging_credentials() -> None:
+    """Attach :class:`MaskCredentialsFilter` to every handler of the root logger."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MaskCredentialsFilter) for f in handler.filters):
+            handler.addFilter(MaskCredentialsFilter())

@@ -1,0 +1,246 @@
+"""Hostile and careless data sources: SQL that writes, URLs that smuggle another file, damaged snapshots, secrets.
+
+Real stores only: SQLite files, the machine's PostgreSQL (127.0.0.1:5432, trust authentication; the PostgreSQL cases
+are skipped where it does not answer), a real HTTP server on loopback, a real writer process killed mid-write.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import PYTHON
+
+from ml import data
+from ml.redaction import mask_credentials
+
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+REFUSED = (data.DataSourceError, data.DataValidationError)
+
+WRITING_QUERIES = {
+    "drop": "DROP TABLE cases",
+    "delete": "DELETE FROM cases",
+    "update": "UPDATE cases SET target = 0",
+    "insert": "INSERT INTO cases SELECT * FROM cases",
+    "query-then-drop": "SELECT * FROM cases; DROP TABLE cases",
+    "query-then-delete": "SELECT 1; DELETE FROM cases;",
+    "with-then-delete": "WITH doomed AS (SELECT 1) DELETE FROM cases",
+    "table-name-closing-its-quotes": 'cases";DROP/**/TABLE/**/cases;--',
+}
+
+
+@pytest.fixture(scope="module")
+def cancer() -> pd.DataFrame:
+    return data.load_source("sklearn:breast_cancer")
+
+
+@pytest.fixture
+def sqlite_source(cancer, tmp_path) -> Iterator[tuple[str, Callable[[], int]]]:
+    path = tmp_path / "cases.db"
+    with sqlite3.connect(path) as connection:
+        cancer.to_sql("cases", connection, index=False)
+
+    def rows() -> int:
+        with sqlite3.connect(path) as connection:
+            return connection.execute("SELECT count(*) FROM cases").fetchone()[0]
+
+    yield f"sqlite:///{path}", rows
+
+
+@pytest.fixture(scope="module")
+def postgres_source(cancer) -> Iterator[tuple[str, Callable[[], int]]]:
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(**PG, dbname="postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} with trust authentication: {error}")
+    database = f"mlops_hostile_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{database}"')
+    url = f"postgresql+psycopg://{PG['user']}@{PG['host']}:{PG['port']}/{database}"
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    cancer.to_sql("cases", engine, index=False)
+    engine.dispose()
+
+    def rows() -> int:
+        with psycopg.connect(**PG, dbname=database) as connection:
+            return connection.execute("SELECT count(*) FROM cases").fetchone()[0]
+
+    try:
+        yield url, rows
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_source(request):
+    return request.getfixturevalue(f"{request.param}_source")
+
+
+@pytest.mark.parametrize("query", WRITING_QUERIES.values(), ids=WRITING_QUERIES.keys())
+def test_sql_source_refuses_statements_that_write_and_leaves_the_table_intact(sql_source, cancer, query):
+    url, rows = sql_source
+    with pytest.raises(REFUSED):
+        data.load_source(url, query)
+    assert rows() == len(cancer)
+    assert len(data.load_source(url, "cases")) == len(cancer)
+
+
+def test_a_query_that_writes_past_the_statement_check_is_stopped_by_the_read_only_transaction(postgres_source, cancer):
+    url, rows = postgres_source
+    query = "WITH gone AS (DELETE FROM cases RETURNING *) SELECT * FROM gone"
+    with pytest.raises(data.DataSourceError, match="read-only transaction"):
+        data.load_source(url, query)
+    assert rows() == len(cancer)
+
+
+def test_sql_source_still_reads_a_table_and_a_query(sql_source, cancer):
+    url, _ = sql_source
+    assert data.load_source(url, "cases").shape == cancer.shape
+    benign = data.load_source(url, "WITH benign AS (SELECT * FROM cases WHERE target = 1) SELECT * FROM benign;")
+    assert len(benign) == int((cancer["target"] == 1).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Snapshots: written atomically, verified on read, replaced when damaged.
+
+
+def test_a_damaged_snapshot_is_detected_on_read_and_replaced_by_the_next_write(cancer, tmp_path):
+    store = str(tmp_path / "store")
+    snapshot = data.write_snapshot(cancer, store)
+    path = Path(snapshot.uri)
+    good = path.read_bytes()
+
+    path.write_bytes(good[: len(good) // 2])  # a write cut short
+    with pytest.raises(data.SnapshotDigestError, match=f"snapshot {path} is damaged"):
+        data.read_frame(snapshot.uri)
+    assert data.write_snapshot(cancer, store) == snapshot
+    pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+
+    cancer.iloc[:-1].to_parquet(path, index=False)  # readable, but not the content its name promises
+    with pytest.raises(data.SnapshotDigestError, match="does not hold the content its name promises"):
+        data.read_frame(snapshot.uri)
+    data.write_snapshot(cancer, store)
+    pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+
+
+WRITER = """
+import sys
+import numpy as np
+import pandas as pd
+from ml import data
+frame = pd.DataFrame(np.random.default_rng(0).random((1_500_000, 8)), columns=[f"c{i}" for i in range(8)])
+print(data.content_digest(frame), flush=True)
+data.write_snapshot(frame, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_write_leaves_nothing_at_the_content_address(tmp_path):
+    store = tmp_path / "store"
+    writer = subprocess.Popen([PYTHON, "-c", WRITER, str(store)], stdout=subprocess.PIPE, text=True)
+    digest = writer.stdout.readline().strip()
+    address = store / "snapshots" / f"{digest}.parquet"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        path.stat().st_size > 0 for path in (store / "snapshots").glob("*") if path.is_file()
+    ):
+        time.sleep(0.002)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=10)
+    assert writer.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
+    assert not address.exists(), "a partial snapshot sits at the content address"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# URLs: the real path decides, nothing of a file that failed to parse is echoed, credentials are masked.
+
+
+@pytest.fixture
+def file_server(tmp_path) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on loopback serving ``tmp_path/www``; yields its URL and the paths it was asked for."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def do_HEAD(self):
+            requested.append(self.path)
+            super().do_HEAD()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SECRET_LINE = "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def test_a_fragment_cannot_pass_another_file_off_as_csv(file_server):
+    url, requested = file_server
+    source = f"{url}/secret.txt#.csv"
+    with pytest.raises(data.DataSourceError, match="is not recognised"):
+        data.load_source(source)
+    assert requested == []
+    for disguised in (f"{url}/secret.txt?name=.csv", f"{url}/secret.txt#/data.parquet"):
+        with pytest.raises(data.DataSourceError, match="is not recognised"):
+            data.source_kind(disguised)
+
+
+def test_a_file_that_is_not_csv_is_refused_without_echoing_its_content(file_server, tmp_path):
+    url, _ = file_server
+    (tmp_path / "www" / "secret.csv").write_text(SECRET_LINE + "\nsecond line\n")
+    (tmp_path / "www" / "binary.csv").write_bytes(b"\xff\xfe" + SECRET_LINE.encode("utf-16-le"))
+    (tmp_path / "www" / "binary.parquet").write_bytes(b"PAR1" + SECRET_LINE.encode() + b"PAR1")
+    for name in ("secret.csv", "binary.csv", "binary.parquet"):
+        with pytest.raises(REFUSED) as refused:
+            data.load_source(f"{url}/{name}")
+        assert "wJalrXUtnFEMI" not in str(refused.value), name
+        assert name in str(refused.value)
+
+
+def test_data_source_credentials_are_masked_wherever_the_source_is_shown(file_server):
+    url, _ = file_server
+    with_password = url.replace("http://", "http://reader:hunter2-secret@") + "/missing.csv"
+    assert "hunter2-secret" not in data.describe_source(with_password)
+    assert "hunter2-secret" not in data.describe_source("postgresql://reader:hunter2-secret@db/cases", "cases")
+    with pytest.raises(data.DataSourceError) as refused:
+        data.load_source(with_password)
+    assert "hunter2-secret" not in str(refused.value) and "reader:***@" in str(refused.value)
+    signed = f"{url}/cases.csv?X-Amz-Signature=hunter2-secret&X-Amz-Expires=60"
+    assert mask_credentials(signed) == f"{url}/cases.csv?X-Amz-Signature=***&X-Amz-Expires=60"
+
+
+def test_data_source_credentials_are_masked_in_the_parameters_logged_to_mlflow():
+    from ml.settings import Settings
+
+    settings = Settings.from_env({"MLOPS_DATA_SOURCE": "https://reader:hunter2-secret@files.example/cases.csv"})
+    assert settings.run_parameters()["data_source"] == "https://reader:***@files.example/cases.csv"
+    assert settings.data_source.endswith("hunter2-secret@files.example/cases.csv"), "the source itself still reads"
