@@ -4,14 +4,15 @@ Thin on purpose, like mlops_pipeline: the one task imports ``ml.ingest`` inside 
 outlet is the asset mlops_pipeline is scheduled on, so each landed batch triggers a retraining run.
 """
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
 
 from ml.assets import training_data_asset
+from ml.settings import Settings
 
-TRAINING_DATA = training_data_asset()
+SETTINGS = Settings.from_env_or_embedded()
+TRAINING_DATA = training_data_asset(SETTINGS)
 
 DOC = """
 ### Land a batch of new data
@@ -33,7 +34,8 @@ the requested one already has, the task is skipped and no asset event is emitted
     default_args={
         "owner": "airflow",
         "retries": 1,
-        "retry_delay": timedelta(seconds=float(os.environ.get("MLOPS_RETRY_DELAY_SECONDS") or 300)),
+        "retry_delay": timedelta(seconds=SETTINGS.retry_delay),
+        "execution_timeout": timedelta(seconds=SETTINGS.task_timeout),
     },
     schedule=None,
     start_date=datetime(2023, 1, 1),

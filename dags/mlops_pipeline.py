@@ -4,18 +4,18 @@ Thin on purpose: each task imports ``ml.steps`` inside its body and makes one ca
 more than parsing a DAG of empty tasks. The logic, and its tests, live in the ``ml`` package.
 """
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from ml.assets import training_data_asset
-from ml.settings import MODEL_FAMILIES, param_defaults
+from ml.settings import Settings
 
-DEFAULTS = param_defaults()
+# The trigger form's defaults and the task limits; never raises, so a bad setting fails the first task, not the import.
+SETTINGS = Settings.from_env_or_embedded()
 # The configured data source. A run starts every day at midnight UTC, or as soon as the asset is updated (by the
 # mlops_ingest DAG, a POST to /api/v2/assets/events, ...), whichever comes first.
-TRAINING_DATA = training_data_asset()
+TRAINING_DATA = training_data_asset(SETTINGS)
 
 default_args = {
     "owner": "airflow",
@@ -23,7 +23,8 @@ default_args = {
     "email_on_failure": False,
     "email_on_retry": False,
     "retries": 1,
-    "retry_delay": timedelta(seconds=float(os.environ.get("MLOPS_RETRY_DELAY_SECONDS") or 300)),
+    "retry_delay": timedelta(seconds=SETTINGS.retry_delay),
+    "execution_timeout": timedelta(seconds=SETTINGS.task_timeout),
 }
 
 DOC = """
@@ -46,7 +47,9 @@ version.
 | archive_model | writes the deployment record onto the version as tags |
 | rollback_model | restores the previous Production version unless the new one is deployed and healthy |
 
-Every parameter of the trigger form overrides the service's setting for this run only.
+Every parameter of the trigger form overrides the service's setting for this run only; an empty field keeps the
+service's setting. Any other name in a run's `conf` is refused: checks, hooks, stores and names are the deployment's.
+Each task is stopped after `MLOPS_TASK_TIMEOUT_SECONDS` (one hour by default).
 
 #### Data-aware
 Runs daily **or** when the training-data asset is updated (see the asset's page for the events and the runs they
@@ -66,105 +69,9 @@ beat Production by `drift_margin` instead of being within the tolerance.
     start_date=datetime(2023, 1, 1),
     catchup=False,
     max_active_runs=1,
-    tags=["intro", "ml", "mlops", "mlflow"],
+    tags=["ml", "mlops", "mlflow"],
     doc_md=DOC,
-    params={
-        "accuracy_threshold": Param(
-            DEFAULTS["accuracy_threshold"],
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Accuracy threshold",
-            description="Minimum accuracy on the held-out set for a version to be promoted.",
-        ),
-        "model_family": Param(
-            DEFAULTS["model_family"],
-            type="string",
-            enum=list(MODEL_FAMILIES),
-            title="Model family",
-            description="The scikit-learn estimator at the end of the pipeline.",
-        ),
-        "hyperparameters": Param(
-            DEFAULTS["hyperparameters"],
-            type="object",
-            title="Hyper-parameters",
-            description='Estimator arguments as JSON, e.g. {"C": 0.5} or {"n_estimators": 200, "max_depth": 6}. '
-            "Unset ones keep the family's defaults.",
-        ),
-        "data_source": Param(
-            DEFAULTS["data_source"],
-            type="string",
-            minLength=1,
-            title="Data source",
-            description="sklearn:breast_cancer (bundled), a .csv or .parquet path or URL, "
-            "or a SQLAlchemy URL together with a SQL query.",
-        ),
-        "data_query": Param(
-            DEFAULTS["data_query"],
-            type="string",
-            title="SQL query or table",
-            description="Only for a SQL data source: a SELECT statement or a table name.",
-        ),
-        "label_column": Param(
-            DEFAULTS["label_column"],
-            type="string",
-            minLength=1,
-            title="Label column",
-            description="The column the model predicts.",
-        ),
-        "compare_with_champion": Param(
-            DEFAULTS["compare_with_champion"],
-            type="boolean",
-            title="Compare with Production",
-            description="Also require the candidate to be no worse than the current Production version.",
-        ),
-        "champion_tolerance": Param(
-            DEFAULTS["champion_tolerance"],
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Tolerance against Production",
-            description="How much lower than Production's accuracy the candidate's may be and still pass.",
-        ),
-        "test_size": Param(
-            DEFAULTS["test_size"],
-            type="number",
-            exclusiveMinimum=0,
-            exclusiveMaximum=1,
-            title="Held-out fraction",
-            description="Share of rows kept out of training for validation (stratified).",
-        ),
-        "random_seed": Param(
-            DEFAULTS["random_seed"],
-            type="integer",
-            title="Random seed",
-            description="Seeds the split and the estimator; recorded on the run and the version.",
-        ),
-        "force_retrain": Param(
-            DEFAULTS["force_retrain"],
-            type="boolean",
-            title="Retrain on unchanged data",
-            description="Train, validate and possibly promote even when the data is the data the Production version "
-            "was trained on (same digest); otherwise such a run ends early with 'no new data'.",
-        ),
-        "drift_threshold": Param(
-            DEFAULTS["drift_threshold"],
-            type="number",
-            minimum=0,
-            title="Drift threshold (PSI)",
-            description="Largest per-feature population stability index, against the Production version's data, "
-            "above which drift counts as high (0.1: moderate, 0.2: significant).",
-        ),
-        "drift_margin": Param(
-            DEFAULTS["drift_margin"],
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Margin over Production under high drift",
-            description="Under high drift the candidate must beat Production's accuracy by at least this much, "
-            "instead of being within the tolerance.",
-        ),
-    },
+    params={name: Param(**spec) for name, spec in SETTINGS.param_specs().items()},
 )
 def training_pipeline():
     @task(task_id="extract_data")

@@ -3,9 +3,13 @@
 The same operation as ``mlops rollback``; both refuse a version that does not exist or never passed validation.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
+
+from ml.settings import Settings
+
+SETTINGS = Settings.from_env_or_embedded()
 
 DOC = """
 ### Roll Production back
@@ -20,6 +24,7 @@ refused and nothing changes.
 @dag(
     dag_id="mlops_rollback",
     description="Manually roll the Production model back to the previous or a chosen version",
+    default_args={"execution_timeout": timedelta(seconds=SETTINGS.task_timeout)},
     schedule=None,
     start_date=datetime(2023, 1, 1),
     catchup=False,

@@ -14,15 +14,18 @@ Its name is its URI, so pointing the service at another source makes another ass
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ml.settings import SQL_SCHEMES, Settings, url_scheme
+from ml.settings import DEFAULT_DATA_SOURCE, SQL_SCHEMES, Settings, url_scheme
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset
+
+log = logging.getLogger(__name__)
 
 
 def data_asset_uri(source: str, query: str = "") -> str:
@@ -52,9 +55,18 @@ def _sql_asset_uri(source: str, dialect: str, query: str) -> str:
 
 
 def training_data_asset(settings: Settings | None = None) -> Asset:
-    """The Asset that stands for the configured data source."""
+    """The Asset that stands for the configured data source.
+
+    Never raises: a source Airflow refuses as an asset URI is replaced by the bundled data set's asset, so the DAG files
+    still import; the first task then reports the setting.
+    """
     from airflow.sdk import Asset
 
-    settings = settings or Settings.from_env_or_embedded(keep=("MLOPS_DATA_SOURCE", "MLOPS_HOME"))
-    uri = settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)
-    return Asset(uri=uri, extra={"model": settings.model_name, "label_column": settings.label_column})
+    settings = settings or Settings.from_env_or_embedded()
+    extra = {"model": settings.model_name, "label_column": settings.label_column}
+    try:
+        uri = settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)
+        return Asset(uri=uri, extra=extra)
+    except (ValueError, RuntimeError, OSError) as error:
+        log.warning("the configured data source cannot name an asset (%s); using the bundled data set's", error)
+        return Asset(uri=data_asset_uri(DEFAULT_DATA_SOURCE), extra=extra)

@@ -18,6 +18,7 @@ class RunContext:
     run_id: str
     try_number: int
     params: Mapping[str, Any]
+    declared_params: frozenset[str] = frozenset()
 
     @property
     def run_key(self) -> str:
@@ -42,6 +43,7 @@ class RunContext:
             run_id=str(context.get("run_id") or "manual"),
             try_number=int(getattr(ti, "try_number", None) or context.get("try_number") or 1),
             params=dict(context.get("params") or {}),
+            declared_params=frozenset(getattr(dag, "params", None) or ()),
         )
 
     def lineage_tags(self) -> dict[str, str]:

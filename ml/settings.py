@@ -1,16 +1,29 @@
-"""One typed settings object, read from the environment.
+"""One typed settings object, read from the environment, each setting declared once.
+
+Every field of :class:`Settings` is declared with :func:`setting`: its environment variable, default, description,
+bounds and whether a run may override it. Reading the environment, coercing and checking values, the parameters logged
+to MLflow and the DAG's trigger form (its ``Param`` s) are all derived from those declarations.
 
 Every field has an embedded default, so a fresh clone runs with no environment at all: Airflow and MLflow keep their
-state in SQLite files and local folders under ``MLOPS_HOME`` (``./.mlops`` by default). Per-run overrides come from the
-DAG's Params and are applied with :meth:`Settings.with_overrides`.
+state in SQLite files and local folders under ``MLOPS_HOME`` (``./.mlops`` by default). Settings marked ``per_run``
+may be overridden by a DAG run's parameters (:meth:`Settings.for_run`); the others (checks, hooks, stores, names) come
+from the deployment alone.
+
+Light on purpose: DAG files import this module at parse time, so it imports nothing beyond the standard library.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+import re
+import typing
+import urllib.parse
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +33,9 @@ MODEL_FAMILIES = ("logistic_regression", "random_forest", "gradient_boosting")
 DEFAULT_DATA_SOURCE = "sklearn:breast_cancer"
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
+# MLflow's own rules for alias names: "latest" and "v<digits>" name versions, so an alias may not take them.
+ALIAS_PATTERN = re.compile(r"^[\w\-]{1,255}$")
+RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 
 
 class ConfigurationError(ValueError):
@@ -29,253 +45,543 @@ class ConfigurationError(ValueError):
 Environ = Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class Declaration:
+    """What is known about one setting besides its name, type and default."""
+
+    env: str
+    description: str
+    title: str = ""
+    per_run: bool = False
+    logged: bool = True
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    exclusive_maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    home_default: Callable[[Path], str] | None = None
+    check: Callable[[Any], str | None] | None = None
+
+
+def setting(default: Any, env: str, description: str, **declared: Any) -> Any:
+    """Declare a settings field (see :class:`Declaration` for the keywords)."""
+    metadata = {"setting": Declaration(env=env, description=description, **declared)}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def url_scheme(uri: str) -> str:
     """The scheme of a URL, without a SQLAlchemy driver (``postgresql+psycopg://`` -> ``postgresql``); "" for a path."""
     return uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
 
 
-def _env(environ: Environ, name: str, default: str) -> str:
-    value = environ.get(name, "").strip()
-    return value or default
-
-
-def _env_float(environ: Environ, name: str, default: float) -> float:
-    raw = _env(environ, name, str(default))
+def data_source_problem(source: str) -> str | None:
+    """Why ``source`` cannot even be parsed as a data source (a path that cannot be expanded, a malformed URL)."""
+    if source.startswith("sklearn:"):
+        return None
     try:
-        return float(raw)
-    except ValueError as error:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from error
+        if "://" in source:
+            parsed = urllib.parse.urlsplit(source)
+            parsed.port  # noqa: B018 - reading the port is what checks it
+            if not parsed.scheme or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", parsed.scheme):
+                return f"data source {source!r} is not a URL with a valid scheme"
+        else:
+            Path(source).expanduser().resolve()
+    except (ValueError, RuntimeError, OSError) as error:
+        return f"data source {source!r} cannot be used: {error}"
+    return None
 
 
-def _env_int(environ: Environ, name: str, default: int) -> int:
-    raw = _env(environ, name, str(default))
-    try:
-        return int(raw)
-    except ValueError as error:
-        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from error
+def alias_problem(alias: str) -> str | None:
+    if not ALIAS_PATTERN.match(alias):
+        return f"production_alias {alias!r} may hold only letters, digits, _ and - (1 to 255 of them)"
+    if RESERVED_ALIAS.match(alias):
+        return f"production_alias {alias!r} is reserved by MLflow ('latest' and v<number> name versions); use another"
+    return None
 
 
-def _env_bool(environ: Environ, name: str, default: bool) -> bool:
-    raw = _env(environ, name, "true" if default else "false").lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigurationError(f"{name}={raw!r} is not a boolean (use true or false)")
-
-
-def _env_json(environ: Environ, name: str, default: dict[str, Any]) -> dict[str, Any]:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return dict(default)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigurationError(f"{name} is not valid JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"{name} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def default_home(environ: Environ) -> Path:
-    return Path(_env(environ, "MLOPS_HOME", str(Path.cwd() / ".mlops"))).expanduser().resolve()
+def tracking_uri_problem(uri: str) -> str | None:
+    scheme = url_scheme(uri) or "file"
+    if scheme not in TRACKING_SCHEMES:
+        return f"tracking URI {uri!r} has an unsupported scheme {scheme!r}; use one of {', '.join(TRACKING_SCHEMES)}"
+    return None
 
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path
-    tracking_uri: str
-    registry_uri: str | None
-    artifact_root: str
-    data_store: str
-    experiment_name: str
-    model_name: str
-    production_alias: str
-    data_source: str
-    data_query: str
-    label_column: str
-    accuracy_threshold: float
-    champion_tolerance: float
-    compare_with_champion: bool
-    model_family: str
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    test_size: float = 0.2
-    random_seed: int = 42
-    min_rows: int = 50
-    min_rows_per_class: int = 5
-    post_deploy_check: bool = True
-    enforce_production_schema: bool = True
-    deploy_check_hook: str = ""
-    step_hook: str = ""
-    serving_url: str = ""
-    serving_timeout: float = 60.0
-    force_retrain: bool = False
-    drift_threshold: float = 0.2
-    drift_margin: float = 0.0
-    data_asset_uri: str = ""
+    home: Path = setting(
+        Path(".mlops"), "MLOPS_HOME", "Folder for the embedded stores (Airflow, MLflow, data snapshots)."
+    )
+    tracking_uri: str = setting(
+        "",
+        "MLFLOW_TRACKING_URI",
+        "MLflow tracking store: a database URL, a folder or an http(s) server.",
+        home_default=lambda home: f"sqlite:///{home / 'mlflow.db'}",
+        check=tracking_uri_problem,
+    )
+    registry_uri: str | None = setting(
+        None, "MLFLOW_REGISTRY_URI", "Model Registry store, when it is not the tracking store."
+    )
+    artifact_root: str = setting(
+        "",
+        "MLOPS_ARTIFACT_ROOT",
+        "Where a local tracking store keeps run artifacts.",
+        home_default=lambda home: str(home / "mlartifacts"),
+    )
+    data_store: str = setting(
+        "",
+        "MLOPS_DATA_STORE",
+        "Folder or fsspec URL for data snapshots and splits.",
+        home_default=lambda home: str(home / "datastore"),
+    )
+    experiment_name: str = setting(
+        "mlops_pipeline", "MLOPS_EXPERIMENT", "MLflow experiment of the runs.", required=True
+    )
+    model_name: str = setting("breast_cancer_classifier", "MLOPS_MODEL_NAME", "Registered model name.", required=True)
+    production_alias: str = setting(
+        "production", "MLOPS_PRODUCTION_ALIAS", "Alias that marks the Production version.", check=alias_problem
+    )
+    accuracy_threshold: float = setting(
+        0.8,
+        "MLOPS_ACCURACY_THRESHOLD",
+        "Minimum accuracy on the held-out set for a version to be promoted.",
+        title="Accuracy threshold",
+        per_run=True,
+        minimum=0,
+        maximum=1,
+    )
+    model_family: str = setting(
+        "logistic_regression",
+        "MLOPS_MODEL_FAMILY",
+        "The scikit-learn estimator at the end of the pipeline.",
+        title="Model family",
+        per_run=True,
+        required=True,
+        choices=MODEL_FAMILIES,
+    )
+    hyperparameters: dict[str, Any] = setting(
+        {},
+        "MLOPS_HYPERPARAMETERS",
+        'Estimator arguments as JSON, e.g. {"C": 0.5} or {"n_estimators": 200, "max_depth": 6}. '
+        "Unset ones keep the family's defaults.",
+        title="Hyper-parameters",
+        per_run=True,
+        logged=False,
+    )
+    data_source: str = setting(
+        DEFAULT_DATA_SOURCE,
+        "MLOPS_DATA_SOURCE",
+        "sklearn:breast_cancer (bundled), a .csv or .parquet path or URL, a folder of them, "
+        "or a SQLAlchemy URL together with a SQL query.",
+        title="Data source",
+        per_run=True,
+        required=True,
+        check=data_source_problem,
+    )
+    data_query: str = setting(
+        "",
+        "MLOPS_DATA_QUERY",
+        "Only for a SQL data source: a SELECT statement or a table name.",
+        title="SQL query or table",
+        per_run=True,
+        logged=False,
+    )
+    label_column: str = setting(
+        "target",
+        "MLOPS_LABEL_COLUMN",
+        "The column the model predicts.",
+        title="Label column",
+        per_run=True,
+        required=True,
+    )
+    compare_with_champion: bool = setting(
+        True,
+        "MLOPS_COMPARE_WITH_CHAMPION",
+        "Also require the candidate to be no worse than the current Production version.",
+        title="Compare with Production",
+        per_run=True,
+    )
+    champion_tolerance: float = setting(
+        0.01,
+        "MLOPS_CHAMPION_TOLERANCE",
+        "How much lower than Production's accuracy the candidate's may be and still pass.",
+        title="Tolerance against Production",
+        per_run=True,
+        minimum=0,
+        maximum=1,
+    )
+    test_size: float = setting(
+        0.2,
+        "MLOPS_TEST_SIZE",
+        "Share of rows kept out of training for validation (stratified).",
+        title="Held-out fraction",
+        per_run=True,
+        exclusive_minimum=0,
+        exclusive_maximum=1,
+    )
+    random_seed: int = setting(
+        42,
+        "MLOPS_RANDOM_SEED",
+        "Seeds the split and the estimator; recorded on the run and the version.",
+        title="Random seed",
+        per_run=True,
+        minimum=0,
+        maximum=2**32 - 1,
+    )
+    force_retrain: bool = setting(
+        False,
+        "MLOPS_FORCE_RETRAIN",
+        "Train, validate and possibly promote even when the data is the data the Production version was trained "
+        "on (same digest); otherwise such a run ends early with 'no new data'.",
+        title="Retrain on unchanged data",
+        per_run=True,
+    )
+    drift_threshold: float = setting(
+        0.2,
+        "MLOPS_DRIFT_THRESHOLD",
+        "Largest per-feature population stability index, against the Production version's data, above which drift "
+        "counts as high (0.1: moderate, 0.2: significant).",
+        title="Drift threshold (PSI)",
+        per_run=True,
+        minimum=0,
+    )
+    drift_margin: float = setting(
+        0.0,
+        "MLOPS_DRIFT_MARGIN",
+        "Under high drift the candidate must beat Production's accuracy by at least this much, instead of being "
+        "within the tolerance.",
+        title="Margin over Production under high drift",
+        per_run=True,
+        minimum=0,
+        maximum=1,
+    )
+    min_rows: int = setting(50, "MLOPS_MIN_ROWS", "Fewest rows a data set may have.", minimum=2)
+    min_rows_per_class: int = setting(
+        5, "MLOPS_MIN_ROWS_PER_CLASS", "Fewest rows per class for a stratified split.", minimum=1
+    )
+    post_deploy_check: bool = setting(
+        True, "MLOPS_POST_DEPLOY_CHECK", "Check that the promoted version serves as validated."
+    )
+    enforce_production_schema: bool = setting(
+        True, "MLOPS_ENFORCE_PRODUCTION_SCHEMA", "Refuse data whose columns differ from the Production model's."
+    )
+    deploy_check_hook: str = setting(
+        "", "MLOPS_DEPLOY_CHECK_HOOK", "module:function called with the deployed model; raising fails the check."
+    )
+    step_hook: str = setting("", "MLOPS_STEP_HOOK", "module:function called at the start of every step.")
+    serving_url: str = setting("", "MLOPS_SERVING_URL", "Model server that deploy_model checks follows Production.")
+    serving_timeout: float = setting(
+        60.0,
+        "MLOPS_SERVING_TIMEOUT_SECONDS",
+        "How long the model server may take to follow a promotion.",
+        exclusive_minimum=0,
+    )
+    data_asset_uri: str = setting(
+        "", "MLOPS_DATA_ASSET_URI", "URI of the training-data asset, when not derived from the data source."
+    )
+    task_timeout: float = setting(
+        3600.0,
+        "MLOPS_TASK_TIMEOUT_SECONDS",
+        "Longest a task may run before Airflow stops it (execution_timeout).",
+        exclusive_minimum=0,
+    )
+    retry_delay: float = setting(
+        300.0, "MLOPS_RETRY_DELAY_SECONDS", "Wait before a failed task is retried once.", minimum=0
+    )
 
     @classmethod
     def from_env(cls, environ: Environ | None = None) -> Settings:
+        """The settings the environment names, embedded defaults for the rest; any invalid value is refused."""
         environ = os.environ if environ is None else environ
-        home = default_home(environ)
-        settings = cls(
-            home=home,
-            tracking_uri=_env(environ, "MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
-            registry_uri=environ.get("MLFLOW_REGISTRY_URI") or None,
-            artifact_root=_env(environ, "MLOPS_ARTIFACT_ROOT", str(home / "mlartifacts")),
-            data_store=_env(environ, "MLOPS_DATA_STORE", str(home / "datastore")),
-            experiment_name=_env(environ, "MLOPS_EXPERIMENT", "mlops_pipeline"),
-            model_name=_env(environ, "MLOPS_MODEL_NAME", "breast_cancer_classifier"),
-            production_alias=_env(environ, "MLOPS_PRODUCTION_ALIAS", "production"),
-            data_source=_env(environ, "MLOPS_DATA_SOURCE", DEFAULT_DATA_SOURCE),
-            data_query=_env(environ, "MLOPS_DATA_QUERY", ""),
-            label_column=_env(environ, "MLOPS_LABEL_COLUMN", "target"),
-            accuracy_threshold=_env_float(environ, "MLOPS_ACCURACY_THRESHOLD", 0.8),
-            champion_tolerance=_env_float(environ, "MLOPS_CHAMPION_TOLERANCE", 0.01),
-            compare_with_champion=_env_bool(environ, "MLOPS_COMPARE_WITH_CHAMPION", True),
-            model_family=_env(environ, "MLOPS_MODEL_FAMILY", "logistic_regression"),
-            hyperparameters=_env_json(environ, "MLOPS_HYPERPARAMETERS", {}),
-            test_size=_env_float(environ, "MLOPS_TEST_SIZE", 0.2),
-            random_seed=_env_int(environ, "MLOPS_RANDOM_SEED", 42),
-            min_rows=_env_int(environ, "MLOPS_MIN_ROWS", 50),
-            min_rows_per_class=_env_int(environ, "MLOPS_MIN_ROWS_PER_CLASS", 5),
-            post_deploy_check=_env_bool(environ, "MLOPS_POST_DEPLOY_CHECK", True),
-            enforce_production_schema=_env_bool(environ, "MLOPS_ENFORCE_PRODUCTION_SCHEMA", True),
-            deploy_check_hook=_env(environ, "MLOPS_DEPLOY_CHECK_HOOK", ""),
-            serving_url=_env(environ, "MLOPS_SERVING_URL", ""),
-            serving_timeout=_env_float(environ, "MLOPS_SERVING_TIMEOUT_SECONDS", 60.0),
-            step_hook=_env(environ, "MLOPS_STEP_HOOK", ""),
-            force_retrain=_env_bool(environ, "MLOPS_FORCE_RETRAIN", False),
-            drift_threshold=_env_float(environ, "MLOPS_DRIFT_THRESHOLD", 0.2),
-            drift_margin=_env_float(environ, "MLOPS_DRIFT_MARGIN", 0.0),
-            data_asset_uri=_env(environ, "MLOPS_DATA_ASSET_URI", ""),
-        )
-        settings.validate()
-        return settings
-
-    @classmethod
-    def from_env_or_embedded(cls, keep: tuple[str, ...] = ()) -> Settings:
-        """The environment's settings or, if those are invalid, the embedded ones (with the ``keep`` variables).
-
-        Never raises, so a bad setting cannot break DAG parsing; the first task reads the environment again and
-        fails with the error.
-        """
-        try:
-            return cls.from_env()
-        except ConfigurationError:
-            return cls.from_env({key: value for key, value in os.environ.items() if key in keep})
-
-    def with_overrides(self, overrides: Mapping[str, Any] | None) -> Settings:
-        """Apply per-run overrides (the DAG's Params); unknown keys and ``None`` values are ignored."""
-        if not overrides:
-            return self
-        known = {f.name for f in fields(self)}
-        changes = {key: value for key, value in overrides.items() if key in known and value is not None}
-        if isinstance(changes.get("hyperparameters"), str):
+        home = _home(environ)
+        values: dict[str, Any] = {"home": home}
+        problems = []
+        for spec in declarations().values():
+            if spec.name == "home":
+                continue
             try:
-                changes["hyperparameters"] = json.loads(changes["hyperparameters"] or "{}")
-            except json.JSONDecodeError as error:
-                raise ConfigurationError(f"hyperparameters is not valid JSON: {error}") from error
-        for name in ("accuracy_threshold", "champion_tolerance", "test_size", "drift_threshold", "drift_margin"):
-            if name in changes:
-                changes[name] = _as_float(name, changes[name])
-        for name in ("random_seed", "min_rows", "min_rows_per_class"):
-            if name in changes:
-                changes[name] = _as_int(name, changes[name])
-        if "force_retrain" in changes:
-            changes["force_retrain"] = _as_bool("force_retrain", changes["force_retrain"])
-        updated = replace(self, **changes)
-        updated.validate()
-        return updated
+                values[spec.name] = spec.from_environ(environ, home)
+            except ConfigurationError as error:
+                problems.append(str(error))
+        if problems:
+            raise ConfigurationError("invalid settings: " + "; ".join(problems))
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        problems = []
-        if self.model_family not in MODEL_FAMILIES:
-            problems.append(f"model_family {self.model_family!r} is unknown; choose one of {', '.join(MODEL_FAMILIES)}")
-        if not 0.0 <= self.accuracy_threshold <= 1.0:
-            problems.append(f"accuracy_threshold {self.accuracy_threshold} is outside [0, 1]")
-        if not 0.0 <= self.champion_tolerance <= 1.0:
-            problems.append(f"champion_tolerance {self.champion_tolerance} is outside [0, 1]")
-        if not 0.0 < self.test_size < 1.0:
-            problems.append(f"test_size {self.test_size} must be strictly between 0 and 1")
-        if not isinstance(self.hyperparameters, dict):
-            problems.append("hyperparameters must be a mapping of parameter name to value")
-        if self.drift_threshold < 0:
-            problems.append(f"drift_threshold {self.drift_threshold} must not be negative")
-        if not 0.0 <= self.drift_margin <= 1.0:
-            problems.append(f"drift_margin {self.drift_margin} is outside [0, 1]")
-        if self.min_rows < 2:
-            problems.append(f"min_rows {self.min_rows} must be at least 2")
-        if not self.label_column:
-            problems.append("label_column is empty")
-        if not self.model_name:
-            problems.append("model_name is empty")
-        scheme = url_scheme(self.tracking_uri) or "file"
-        if scheme not in TRACKING_SCHEMES:
-            problems.append(
-                f"tracking URI {self.tracking_uri!r} has an unsupported scheme {scheme!r}; "
-                f"use one of {', '.join(TRACKING_SCHEMES)}"
-            )
+        """Refuse values no declaration allows (a constructor or :func:`dataclasses.replace` skips the readers)."""
+        problems = [problem for spec in declarations().values() if (problem := spec.problem(getattr(self, spec.name)))]
         if problems:
             raise ConfigurationError("invalid settings: " + "; ".join(problems))
 
+    @classmethod
+    def from_env_or_embedded(cls) -> Settings:
+        """Each setting from the environment or, where the environment's value is invalid, its embedded default.
+
+        Never raises, so a bad setting cannot break DAG parsing; the first task reads the environment again with
+        :meth:`from_env` and fails with the error.
+        """
+        try:
+            home = _home(os.environ)
+        except ConfigurationError:
+            home = _home({})
+        values: dict[str, Any] = {"home": home}
+        for spec in declarations().values():
+            if spec.name != "home":
+                try:
+                    values[spec.name] = spec.from_environ(os.environ, home)
+                except ConfigurationError:
+                    values[spec.name] = spec.embedded(home)
+        return cls(**values)
+
+    def for_run(self, params: Mapping[str, Any] | None, declared: Collection[str] = ()) -> Settings:
+        """These settings with a run's parameters applied.
+
+        ``declared`` are the Params the DAG declares (default: the per-run settings). A declared Param that is a
+        per-run setting overrides it (``None`` keeps the deployment's value); a declared Param that is no setting is
+        the DAG's own business. Any other name is refused: an operator setting (a check, hook, store or name) cannot
+        be switched per run, and a misspelt parameter must not run with the default.
+        """
+        run_names = run_parameter_names()
+        accepted = set(declared) or set(run_names)
+        unknown = sorted(set(params or {}) - accepted)
+        if unknown:
+            raise ConfigurationError("; ".join(_refusal(name, accepted) for name in unknown))
+        return self.with_values({key: value for key, value in (params or {}).items() if key in run_names})
+
+    def with_values(self, values: Mapping[str, Any]) -> Settings:
+        """These settings with some fields set (``None`` keeps a value), coerced and checked like the environment's."""
+        specs = declarations()
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise ConfigurationError("; ".join(_refusal(name, specs) for name in unknown))
+        changes, problems = {}, []
+        for name, value in values.items():
+            if value is None:
+                continue
+            try:
+                changes[name] = specs[name].coerce(value, name)
+            except ConfigurationError as error:
+                problems.append(str(error))
+        if problems:
+            raise ConfigurationError("invalid parameters: " + "; ".join(problems))
+        return replace(self, **changes)
+
     def run_parameters(self) -> dict[str, Any]:
-        """The settings that shape a model, as logged to MLflow."""
-        return {
-            "model_family": self.model_family,
-            "accuracy_threshold": self.accuracy_threshold,
-            "champion_tolerance": self.champion_tolerance,
-            "compare_with_champion": self.compare_with_champion,
-            "test_size": self.test_size,
-            "random_seed": self.random_seed,
-            "data_source": mask_credentials(self.data_source),
-            "label_column": self.label_column,
-            "force_retrain": self.force_retrain,
-            "drift_threshold": self.drift_threshold,
-            "drift_margin": self.drift_margin,
+        """The settings that shape a model, as logged to MLflow (credentials in the data source masked)."""
+        logged = {
+            name: getattr(self, name)
+            for name, spec in declarations().items()
+            if spec.declaration.per_run and spec.declaration.logged
         }
+        return {**logged, "data_source": mask_credentials(self.data_source)}
+
+    def param_specs(self) -> dict[str, dict[str, Any]]:
+        """The DAG's trigger form: one ``Param(**spec)`` per per-run setting, defaulting to these settings' values."""
+        return {name: declarations()[name].param_spec(getattr(self, name)) for name in run_parameter_names()}
 
 
-def _as_float(name: str, value: Any) -> float:
+@dataclass(frozen=True)
+class SettingSpec:
+    """A settings field with its declaration and Python type: reads, coerces and checks one value."""
+
+    name: str
+    kind: Any
+    default: Any
+    declaration: Declaration
+
+    @property
+    def base_kind(self) -> Any:
+        """``str`` for ``str | None``; ``dict`` for ``dict[str, Any]``; the type itself otherwise."""
+        arguments = [a for a in typing.get_args(self.kind) if a is not type(None)]
+        if typing.get_origin(self.kind) is dict:
+            return dict
+        return arguments[0] if arguments else self.kind
+
+    def embedded(self, home: Path) -> Any:
+        if self.declaration.home_default is not None:
+            return self.declaration.home_default(home)
+        return dict(self.default) if isinstance(self.default, dict) else self.default
+
+    def from_environ(self, environ: Environ, home: Path) -> Any:
+        raw = environ.get(self.declaration.env, "").strip()
+        if not raw:
+            return self.embedded(home)
+        return self.coerce(raw, self.declaration.env)
+
+    def coerce(self, value: Any, label: str) -> Any:
+        """``value`` (a string from the environment or a form, or a JSON value) as this setting's type, checked."""
+        converted = _convert(self.base_kind, value, label)
+        problem = self.problem(converted)
+        if problem:
+            raise ConfigurationError(problem)
+        return converted
+
+    def problem(self, value: Any) -> str | None:
+        spec, name = self.declaration, self.name
+        if spec.required and not value:
+            return f"{name} is empty"
+        if spec.choices and value not in spec.choices:
+            return f"{name} {value!r} is unknown; choose one of {', '.join(spec.choices)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = spec.minimum, spec.maximum
+            if low is not None and high is not None and not low <= value <= high:
+                return f"{name} {value} is outside [{_number(low)}, {_number(high)}]"
+            if low is not None and high is None and value < low:
+                return f"{name} {value} must be at least {_number(low)}"
+            above, below = spec.exclusive_minimum, spec.exclusive_maximum
+            if above is not None and below is not None and not above < value < below:
+                return f"{name} {value} must be strictly between {_number(above)} and {_number(below)}"
+            if above is not None and below is None and not value > above:
+                return f"{name} {value} must be greater than {_number(above)}"
+        return spec.check(value) if spec.check else None
+
+    def param_spec(self, value: Any) -> dict[str, Any]:
+        """Keyword arguments of the ``Param`` for this setting, with ``value`` as its default."""
+        spec = self.declaration
+        json_type = {bool: "boolean", int: "integer", float: "number", dict: "object"}.get(self.base_kind, "string")
+        schema: dict[str, Any] = {"title": spec.title or self.name, "description": spec.description}
+        if json_type == "string" and not spec.required:
+            # An empty optional text field must not hold the form back: the UI treats "" as missing.
+            schema["type"], value = ["null", "string"], value or None
+        else:
+            schema["type"] = json_type
+        if json_type == "string" and spec.required:
+            schema["minLength"] = 1
+        for key, bound in (
+            ("minimum", spec.minimum),
+            ("maximum", spec.maximum),
+            ("exclusiveMinimum", spec.exclusive_minimum),
+            ("exclusiveMaximum", spec.exclusive_maximum),
+        ):
+            if bound is not None:
+                schema[key] = bound
+        if spec.choices:
+            schema["enum"] = list(spec.choices)
+        return {"default": value, **schema}
+
+
+@functools.cache
+def declarations() -> dict[str, SettingSpec]:
+    """Every setting by field name, in declaration order."""
+    hints = typing.get_type_hints(Settings)
+    specs = {}
+    for item in fields(Settings):
+        specs[item.name] = SettingSpec(item.name, hints[item.name], _field_default(item), item.metadata["setting"])
+    return specs
+
+
+@functools.cache
+def run_parameter_names() -> tuple[str, ...]:
+    """The settings a run may override: the DAG's Params."""
+    return tuple(name for name, spec in declarations().items() if spec.declaration.per_run)
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _field_default(item: Field[Any]) -> Any:
+    if item.default is not MISSING:
+        return item.default
+    return item.default_factory()  # type: ignore[misc]
+
+
+def _home(environ: Environ) -> Path:
+    raw = environ.get("MLOPS_HOME", "").strip() or str(Path.cwd() / ".mlops")
     try:
-        return float(value)
-    except (TypeError, ValueError) as error:
-        raise ConfigurationError(f"{name}={value!r} is not a number") from error
+        return Path(raw).expanduser().resolve()
+    except (RuntimeError, OSError) as error:
+        raise ConfigurationError(f"MLOPS_HOME={raw!r} cannot be used: {error}") from error
 
 
-def _as_bool(name: str, value: Any) -> bool:
+def _refusal(name: str, accepted: Collection[str]) -> str:
+    specs = declarations()
+    if name in specs and name not in accepted:
+        return (
+            f"{name!r} cannot be set per run: it is the deployment's setting {specs[name].declaration.env}, "
+            "set in the environment of the scheduler and workers"
+        )
+    close = difflib.get_close_matches(name, list(accepted), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown parameter {name!r}{hint}; parameters are: {', '.join(sorted(accepted))}"
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def _convert(kind: Any, value: Any, label: str) -> Any:
+    if kind is bool:
+        return _as_bool(value, label)
+    if kind is int:
+        return _as_int(value, label)
+    if kind is float:
+        return _as_float(value, label)
+    if kind is dict:
+        return _as_mapping(value, label)
+    if kind is Path:
+        return _home({"MLOPS_HOME": str(value)})
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigurationError(f"{label}={value!r} is not text")
+
+
+def _as_bool(value: Any, label: str) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in TRUE_WORDS:
         return True
-    if text in {"0", "false", "no", "off", ""}:
+    if text in FALSE_WORDS:
         return False
-    raise ConfigurationError(f"{name}={value!r} is not a boolean (use true or false)")
+    raise ConfigurationError(f"{label}={value!r} is not a boolean (use true or false)")
 
 
-def _as_int(name: str, value: Any) -> int:
-    try:
+def _as_int(value: Any, label: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{label}={value!r} is not a whole number")
+    if isinstance(value, float) and value.is_integer():
         return int(value)
-    except (TypeError, ValueError) as error:
-        raise ConfigurationError(f"{name}={value!r} is not a whole number") from error
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError as error:
+        raise ConfigurationError(f"{label}={value!r} is not a whole number") from error
+
+
+def _as_float(value: Any, label: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigurationError(f"{label}={value!r} is not a number")
+    try:
+        number = float(value)
+    except ValueError as error:
+        raise ConfigurationError(f"{label}={value!r} is not a number") from error
+    if not math.isfinite(number):
+        raise ConfigurationError(f"{label}={value!r} is not a finite number")
+    return number
+
+
+def _as_mapping(value: Any, label: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value or "{}")
+        except json.JSONDecodeError as error:
+            raise ConfigurationError(f"{label} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{label} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 def param_defaults() -> dict[str, Any]:
-    """Defaults for the DAG's trigger form: the environment's settings, or the embedded ones if those are invalid."""
-    settings = Settings.from_env_or_embedded()
-    return {
-        "accuracy_threshold": settings.accuracy_threshold,
-        "model_family": settings.model_family,
-        "hyperparameters": settings.hyperparameters,
-        "data_source": settings.data_source,
-        "data_query": settings.data_query,
-        "label_column": settings.label_column,
-        "compare_with_champion": settings.compare_with_champion,
-        "champion_tolerance": settings.champion_tolerance,
-        "test_size": settings.test_size,
-        "random_seed": settings.random_seed,
-        "force_retrain": settings.force_retrain,
-        "drift_threshold": settings.drift_threshold,
-        "drift_margin": settings.drift_margin,
-    }
+    """Defaults for the DAG's trigger form: each setting from the environment, or embedded where that is invalid."""
+    return {name: spec["default"] for name, spec in Settings.from_env_or_embedded().param_specs().items()}

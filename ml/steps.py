@@ -27,7 +27,7 @@ SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
 
 def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
     run = RunContext.from_airflow(context)
-    return Settings.from_env().with_overrides(run.params), run
+    return Settings.from_env().for_run(run.params, run.declared_params), run
 
 
 def extract_data(context: Mapping[str, Any]) -> dict[str, Any]:

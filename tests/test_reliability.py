@@ -62,6 +62,10 @@ def versions(settings: Settings) -> int:
         ("MLOPS_ACCURACY_THRESHOLD", "1.5", "accuracy_threshold 1.5 is outside [0, 1]"),
         ("MLFLOW_TRACKING_URI", "mlflow-tracking://nowhere", "unsupported scheme 'mlflow-tracking'"),
         ("MLOPS_DATA_SOURCE", "ftp://files.example/cases.xlsx", "is not recognised"),
+        ("MLOPS_PRODUCTION_ALIAS", "latest", "production_alias 'latest' is reserved by MLflow"),
+        ("MLOPS_PRODUCTION_ALIAS", "v1", "production_alias 'v1' is reserved by MLflow"),
+        ("MLOPS_DATA_SOURCE", "~nosuchuser/cases.csv", "Could not determine home directory"),
+        ("MLOPS_DATA_SOURCE", "http://[::1/cases.csv", "Invalid IPv6 URL"),
     ],
 )
 def test_bad_configuration_fails_at_the_first_task_without_retry(
@@ -84,6 +88,24 @@ def test_bad_parameters_are_refused_before_a_run_starts(airflow_db, mlops_env):
         run_dag(conf={"model_family": "deep_forest"})
     with pytest.raises(ParamValidationError, match="accuracy_threshold"):
         run_dag(conf={"accuracy_threshold": 2})
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"acuracy_threshold": 0.5}, "unknown parameter 'acuracy_threshold' (did you mean 'accuracy_threshold'?)"),
+        ({"post_deploy_check": False}, "'post_deploy_check' cannot be set per run"),
+        ({"step_hook": "fault_hooks:stop_mlflow_server"}, "'step_hook' cannot be set per run"),
+        ({"tracking_uri": "sqlite:////tmp/elsewhere.db"}, "'tracking_uri' cannot be set per run"),
+    ],
+)
+def test_a_run_cannot_set_what_it_does_not_declare(airflow_db, mlops_env, capfd, conf, message):
+    run = run_dag(conf=conf)
+    assert run.state == "failed"
+    assert run.state_of("extract_data") == "failed"
+    assert run.tasks["extract_data"].try_number == 1
+    assert message in capfd.readouterr().out
+    assert versions(mlops_env) == 0
 
 
 @pytest.fixture

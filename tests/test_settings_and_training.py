@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ml import data, evaluation, training
-from ml.settings import MODEL_FAMILIES, ConfigurationError, Settings, param_defaults
+from ml.settings import MODEL_FAMILIES, ConfigurationError, Settings, declarations, param_defaults
 
 
 def test_defaults_need_no_environment(tmp_path, monkeypatch):
@@ -29,10 +29,50 @@ def test_environment_and_overrides():
         "random_forest",
         {"max_depth": 4},
     )
-    changed = settings.with_overrides(
-        {"accuracy_threshold": "0.85", "hyperparameters": '{"n_estimators": 5}', "unknown": 1}
+    changed = settings.for_run(
+        {"accuracy_threshold": "0.85", "hyperparameters": '{"n_estimators": 5}', "force_retrain": "false"}
     )
     assert changed.accuracy_threshold == 0.85 and changed.hyperparameters == {"n_estimators": 5}
+    assert changed.force_retrain is False, "the string 'false' is False, not a truthy string"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"acuracy_threshold": 0.9}, "unknown parameter 'acuracy_threshold' (did you mean 'accuracy_threshold'?)"),
+        ({"post_deploy_check": False}, "'post_deploy_check' cannot be set per run: it is the deployment's setting"),
+        ({"step_hook": "os:system"}, "'step_hook' cannot be set per run"),
+        ({"tracking_uri": "sqlite:////tmp/other.db"}, "'tracking_uri' cannot be set per run"),
+        ({"model_name": "other"}, "'model_name' cannot be set per run"),
+        ({"home": "/tmp"}, "'home' cannot be set per run"),
+        ({"force_retrain": "perhaps"}, "force_retrain='perhaps' is not a boolean"),
+        ({"random_seed": -1}, "random_seed -1 is outside [0, 4294967295]"),
+        ({"test_size": "nan"}, "test_size='nan' is not a finite number"),
+        ({"accuracy_threshold": True}, "accuracy_threshold=True is not a number"),
+    ],
+)
+def test_a_run_may_override_only_its_declared_parameters(params, message):
+    settings = Settings.from_env({})
+    with pytest.raises(ConfigurationError) as refused:
+        settings.for_run(params)
+    assert message in str(refused.value)
+
+
+def test_a_dag_may_declare_parameters_of_its_own():
+    settings = Settings.from_env({})
+    assert settings.for_run({"target_version": "3"}, declared={"target_version", "reason"}) == settings
+    with pytest.raises(ConfigurationError, match="'model_name' cannot be set per run"):
+        settings.for_run({"model_name": "other"}, declared={"target_version", "reason"})
+
+
+def test_every_setting_is_declared_once_with_its_environment_name_and_description():
+    specs = declarations()
+    assert {spec.declaration.env for spec in specs.values()} >= {"MLOPS_HOME", "MLFLOW_TRACKING_URI"}
+    assert len({spec.declaration.env for spec in specs.values()}) == len(specs)
+    assert all(spec.declaration.description for spec in specs.values())
+    run_names = set(Settings.from_env({}).param_specs())
+    assert run_names == {name for name, spec in specs.items() if spec.declaration.per_run}
+    assert not run_names & {"post_deploy_check", "step_hook", "deploy_check_hook", "tracking_uri", "model_name"}
 
 
 @pytest.mark.parametrize(
@@ -43,11 +83,25 @@ def test_environment_and_overrides():
         ({"MLOPS_ACCURACY_THRESHOLD": "high"}, "MLOPS_ACCURACY_THRESHOLD='high' is not a number"),
         ({"MLOPS_HYPERPARAMETERS": "[1]"}, "must be a JSON object"),
         ({"MLOPS_COMPARE_WITH_CHAMPION": "maybe"}, "is not a boolean"),
+        ({"MLOPS_PRODUCTION_ALIAS": "latest"}, "production_alias 'latest' is reserved by MLflow"),
+        ({"MLOPS_PRODUCTION_ALIAS": "v1"}, "production_alias 'v1' is reserved by MLflow"),
+        ({"MLOPS_PRODUCTION_ALIAS": "prod alias"}, "may hold only letters, digits, _ and -"),
+        ({"MLOPS_DATA_SOURCE": "~nosuchuser/cases.csv"}, "cannot be used: Could not determine home directory"),
+        ({"MLOPS_DATA_SOURCE": "http://[::1/cases.csv"}, "cannot be used: Invalid IPv6 URL"),
+        ({"MLOPS_TASK_TIMEOUT_SECONDS": "0"}, "task_timeout 0.0 must be greater than 0"),
+        ({"MLOPS_DRIFT_THRESHOLD": "inf"}, "MLOPS_DRIFT_THRESHOLD='inf' is not a finite number"),
     ],
 )
 def test_bad_settings_are_named(environ, message):
     with pytest.raises(ConfigurationError, match=message):
         Settings.from_env(environ)
+
+
+def test_a_symlink_loop_as_data_source_is_named(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigurationError, match="cannot be used"):
+        Settings.from_env({"MLOPS_DATA_SOURCE": str(loop / "cases.csv")})
 
 
 def test_param_defaults_survive_a_bad_environment(monkeypatch):
@@ -97,3 +151,12 @@ def test_judge_against_threshold_and_champion():
     assert passed.passed and ignored.passed
     assert not worse.passed and "worse than Production version 3" in worse.reasons[0]
     assert not low.passed and low.reasons == ["accuracy 0.7000 is below the threshold 0.8000"]
+
+
+def test_readme_configuration_table_lists_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("## How a run decides")]
+    missing = [spec.declaration.env for spec in declarations().values() if f"`{spec.declaration.env}`" not in table]
+    assert missing == []

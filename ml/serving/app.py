@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         arguments = parse_arguments(argv, settings)
-        settings = settings.with_overrides(
+        settings = settings.with_values(
             {
                 "model_name": arguments.model_name,
                 "production_alias": arguments.alias,
