@@ -278,6 +278,18 @@ class Settings:
         "How long the model server may take to follow a promotion.",
         exclusive_minimum=0,
     )
+    # Not in repr: a settings object that reaches a log must not carry the token.
+    serving_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "setting": Declaration(
+                env="MLOPS_SERVING_TOKEN",
+                description="Bearer token of the model server: it requires it, and deploy_model's check sends it.",
+                logged=False,
+            )
+        },
+    )
     data_asset_uri: str = setting(
         "", "MLOPS_DATA_ASSET_URI", "URI of the training-data asset, when not derived from the data source."
     )

@@ -6,6 +6,10 @@
 #                              postgresql+psycopg://user:password@postgres:5432/mlflow_auth
 #   MLFLOW_AUTH_CONFIG_PATH    where to write the rendered ini; MLflow reads this variable too
 #   MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD   the admin created on first start (read by MLflow)
+#   MLFLOW_AUTH_READER_USERNAME / MLFLOW_AUTH_READER_PASSWORD optional: a user who is not an admin, created (or
+#                              given this password) before the server starts; with default_permission = READ it
+#                              reads every experiment and model and changes nothing. The model server logs in
+#                              with it, so that a compromised model server cannot move Production.
 #   MLFLOW_AUTH_TEMPLATE       the template (default: basic_auth.ini next to this script)
 #
 # tests/test_stack.py runs this same script natively, so what the image does at start-up is tested.
@@ -41,4 +45,24 @@ with open(target, "w") as handle:
     handle.write(pattern.sub(value, text))
 PY
 echo "mlflow entrypoint: basic-auth configuration written to $MLFLOW_AUTH_CONFIG_PATH"
+
+if [ -n "${MLFLOW_AUTH_READER_USERNAME:-}" ]; then
+    : "${MLFLOW_AUTH_READER_PASSWORD:?set MLFLOW_AUTH_READER_PASSWORD (the read-only user's password)}"
+    python - <<'PY'
+import os
+
+from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+name, password = os.environ["MLFLOW_AUTH_READER_USERNAME"], os.environ["MLFLOW_AUTH_READER_PASSWORD"]
+if name == os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME"):
+    raise SystemExit("mlflow entrypoint: the read-only user must not be the admin")
+store = SqlAlchemyStore()
+store.init_db(os.environ["MLFLOW_AUTH_DATABASE_URI"])
+if store.has_user(name):
+    store.update_user(name, password=password, is_admin=False)
+else:
+    store.create_user(name, password, is_admin=False)
+print(f"mlflow entrypoint: read-only user '{name}' is ready")
+PY
+fi
 exec "$@"

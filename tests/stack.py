@@ -226,6 +226,8 @@ class StackValues:
     mlflow_tracking_uri: str
     mlflow_username: str
     mlflow_password: str
+    mlflow_reader_username: str  # the model server's read-only MLflow user, created by mlflow/entrypoint.sh
+    mlflow_reader_password: str
     mlflow_backend_store_uri: str
     mlflow_auth_database_uri: str
     mlflow_auth_config_path: str
@@ -233,6 +235,7 @@ class StackValues:
     mlflow_allowed_hosts: str
     data_store: str
     model_name: str
+    serving_token: str
 
 
 def _airflow_env(v: StackValues) -> dict[str, str]:
@@ -277,15 +280,18 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             "MLFLOW_AUTH_CONFIG_PATH": v.mlflow_auth_config_path,
             "MLFLOW_AUTH_ADMIN_USERNAME": v.mlflow_username,
             "MLFLOW_AUTH_ADMIN_PASSWORD": v.mlflow_password,
+            "MLFLOW_AUTH_READER_USERNAME": v.mlflow_reader_username,
+            "MLFLOW_AUTH_READER_PASSWORD": v.mlflow_reader_password,
             "MLFLOW_FLASK_SERVER_SECRET_KEY": v.mlflow_flask_secret_key,
             "MLFLOW_SERVER_ALLOWED_HOSTS": v.mlflow_allowed_hosts,
         }
     if name == "serving":
         return {
             "MLFLOW_TRACKING_URI": v.mlflow_tracking_uri,
-            "MLFLOW_TRACKING_USERNAME": v.mlflow_username,
-            "MLFLOW_TRACKING_PASSWORD": v.mlflow_password,
+            "MLFLOW_TRACKING_USERNAME": v.mlflow_reader_username,
+            "MLFLOW_TRACKING_PASSWORD": v.mlflow_reader_password,
             "MLOPS_MODEL_NAME": v.model_name,
+            "MLOPS_SERVING_TOKEN": v.serving_token,
         }
     raise KeyError(f"unknown service {name!r}")
 

@@ -15,7 +15,7 @@ from stack import COMPOSE_ONLY_ENV, FIXED_ENV, NATIVE_ONLY_ENV, SERVICES, compos
 
 REPO = stack.REPO
 INFRASTRUCTURE = {"postgres", "redis"}
-SECRET_KEY = re.compile(r"PASSWORD|SECRET|FERNET")
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN")
 VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
 
 

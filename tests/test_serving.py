@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,12 @@ from ml.settings import Settings
 
 POLL_INTERVAL = 0.3
 SWAP_DEADLINE = POLL_INTERVAL + 10.0  # a poll, plus loading a model on a busy two-core machine
+FIRST_LOAD_DEADLINE = 60.0  # the first load also imports scikit-learn and skops in the fresh process
 FEATURES = load_breast_cancer(as_frame=True).data
 BATCH = FEATURES.iloc[::10]
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_BODY_BYTES = 1_000_000
+READ_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ class ServerProcess:
 
 
 @contextmanager
-def model_server(settings: Settings, log_dir: Path, *options: str) -> Iterator[ServerProcess]:
+def model_server(
+    settings: Settings, log_dir: Path, *options: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     port = free_port()
     log = log_dir / f"model-server-{port}.log"
     command = [
@@ -131,7 +135,13 @@ def model_server(settings: Settings, log_dir: Path, *options: str) -> Iterator[S
         *options,
     ]
     with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/metrics", timeout=60, process=process)
         yield ServerProcess(f"http://127.0.0.1:{port}", log)
@@ -167,8 +177,10 @@ def steady(saved_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     home = tmp_path_factory.mktemp("steady")
     settings = Settings.from_env({"MLOPS_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})
     promote(settings, register(settings, saved_models["real"].path))
-    with model_server(settings, home, "--max-body-bytes", str(MAX_BODY_BYTES)) as server:
-        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+    with model_server(
+        settings, home, "--max-body-bytes", str(MAX_BODY_BYTES), "--read-timeout", str(READ_TIMEOUT)
+    ) as server:
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
         yield server
 
 
@@ -284,6 +296,14 @@ BAD_INPUTS = {
     "infinity": (json.dumps(_with_value(0, "mean area", float("inf"))), "application/json", 400, "could not score"),
     "unsupported-type": ("a=1", "application/x-www-form-urlencoded", 415, "not supported"),
     "oversized": (json.dumps({"instances": [[1.0] * 30] * 10_000}), "application/json", 413, "larger than"),
+    "deeply-nested": ('{"instances": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json", 400, "too deeply"),
+    "integer-beyond-the-digit-limit": (
+        '{"instances": [[' + "9" * 5000 + ", " + ", ".join(["1.0"] * 29) + "]]}",
+        "application/json",
+        400,
+        "a number too large to read",
+    ),
+    "integer-beyond-double": (json.dumps(_with_value(0, "mean area", 10**400)), "application/json", 400, "do not fit"),
 }
 
 
@@ -302,7 +322,17 @@ def test_bad_input_gets_a_4xx_naming_the_problem(steady, body, content_type, sta
 def test_wrong_method_and_path(steady):
     assert httpx.get(f"{steady.url}/invocations").status_code == 405
     assert httpx.post(f"{steady.url}/ping").status_code == 405
+    assert httpx.head(f"{steady.url}/invocations").status_code == 405
     assert httpx.get(f"{steady.url}/predict").status_code == 404
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/ping", "/health", "/version", "/metrics"])
+def test_head_answers_as_get_without_a_body(steady, path):
+    head, get = httpx.head(steady.url + path), httpx.get(steady.url + path)
+    assert (head.status_code, head.headers["x-model-version"]) == (get.status_code, "1")
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,7 +393,7 @@ def test_concurrent_requests_across_swaps_all_answer_from_the_version_in_their_h
                     answers.append((0, "", repr(error)))
 
     with model_server(mlops_env, tmp_path) as server:
-        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
         threads = [threading.Thread(target=client, args=(server.url,)) for _ in range(8)]
         for thread in threads:
             thread.start()
@@ -395,7 +425,7 @@ def test_a_version_that_cannot_load_is_not_swapped_in(mlops_env, saved_models, t
     promote(mlops_env, register(mlops_env, saved_models["real"].path))
     broken = register(mlops_env, tmp_path / "deleted-model")
     with model_server(mlops_env, tmp_path) as server:
-        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
         promote(mlops_env, broken)
         wait_until(lambda: server.health()["status"] == "degraded", SWAP_DEADLINE, "the failure")
         health = server.health()
@@ -424,7 +454,7 @@ def test_keeps_serving_while_the_registry_is_unreachable(mlflow_server, server_e
     promote(server_env, int(version.version))
 
     with model_server(server_env, tmp_path) as server:
-        wait_until(lambda: server.health()["status"] == "ok", SWAP_DEADLINE, "loading version 1")
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
         mlflow_server.stop()
         wait_until(lambda: server.health()["registry"]["reachable"] is False, 30, "noticing the outage")
         health = server.health()
@@ -467,3 +497,200 @@ def test_oversized_body_without_a_declared_length_gets_413(steady):
     answer = httpx.post(f"{steady.url}/invocations", content=chunks, headers=JSON_HEADERS)
     assert answer.status_code == 413
     assert steady.predict().status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile clients: stalled requests, no token, and credentials that must never show.
+
+PARTIAL_REQUESTS = {
+    "nothing-sent": b"",
+    "half-a-request-line": b"POST /invocati",
+    "headers-never-end": b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n",
+    "body-never-ends": b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 1000\r\n\r\n{"instances": [[',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent", PARTIAL_REQUESTS.values(), ids=PARTIAL_REQUESTS.keys())
+def test_a_stalled_client_gets_408_and_is_disconnected_after_the_read_timeout(steady, sent):
+    import socket
+
+    host, port = steady.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=READ_TIMEOUT + 10) as connection:
+        connection.sendall(sent)
+        started = time.monotonic()
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"REQUEST_TIMEOUT" in answer
+    assert READ_TIMEOUT - 0.5 <= waited < READ_TIMEOUT + 5
+    assert steady.predict().status_code == 200
+
+
+@pytest.mark.slow
+def test_a_client_that_sends_in_time_is_not_cut_off(steady, saved_models):
+    import socket
+
+    body = json.dumps(SPLIT).encode()
+    head = f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    host, port = steady.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=READ_TIMEOUT + 10) as connection:
+        connection.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n" + body[:100])
+        time.sleep(READ_TIMEOUT / 3)
+        connection.sendall(body[100:])
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["predictions"] == saved_models["real"].predictions
+
+
+TOKEN = "correct-horse-battery-staple-7f3a"
+
+
+@pytest.mark.slow
+def test_with_a_token_only_the_probes_answer_without_it(mlops_env, saved_models, tmp_path, monkeypatch):
+    promote(mlops_env, register(mlops_env, saved_models["real"].path))
+    monkeypatch.setenv("MLOPS_SERVING_TOKEN", TOKEN)
+    with model_server(mlops_env, tmp_path) as server:
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
+        body = json.dumps(SPLIT)
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+            answer = httpx.post(f"{server.url}/invocations", content=body, headers=JSON_HEADERS | headers)
+            assert answer.status_code == 401, headers
+            assert answer.json()["error_code"] == "UNAUTHENTICATED"
+            assert answer.headers["www-authenticate"].startswith("Bearer")
+        for path in ("/version", "/metrics"):
+            assert httpx.get(server.url + path).status_code == 401, path
+        bearer = {"authorization": f"Bearer {TOKEN}"}
+        answer = httpx.post(f"{server.url}/invocations", content=body, headers=JSON_HEADERS | bearer)
+        assert answer.status_code == 200
+        assert answer.json()["predictions"] == saved_models["real"].predictions
+        assert httpx.get(f"{server.url}/version", headers=bearer).json()["version"] == 1
+        assert httpx.get(f"{server.url}/ping").status_code == 200
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    assert TOKEN not in server.log.read_text()
+
+
+def test_without_a_token_the_server_refuses_to_listen_beyond_loopback(mlops_env, monkeypatch):
+    monkeypatch.delenv("MLOPS_SERVING_TOKEN", raising=False)
+    refused = subprocess.run(
+        [PYTHON, "-m", "ml.serving", "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert "refusing to serve on 0.0.0.0 without authentication: set MLOPS_SERVING_TOKEN" in refused.stderr
+
+
+@pytest.mark.slow
+def test_tracking_uri_credentials_never_show_in_responses_or_logs(mlflow_server, server_env, saved_models, tmp_path):
+    client = registry.client_for(server_env)
+    run = client.create_run(experiment_id="0")
+    client.log_artifacts(run.info.run_id, str(saved_models["real"].path), "model")
+    registry.ensure_registered_model(client, server_env.model_name)
+    version = client.create_model_version(server_env.model_name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    promote(server_env, int(version.version))
+    password = "hunter2-tracking-password"
+    with_credentials = replace(server_env, tracking_uri=mlflow_server.url.replace("://", f"://ops:{password}@"))
+
+    with model_server(with_credentials, tmp_path) as server:
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
+        mlflow_server.stop()
+        wait_until(lambda: server.health()["registry"]["reachable"] is False, 30, "noticing the outage")
+        answers = [httpx.get(server.url + path).text for path in ("/health", "/version", "/metrics", "/nowhere")]
+        mlflow_server.start()
+    shown = "\n".join([*answers, server.log.read_text()])
+    assert "registry is unreachable" in answers[0]
+    assert "ops:***@" in shown, "the outage is reported with the masked URI"
+    assert password not in shown
+
+
+@pytest.fixture
+def basic_auth_mlflow(tmp_path) -> Iterator[dict[str, Any]]:
+    """MLflow with basic-auth started as the stack's image starts it (mlflow/entrypoint.sh), with a read-only user."""
+    root = tmp_path / "mlflow-auth"
+    root.mkdir()
+    port = free_port()
+    admin, reader = ("admin", "admin-password-0123"), ("reader", "reader-password-0123")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{root / 'auth.db'}",
+        "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+        "MLFLOW_AUTH_READER_USERNAME": reader[0],
+        "MLFLOW_AUTH_READER_PASSWORD": reader[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-secret-key-for-this-test-only",
+        "MLFLOW_SERVER_ALLOWED_HOSTS": "127.0.0.1,127.0.0.1:*,localhost,localhost:*",
+    }
+    command = [
+        "sh",
+        str(Path(__file__).resolve().parent.parent / "mlflow" / "entrypoint.sh"),
+        *("mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+        *("--serve-artifacts", "--artifacts-destination", str(root / "artifacts")),
+    ]
+    log = root / "mlflow-server.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=180, process=process)
+        yield {"url": f"http://127.0.0.1:{port}", "admin": admin, "reader": reader, "log": log}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_read_only_registry_credentials_serve_production_and_cannot_move_it(
+    basic_auth_mlflow, mlops_env, saved_models, tmp_path, monkeypatch
+):
+    from mlflow.exceptions import MlflowException
+
+    url, admin, reader = basic_auth_mlflow["url"], basic_auth_mlflow["admin"], basic_auth_mlflow["reader"]
+    settings = replace(mlops_env, tracking_uri=url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    client = registry.client_for(settings)
+    run = client.create_run(experiment_id="0")
+    client.log_artifacts(run.info.run_id, str(saved_models["real"].path), "model")
+    registry.ensure_registered_model(client, settings.model_name)
+    for _ in range(2):
+        client.create_model_version(settings.model_name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    promote(settings, 1)
+
+    credentials = {"MLFLOW_TRACKING_USERNAME": reader[0], "MLFLOW_TRACKING_PASSWORD": reader[1]}
+    with model_server(settings, tmp_path, env=credentials) as server:
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1 as the reader")
+        assert server.predict().json()["predictions"] == saved_models["real"].predictions
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", reader[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", reader[1])
+    as_reader = registry.client_for(settings)
+    assert registry.production_version(as_reader, settings.model_name, settings.production_alias).version == 1
+    for move in (
+        lambda: as_reader.set_registered_model_alias(settings.model_name, settings.production_alias, "2"),
+        lambda: as_reader.transition_model_version_stage(settings.model_name, "2", "Production"),
+        lambda: as_reader.delete_registered_model_alias(settings.model_name, settings.production_alias),
+    ):
+        with pytest.raises(MlflowException, match=r"PERMISSION_DENIED|Permission denied"):
+            move()
+    assert markers_of(settings) == (1, [1])
+    assert "read-only user 'reader' is ready" in basic_auth_mlflow["log"].read_text()
+
+
+def markers_of(settings: Settings) -> tuple[int | None, list[int]]:
+    client = registry.client_for(settings)
+    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
+    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
+    return (aliased.version if aliased else None), staged

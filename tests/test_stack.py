@@ -84,6 +84,7 @@ class NativeStack:
         self.artifacts = root / "mlflow-artifacts"
         self.admin = ("admin", secrets.token_urlsafe(12))
         self.mlflow_user = ("mlops", secrets.token_urlsafe(12))
+        self.mlflow_reader = ("reader", secrets.token_urlsafe(12))
         self.values = StackValues(
             sql_alchemy_conn=self._pg("postgresql+psycopg", "airflow"),
             broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}",
@@ -102,6 +103,8 @@ class NativeStack:
             mlflow_tracking_uri=self.mlflow_url,
             mlflow_username=self.mlflow_user[0],
             mlflow_password=self.mlflow_user[1],
+            mlflow_reader_username=self.mlflow_reader[0],
+            mlflow_reader_password=self.mlflow_reader[1],
             # psycopg2, not psycopg 3: with psycopg 3, MLflow 3.17's registry binds model versions as VARCHAR and
             # PostgreSQL rejects `integer <> character varying` when a promotion archives the previous version
             # (mlflow/mlflow#24592).
@@ -112,6 +115,7 @@ class NativeStack:
             mlflow_allowed_hosts="127.0.0.1,127.0.0.1:*,localhost,localhost:*",
             data_store=str(self.data_store),
             model_name=MODEL_NAME,
+            serving_token=secrets.token_urlsafe(24),
         )
 
     def _pg(self, scheme: str, database: str) -> str:

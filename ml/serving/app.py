@@ -6,13 +6,20 @@ Start it with ``mlops serve`` or ``python -m ml.serving`` (``--help`` lists the 
 - ``POST /invocations``: JSON (``dataframe_split``, ``dataframe_records``, ``instances``, ``inputs``) or ``text/csv``;
   answers ``{"predictions": [...]}``. Bad input gets a 4xx ``{"error_code": ..., "message": ...}`` naming the problem
   (see :mod:`ml.serving.schema`); a body over ``--max-body-bytes`` gets 413.
-- ``GET /ping``: 200 once a version is loaded, 503 before.
+- ``GET /ping`` (and ``HEAD``): 200 once a version is loaded, 503 before.
 - ``GET /health``: the same status codes, with details: ``ok``, ``loading``, ``degraded`` (a version failed to load,
   the registry is unreachable or has no Production version; the loaded version keeps serving) or ``unavailable``.
 - ``GET /version``: name, version, run_id, loaded_at and alias of the version answering.
 - ``GET /metrics``: Prometheus text format.
 
-Every response carries ``X-Model-Version``: the version that answered (``none`` before any is loaded).
+Every response carries ``X-Model-Version``: the version that answered (``none`` before any is loaded). Every ``GET``
+endpoint answers ``HEAD`` too.
+
+Authentication: with a token configured (``MLOPS_SERVING_TOKEN``), every endpoint but the probes ``/ping`` and
+``/health`` needs ``Authorization: Bearer <token>`` (401 otherwise). Without one the server listens on loopback only:
+it refuses to start on another address unless ``--allow-unauthenticated`` says so. A client must send its whole
+request (headers and body) within ``--read-timeout`` seconds, or gets 408 and the connection is closed, so slow or
+stalled clients cannot hold connections for ever. Credentials in the tracking URI never appear in responses or logs.
 
 A plain ASGI application on uvicorn, without a web framework: a single-row request spends about a millisecond in
 the model, so per-request framework overhead would be a visible share of the latency. Predictions run on the event
@@ -23,6 +30,8 @@ request without adding parallelism.
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -38,9 +47,11 @@ import pandas as pd
 import uvicorn
 
 import mlflow
+from ml.redaction import mask_credentials, mask_logging_credentials
 from ml.serving import metrics
 from ml.serving.follower import ProductionFollower
 from ml.serving.loader import LoadedModel
+from ml.serving.protocol import read_timeout_protocol
 from ml.serving.schema import InputError
 from ml.settings import ConfigurationError, Settings
 
@@ -54,9 +65,12 @@ Send = Callable[[Message], Awaitable[None]]
 DEFAULT_PORT = 5001
 DEFAULT_POLL_INTERVAL = 2.0
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0
 JSON_CONTENT_TYPE = "application/json"
 VERSION_HEADER = b"x-model-version"
 ROUTES = {"/invocations": "POST", "/ping": "GET", "/health": "GET", "/version": "GET", "/metrics": "GET"}
+# Probes answer without a token: orchestrators' health checks carry none, and they reveal no data or secret.
+OPEN_PATHS = frozenset({"/ping", "/health"})
 
 # The follower is its own retry loop: it polls again within seconds and retries a failed load with backoff. The MLflow
 # client's retries (seven, with exponential backoff, and a 120 s timeout by default) would only hold a poll for
@@ -70,23 +84,34 @@ class Response:
     body: bytes
     content_type: str = JSON_CONTENT_TYPE
     error_code: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def json_response(status: int, payload: Any) -> Response:
     return Response(status, json.dumps(payload, default=_json_default).encode())
 
 
-def error_response(status: int, error_code: str, message: str) -> Response:
-    return Response(status, json.dumps({"error_code": error_code, "message": message}).encode(), error_code=error_code)
+def error_response(
+    status: int, error_code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> Response:
+    body = json.dumps({"error_code": error_code, "message": mask_credentials(message)}).encode()
+    return Response(status, body, error_code=error_code, headers=headers)
 
 
 class ModelServer:
     """The ASGI application."""
 
-    def __init__(self, follower: ProductionFollower, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        follower: ProductionFollower,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        *,
+        token: str = "",
+    ) -> None:
         self.follower = follower
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics.ServingMetrics()
+        self._expected_authorization = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -114,10 +139,11 @@ class ModelServer:
                     (b"content-type", response.content_type.encode()),
                     (b"content-length", str(len(response.body)).encode()),
                     (VERSION_HEADER, version),
+                    *response.headers,
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": response.body})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else response.body})
         label = path if path in ROUTES else "other"
         self.metrics.record(label, response.status, response.error_code, time.perf_counter() - started)
 
@@ -125,8 +151,17 @@ class ModelServer:
         path, method = scope["path"], scope["method"]
         if path not in ROUTES:
             return error_response(404, "NOT_FOUND", f"no endpoint {path}; try {', '.join(ROUTES)}")
-        if method != ROUTES[path]:
-            return error_response(405, "METHOD_NOT_ALLOWED", f"{path} answers {ROUTES[path]}, not {method}")
+        allowed = ROUTES[path]
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            answers = f"{allowed} and HEAD" if allowed == "GET" else allowed
+            return error_response(405, "METHOD_NOT_ALLOWED", f"{path} answers {answers}, not {method}")
+        if path not in OPEN_PATHS and not self._authorized(scope):
+            return error_response(
+                401,
+                "UNAUTHENTICATED",
+                f"{path} needs the header 'Authorization: Bearer <token>' with the server's token",
+                headers=((b"www-authenticate", b'Bearer realm="model server"'),),
+            )
         if path == "/invocations":
             body = await _read_body(scope, receive, self.max_body_bytes)
             return self._invocations(body, _header(scope, b"content-type"), model)
@@ -134,7 +169,7 @@ class ModelServer:
             page = self.metrics.render(model, self.follower.status)
             return Response(200, page.encode(), content_type=metrics.CONTENT_TYPE)
         if path == "/health":
-            return json_response(200 if model else 503, self.follower.health())
+            return Response(200 if model else 503, mask_credentials(json.dumps(self.follower.health())).encode())
         if model is None:
             return error_response(503, "MODEL_NOT_LOADED", self._not_loaded_message())
         if path == "/version":
@@ -151,6 +186,12 @@ class ModelServer:
             log.warning("version %s could not score a request: %s", model.version, error)
             raise InputError(f"the model could not score the input: {type(error).__name__}: {error}") from error
         return json_response(200, {"predictions": _jsonable(predictions)})
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._expected_authorization is None:
+            return True
+        given = _header(scope, b"authorization").encode("latin-1")
+        return hmac.compare_digest(given, self._expected_authorization)
 
     def _not_loaded_message(self) -> str:
         reason = self.follower.health()["last_error"]
@@ -176,6 +217,8 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":  # e.g. closed by the read timeout (ml.serving.protocol)
+            raise InputError("the client disconnected before sending the whole body", error_code="DISCONNECTED")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -234,6 +277,19 @@ def parse_arguments(argv: list[str] | None, settings: Settings) -> argparse.Name
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
     )
     parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds a client has to send a whole request, headers and body; slower ones get 408 and are "
+        "disconnected (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve without a token on a non-loopback address (by default the server refuses: set "
+        "MLOPS_SERVING_TOKEN so that clients must send 'Authorization: Bearer <token>')",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -245,11 +301,23 @@ def parse_arguments(argv: list[str] | None, settings: Settings) -> argparse.Name
         parser.error("--poll-interval must be positive")
     if arguments.max_body_bytes <= 0:
         parser.error("--max-body-bytes must be positive")
+    if not arguments.read_timeout > 0:
+        parser.error("--read-timeout must be positive")
     return arguments
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mask_logging_credentials()
     try:
         settings = Settings.from_env()
         arguments = parse_arguments(argv, settings)
@@ -264,26 +332,35 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as error:
         log.error("%s", error)
         return 2
+    if not settings.serving_token and not is_loopback(arguments.host) and not arguments.allow_unauthenticated:
+        log.error(
+            "refusing to serve on %s without authentication: set MLOPS_SERVING_TOKEN (clients then send "
+            "'Authorization: Bearer <token>'), listen on 127.0.0.1, or pass --allow-unauthenticated",
+            arguments.host,
+        )
+        return 2
     logging.getLogger().setLevel(arguments.log_level)
     for name, value in REGISTRY_CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri or settings.tracking_uri)
     log.info(
-        "serving models:/%s@%s from %s on http://%s:%s",
+        "serving models:/%s@%s from %s on http://%s:%s (%s)",
         settings.model_name,
         settings.production_alias,
-        settings.tracking_uri,
+        mask_credentials(settings.tracking_uri),
         arguments.host,
         arguments.port,
+        "a bearer token is required" if settings.serving_token else "no authentication",
     )
     with tempfile.TemporaryDirectory(prefix="mlops-serving-") as downloads:
         follower = ProductionFollower(settings, arguments.poll_interval, Path(downloads))
-        server = ModelServer(follower, arguments.max_body_bytes)
+        server = ModelServer(follower, arguments.max_body_bytes, token=settings.serving_token)
         config = uvicorn.Config(
             server,
             host=arguments.host,
             port=arguments.port,
+            http=read_timeout_protocol(arguments.read_timeout),
             lifespan="on",
             access_log=False,
             log_config=None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ml import registry
+from ml.redaction import mask_credentials
 from ml.registry import HistoryEvent, VersionInfo, utc_now
 from ml.serving.loader import LoadedModel, load_version
 from ml.settings import Settings
@@ -196,12 +197,14 @@ class ProductionFollower:
         attempts = self._failures[version].attempts + 1 if version in self._failures else 1
         delay = min(MAX_BACKOFF_SECONDS, max(self.poll_interval, 1.0) * 2**attempts)
         self._failures[version] = _Failure(attempts, time.monotonic() + delay)
-        message = f"version {version} failed to load ({type(error).__name__}: {error}); next attempt in {delay:.0f} s"
+        message = mask_credentials(
+            f"version {version} failed to load ({type(error).__name__}: {error}); next attempt in {delay:.0f} s"
+        )
         log.error("%s: %s; still serving version %s", self.name, message, self._served_version())
         self._update(failed_version=version, load_error=message, load_failures=self.status.load_failures + 1)
 
     def _registry_failed(self, error: Exception) -> None:
-        message = f"{type(error).__name__}: {error}"
+        message = mask_credentials(f"{type(error).__name__}: {error}")
         if self.status.registry_error is None:
             log.warning("the registry does not answer (%s); still serving version %s", message, self._served_version())
         self._update(polled=True, registry_error=message)

@@ -280,6 +280,10 @@ def _decode_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"malformed JSON: {error}") from error
+    except RecursionError as error:
+        raise InputError("the JSON is nested too deeply; a row is a flat list or object of values") from error
+    except ValueError as error:  # an integer literal beyond the interpreter's digit limit
+        raise InputError(f"the JSON holds a number too large to read: {str(error)[:120]}") from error
 
 
 def _decode_text(body: bytes) -> str:
