@@ -112,6 +112,7 @@ def _fmt(value: Any) -> str:
 
 def command_status(args: argparse.Namespace) -> int:
     from ml import registry
+    from ml.redaction import mask_credentials
     from ml.settings import Settings
 
     settings = Settings.from_env()
@@ -120,9 +121,10 @@ def command_status(args: argparse.Namespace) -> int:
     production = registry.production_version(client, settings.model_name, settings.production_alias)
     history = registry.deployment_history(client, settings.model_name)
     if args.json:
-        print(json.dumps(status_document(settings.model_name, versions, production, history), indent=2))
+        document = json.dumps(status_document(settings.model_name, versions, production, history), indent=2)
+        print(mask_credentials(document))
         return 0
-    print(f"Model {settings.model_name} at {settings.tracking_uri}")
+    print(f"Model {settings.model_name} at {mask_credentials(settings.tracking_uri)}")
     print(f"Production ({settings.production_alias!r} alias): {f'v{production.version}' if production else 'none'}")
     print()
     print(f"{'version':>7}  {'stage':<10} {'aliases':<12} {'validation':<10} {'accuracy':>8}  {'deployment':<12} run")
@@ -140,7 +142,8 @@ def command_status(args: argparse.Namespace) -> int:
         print("  none")
     for event in history:
         previous = f"v{event.previous_version}" if event.previous_version is not None else "none"
-        print(f"  {event.at}  {event.event:<15} v{event.version} (was {previous}) by {event.actor}: {event.reason}")
+        reason = mask_credentials(event.reason)
+        print(f"  {event.at}  {event.event:<15} v{event.version} (was {previous}) by {event.actor}: {reason}")
     return 0
 
 
@@ -172,9 +175,16 @@ def command_rollback(args: argparse.Namespace) -> int:
 
 
 def command_env(args: argparse.Namespace) -> int:
+    from ml.redaction import has_user_info, without_user_info
+
     for key in ("MLOPS_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES"):
         print(f"export {key}={_shell_quote(os.environ[key])}")
-    print(f"export MLFLOW_TRACKING_URI={_shell_quote(os.environ['MLFLOW_TRACKING_URI'])}")
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    if has_user_info(tracking_uri):
+        # Printed output ends up in terminals, scrollback and CI logs; the credentials stay where they were set.
+        print("# MLFLOW_TRACKING_URI's user and password are left out: the MLflow client also reads them from")
+        print("# MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, which this command never prints.")
+    print(f"export MLFLOW_TRACKING_URI={_shell_quote(without_user_info(tracking_uri))}")
     return 0
 
 
@@ -247,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
+    from ml.redaction import mask_logging_credentials
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mask_logging_credentials()
     if not verbose:
         for noisy in ("airflow", "alembic", "sqlalchemy", "mlflow", "py.warnings", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -46,7 +46,7 @@ def has_user_info(url: str) -> bool:
         parts = urlsplit(url)
     except ValueError:
         return False
-    return parts.password is not None
+    return parts.username is not None or parts.password is not None
 
 
 class MaskCredentialsFilter(logging.Filter):
