@@ -48,6 +48,8 @@ FIXED_ENV = {
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
     "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+    # Celery workers import the pipeline's libraries once, before they fork tasks (ml/celery_worker.py).
+    "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "ml.celery_worker.CELERY_CONFIG",
 }
 
 # Set natively only, each for a stated reason; compose leaves them at their defaults.
