@@ -116,10 +116,15 @@ def command_status(args: argparse.Namespace) -> int:
     from ml.settings import Settings
 
     settings = Settings.from_env()
-    client = registry.client_for(settings)
-    versions = registry.list_versions(client, settings.model_name)
+    client = registry.registry_client_for(settings)
+    if args.all:
+        versions = registry.list_versions(client, settings.model_name)
+    else:
+        versions = registry.recent_versions(client, settings.model_name, args.last)
     production = registry.production_version(client, settings.model_name, settings.production_alias)
     history = registry.deployment_history(client, settings.model_name)
+    if not args.all:
+        history = history[-args.last :]
     if args.json:
         document = json.dumps(status_document(settings.model_name, versions, production, history), indent=2)
         print(mask_credentials(document))
@@ -127,6 +132,8 @@ def command_status(args: argparse.Namespace) -> int:
     print(f"Model {settings.model_name} at {mask_credentials(settings.tracking_uri)}")
     print(f"Production ({settings.production_alias!r} alias): {f'v{production.version}' if production else 'none'}")
     print()
+    shown = "all versions" if args.all else f"the last {args.last} versions and moves (--all for everything)"
+    print(f"Showing {shown}.")
     print(f"{'version':>7}  {'stage':<10} {'aliases':<12} {'validation':<10} {'accuracy':>8}  {'deployment':<12} run")
     for info in versions:
         print(
@@ -214,6 +221,16 @@ def split_pass_through_arguments(argv: Sequence[str]) -> tuple[list[str], list[s
     return arguments, None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _shell_quote(value: str) -> str:
     import shlex
 
@@ -234,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="versions, which one is Production, and the deployment history")
     status.add_argument("--json", action="store_true", help="print a JSON document")
+    status.add_argument(
+        "--last", type=_positive_int, default=20, metavar="N", help="show the N newest versions and moves (default 20)"
+    )
+    status.add_argument("--all", action="store_true", help="show every version and every move of Production")
     status.set_defaults(handler=command_status)
 
     rollback = commands.add_parser("rollback", help="put the previous (or a named) version back in Production")

@@ -24,6 +24,7 @@ from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.tracking._model_registry.client import ModelRegistryClient
 
 from ml.settings import Settings
 from mlflow import MlflowClient
@@ -84,11 +85,27 @@ class HistoryEvent:
         return asdict(self)
 
 
+# Every function here that takes a client takes either: MlflowClient (what the pipeline's steps hold) or the registry
+# side alone (what the command line and the moves of Production use).
+Client = MlflowClient | ModelRegistryClient
+
+
 def client_for(settings: Settings) -> MlflowClient:
+    _prepare_local_stores(settings)
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+def registry_client_for(settings: Settings) -> ModelRegistryClient:
+    """A client of the Model Registry alone. MlflowClient also opens the tracking store, which for a SQLite file
+    means importing and checking MLflow's whole tracking schema: a second or more that registry work never uses."""
+    _prepare_local_stores(settings)
+    return ModelRegistryClient(settings.registry_uri or settings.tracking_uri, settings.tracking_uri)
+
+
+def _prepare_local_stores(settings: Settings) -> None:
     for uri in (settings.tracking_uri, settings.registry_uri):
         if uri and uri.startswith("sqlite:///"):
             use_write_ahead_log(uri.removeprefix("sqlite:///"))
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
 @functools.cache
@@ -105,7 +122,21 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def ensure_registered_model(client: MlflowClient, name: str) -> None:
+def _writes(client: Client) -> ModelRegistryClient:
+    """The registry side of ``client``, for changes to the model this module manages.
+
+    MlflowClient first checks, on every tag, stage or alias change, that the name is not a prompt, by fetching the
+    whole registered model: every version (for its latest-per-stage list) and every tag, the deployment history
+    included. That made each change cost as much as the registry is long. The registry client makes the same change
+    with one request.
+    """
+    return client._get_registry_client() if isinstance(client, MlflowClient) else client
+
+
+def ensure_registered_model(client: Client, name: str) -> None:
+    # A model with a version exists; asking for one version is cheap where fetching the model reads all of them.
+    if client.search_model_versions(f"name = {_literal(name)}", max_results=1):
+        return
     try:
         client.get_registered_model(name)
     except MlflowException as error:
@@ -118,7 +149,7 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
                 raise
 
 
-def get_version(client: MlflowClient, name: str, version: int | str) -> VersionInfo:
+def get_version(client: Client, name: str, version: int | str) -> VersionInfo:
     try:
         return VersionInfo.from_model_version(client.get_model_version(name, str(version)))
     except MlflowException as error:
@@ -127,8 +158,12 @@ def get_version(client: MlflowClient, name: str, version: int | str) -> VersionI
         raise
 
 
-def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
-    versions = client.search_model_versions(f"name = '{_quote(name)}'")
+def list_versions(client: Client, name: str) -> list[VersionInfo]:
+    versions = client.search_model_versions(f"name = {_literal(name)}")
+    return sorted(_with_aliases(client, name, versions), key=lambda v: v.version)
+
+
+def _with_aliases(client: Client, name: str, versions: list[ModelVersion]) -> list[VersionInfo]:
     if not versions:
         return []
     # Searching versions leaves their aliases out; the registered model has them all.
@@ -139,16 +174,34 @@ def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
     for model_version in versions:
         info = VersionInfo.from_model_version(model_version)
         infos.append(replace(info, aliases=tuple(sorted(aliases_by_version.get(info.version, [])))))
-    return sorted(infos, key=lambda v: v.version)
+    return infos
 
 
-def find_version_for_run_key(client: MlflowClient, name: str, run_key: str) -> VersionInfo | None:
+def versions_tagged(client: Client, name: str, key: str, value: str) -> list[VersionInfo]:
+    """The versions whose tag ``key`` is ``value``, oldest first: one filtered search, whatever the registry's size."""
+    try:
+        condition = f"name = {_literal(name)} AND tags.`{key}` = {_literal(value)}"
+    except ValueError:
+        return [info for info in list_versions(client, name) if info.tags.get(key) == value]
+    found = client.search_model_versions(condition, order_by=["version_number ASC"])
+    return [VersionInfo.from_model_version(model_version) for model_version in found]
+
+
+def recent_versions(client: Client, name: str, limit: int) -> list[VersionInfo]:
+    """The ``limit`` newest versions, oldest first, with their aliases."""
+    found = client.search_model_versions(
+        f"name = {_literal(name)}", max_results=limit, order_by=["version_number DESC"]
+    )
+    return sorted(_with_aliases(client, name, found), key=lambda v: v.version)
+
+
+def find_version_for_run_key(client: Client, name: str, run_key: str) -> VersionInfo | None:
     """The version already registered for an Airflow DAG run, so that a retried train_model registers nothing new."""
-    matches = [v for v in list_versions(client, name) if v.tags.get(RUN_KEY_TAG) == run_key]
+    matches = versions_tagged(client, name, RUN_KEY_TAG, run_key)
     return matches[0] if matches else None
 
 
-def aliased_version(client: MlflowClient, name: str, alias: str) -> VersionInfo | None:
+def aliased_version(client: Client, name: str, alias: str) -> VersionInfo | None:
     """The version ``alias`` names, or None when the alias (or the model) does not exist."""
     try:
         return VersionInfo.from_model_version(client.get_model_version_by_alias(name, alias))
@@ -158,23 +211,30 @@ def aliased_version(client: MlflowClient, name: str, alias: str) -> VersionInfo 
         return None
 
 
-def production_version(client: MlflowClient, name: str, alias: str) -> VersionInfo | None:
+def production_version(client: Client, name: str, alias: str) -> VersionInfo | None:
     """The version the Production alias points at; falls back to the stage for registries promoted by hand."""
     aliased = aliased_version(client, name, alias)
     if aliased is not None:
         return aliased
+    return latest_in_production_stage(client, name)
+
+
+def latest_in_production_stage(client: Client, name: str) -> VersionInfo | None:
+    """The newest version with stage Production, asked of the registry without listing every version."""
     try:
-        in_stage = [v for v in list_versions(client, name) if v.stage == PRODUCTION_STAGE]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            latest = client.get_latest_versions(name, stages=[PRODUCTION_STAGE])
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return in_stage[-1] if in_stage else None
+    return VersionInfo.from_model_version(latest[0]) if latest else None
 
 
-def set_version_tags(client: MlflowClient, name: str, version: int, tags: dict[str, Any]) -> None:
+def set_version_tags(client: Client, name: str, version: int, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, _tag_value(value))
+        _writes(client).set_model_version_tag(name, str(version), key, _tag_value(value))
 
 
 @contextmanager
@@ -208,7 +268,7 @@ def promote(
     ``expected_current`` is the Production version the caller decided against. If Production has moved since, the
     move is refused with :class:`ProductionMovedError` and nothing changes. Returns the replaced version, if any.
     """
-    client = client_for(settings)
+    client = registry_client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     with production_lock(settings):
         current = production_version(client, name, alias)
@@ -262,7 +322,7 @@ def restore(
     Only acts while ``failed_version`` is still Production, so a rollback never undoes a later, healthy move.
     The demoted candidate is tagged ``rolled_back``. Returns the Production version afterwards.
     """
-    client = client_for(settings)
+    client = registry_client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     with production_lock(settings):
         current = production_version(client, name, alias)
@@ -295,7 +355,7 @@ def reconcile_production(settings: Settings) -> int | None:
 
     A version that has the stage but no alias (promoted by hand in the MLflow UI) gets the alias.
     """
-    client = client_for(settings)
+    client = registry_client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     with production_lock(settings):
         aliased = aliased_version(client, name, alias)
@@ -305,7 +365,7 @@ def reconcile_production(settings: Settings) -> int | None:
             log.warning(
                 "version %s had stage Production without the %r alias; adding the alias", aliased.version, alias
             )
-            client.set_registered_model_alias(name, alias, str(aliased.version))
+            _writes(client).set_registered_model_alias(name, alias, str(aliased.version))
         for info in in_stage:
             if aliased is not None and info.version != aliased.version:
                 log.warning("version %s had stage Production without the %r alias; archiving it", info.version, alias)
@@ -317,7 +377,7 @@ def reconcile_production(settings: Settings) -> int | None:
 
 def mark_rolled_back_if_demoted(settings: Settings, version: int, reason: str) -> bool:
     """Tag a version that was promoted and has since left Production (e.g. by an interrupted rollback)."""
-    client = client_for(settings)
+    client = registry_client_for(settings)
     info = get_version(client, settings.model_name, version)
     if info.tags.get(DEPLOYMENT_STATUS_TAG) != "production" or info.stage == PRODUCTION_STAGE:
         return False
@@ -325,9 +385,7 @@ def mark_rolled_back_if_demoted(settings: Settings, version: int, reason: str) -
     return True
 
 
-def _mark_rolled_back(
-    client: MlflowClient, name: str, version: int, at: str, reason: str, restored: int | None
-) -> None:
+def _mark_rolled_back(client: Client, name: str, version: int, at: str, reason: str, restored: int | None) -> None:
     info = get_version(client, name, version)
     if info.stage == PRODUCTION_STAGE:
         return
@@ -346,38 +404,56 @@ def _mark_rolled_back(
     )
 
 
-def _move_production(client: MlflowClient, name: str, alias: str, version: int) -> None:
+def _move_production(client: Client, name: str, alias: str, version: int) -> None:
     # Archiving the others one by one instead of archive_existing_versions=True: MLflow's bulk archive query fails
     # on PostgreSQL through psycopg 3 (integer <> character varying).
-    for info in list_versions(client, name):
-        if info.stage == PRODUCTION_STAGE and info.version != version:
-            _transition(client, name, info.version, ARCHIVED_STAGE)
+    for other in _production_stage_candidates(client, name, alias) - {version}:
+        if get_version(client, name, other).stage == PRODUCTION_STAGE:
+            _transition(client, name, other, ARCHIVED_STAGE)
     _transition(client, name, version, PRODUCTION_STAGE)
-    client.set_registered_model_alias(name, alias, str(version))
+    _writes(client).set_registered_model_alias(name, alias, str(version))
 
 
-def _clear_production(client: MlflowClient, name: str, alias: str, version: int) -> None:
+def _production_stage_candidates(client: Client, name: str, alias: str) -> set[int]:
+    """Every version that can have stage Production, found without listing the registry.
+
+    Moves made here leave Production on the aliased version, on versions tagged ``production`` (until a move tags
+    them ``archived``), and, mid-move, on the newest version in the stage. A version put in the stage by hand beside
+    another is found by :func:`reconcile_production`, which lists them all.
+    """
+    found = {info.version for info in versions_tagged(client, name, DEPLOYMENT_STATUS_TAG, "production")}
+    for info in (aliased_version(client, name, alias), latest_in_production_stage(client, name)):
+        if info is not None:
+            found.add(info.version)
+    return found
+
+
+def _clear_production(client: Client, name: str, alias: str, version: int) -> None:
     _transition(client, name, version, ARCHIVED_STAGE)
     try:
-        client.delete_registered_model_alias(name, alias)
+        _writes(client).delete_registered_model_alias(name, alias)
     except MlflowException as error:
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
 
 
-def _transition(client: MlflowClient, name: str, version: int, stage: str) -> None:
+def _transition(client: Client, name: str, version: int, stage: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        client.transition_model_version_stage(name, str(version), stage)
+        _writes(client).transition_model_version_stage(name, str(version), stage)
 
 
-def record_history(client: MlflowClient, name: str, event: HistoryEvent) -> None:
+def record_history(client: Client, name: str, event: HistoryEvent) -> None:
+    _writes(client).set_registered_model_tag(name, *history_tag(event))
+
+
+def history_tag(event: HistoryEvent) -> tuple[str, str]:
+    """The registered-model tag (key, value) that records ``event``; keys sort in time order."""
     stamp = datetime.fromisoformat(event.at).astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    key = f"{HISTORY_PREFIX}{stamp}.v{event.version}"
-    client.set_registered_model_tag(name, key, json.dumps(event.as_dict(), sort_keys=True))
+    return f"{HISTORY_PREFIX}{stamp}.v{event.version}", json.dumps(event.as_dict(), sort_keys=True)
 
 
-def deployment_history(client: MlflowClient, name: str) -> list[HistoryEvent]:
+def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
     """Every move of Production, oldest first, read from the registered model's tags alone."""
     try:
         model = client.get_registered_model(name)
@@ -403,7 +479,7 @@ def deployment_history(client: MlflowClient, name: str) -> list[HistoryEvent]:
     return events
 
 
-def previous_production_version(client: MlflowClient, name: str, current: int | None) -> int | None:
+def previous_production_version(client: Client, name: str, current: int | None) -> int | None:
     """The version that was Production before ``current``, per the deployment history."""
     for event in reversed(deployment_history(client, name)):
         if event.event == "promoted" and event.version == current:
@@ -416,7 +492,7 @@ def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason
 
     Refuses a version that does not exist or never passed validation. Returns (replaced version, new version).
     """
-    client = client_for(settings)
+    client = registry_client_for(settings)
     name = settings.model_name
     current = production_version(client, name, settings.production_alias)
     current_number = current.version if current else None
@@ -443,8 +519,12 @@ def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason
     return current_number, resolved
 
 
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
+def _literal(value: str) -> str:
+    """``value`` as a string literal of MLflow's search filters, which take either quote and unescape neither."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"{value!r} has both kinds of quote; a search filter cannot express it")
 
 
 def _tag_value(value: Any) -> str:

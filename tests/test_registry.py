@@ -136,3 +136,48 @@ def test_reconcile_adopts_a_version_promoted_by_stage_alone(registered):
     client.transition_model_version_stage(settings.model_name, "2", "Production")
     assert registry.reconcile_production(settings) == 2
     assert production_markers(settings, client) == (2, [2])
+
+
+def test_a_run_key_finds_its_own_version_among_look_alikes(registered):
+    settings, client = registered
+    keys = {1: "mlops_pipeline/manual__2026-01-01T00:00:00+00:00", 2: "mlops_pipeline/it's quoted", 3: "both ' and \""}
+    for number, key in keys.items():
+        registry.set_version_tags(client, settings.model_name, number, {registry.RUN_KEY_TAG: key})
+    for number, key in keys.items():
+        assert registry.find_version_for_run_key(client, settings.model_name, key).version == number
+    assert registry.find_version_for_run_key(client, settings.model_name, "mlops_pipeline/%") is None
+
+
+def test_promotion_archives_a_version_left_in_the_stage_by_an_interrupted_move(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    # A move interrupted after the stage changed and before the alias: version 2 is in the stage beside version 1.
+    client.transition_model_version_stage(settings.model_name, "2", "Production")
+    registry.promote(settings, 3, expected_current=1, actor="test", reason="third")
+    assert production_markers(settings, client) == (3, [3])
+
+
+def test_status_shows_the_newest_versions_and_moves_unless_asked_for_all(registered, capsys):
+    import json
+
+    from ml import cli
+
+    settings, client = registered
+    for number in (4, 5, 6):
+        client.create_model_version(settings.model_name, f"file:///nowhere/{number}")
+    for number in (1, 2):
+        registry.promote(settings, number, expected_current=number - 1 or None, actor="test", reason=f"move {number}")
+
+    def status(*arguments: str) -> dict:
+        assert cli.main(["status", "--json", *arguments]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert [v["version"] for v in status("--last", "4")["versions"]] == [3, 4, 5, 6]
+    assert [e["version"] for e in status("--last", "1")["history"]] == [2]
+    everything = status("--all")
+    assert [v["version"] for v in everything["versions"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["version"] for e in everything["history"]] == [1, 2]
+    assert everything["production_version"] == 2
+    with pytest.raises(SystemExit):
+        cli.main(["status", "--last", "0"])
+    assert "--last: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
