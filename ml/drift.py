@@ -19,6 +19,15 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 10
+# Drift is measured on at most this many rows of each side, drawn uniformly at random with a fixed seed. With 100,000
+# rows a side, sampling moves each empirical distribution function by at most 0.0043 (95 %, Dvoretzky-Kiefer-Wolfowitz
+# inequality), so a KS statistic by at most about 0.01, and each decile's share by about 0.002 (two standard errors),
+# a PSI by well under 0.01: far below the 0.1 and 0.2 that PSI is read against. Below the cap, every row is used.
+SAMPLE_ROWS = 100_000
+SAMPLING_ERROR = (
+    "drift measured on a uniform random sample of at most 100,000 rows of each side (fixed seed): the KS statistic is "
+    "within about 0.01 and the PSI well within 0.01 of their values on every row (95 %)"
+)
 # Share given to a bin that one side leaves empty, so that the logarithm stays finite.
 EMPTY_BIN_SHARE = 1e-4
 REPORT_TABLE = "drift/report.json"
@@ -47,6 +56,7 @@ class DriftReport:
     current_label_balance: dict[str, float]
     missing_features: list[str] = field(default_factory=list)
     new_features: list[str] = field(default_factory=list)
+    sampled_rows: int | None = None  # the cap on rows measured per side, when a side was over it; None: every row
 
     @property
     def max_psi(self) -> float:
@@ -99,6 +109,8 @@ class DriftReport:
             "drifted_features": self.drifted(threshold),
             "reference_rows": self.reference_rows,
             "current_rows": self.current_rows,
+            "sampled_rows": self.sampled_rows,
+            "sampling": SAMPLING_ERROR if self.sampled_rows is not None else "every row measured",
             "reference_label_balance": self.reference_label_balance,
             "current_label_balance": self.current_label_balance,
             "label_shift": self.label_shift(),
@@ -161,8 +173,24 @@ def label_balance(labels: Any) -> dict[str, float]:
     return {str(k): float(shares[k]) for k in sorted(shares.index)}
 
 
-def compare(reference: pd.DataFrame, current: pd.DataFrame, *, label: str, bins: int = DEFAULT_BINS) -> DriftReport:
-    """The drift report of ``current`` against ``reference`` over their shared numeric feature columns."""
+def compare(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    *,
+    label: str,
+    bins: int = DEFAULT_BINS,
+    sample_rows: int = SAMPLE_ROWS,
+    current_rows: int | None = None,
+) -> DriftReport:
+    """The drift report of ``current`` against ``reference`` over their shared numeric feature columns.
+
+    Each side larger than ``sample_rows`` is measured on a uniform random sample of that many rows (see
+    ``SAMPLING_ERROR``); label balances use the same rows. ``current_rows`` is the size of the data ``current`` was
+    already sampled from, if it was (default: its length).
+    """
+    full_rows = (len(reference), current_rows if current_rows is not None else len(current))
+    sampled = len(reference) > sample_rows or len(current) > sample_rows or full_rows[1] > len(current)
+    reference, current = sample(reference, sample_rows), sample(current, sample_rows)
     ref_features = [str(c) for c in reference.columns if str(c) != label]
     cur_features = [str(c) for c in current.columns if str(c) != label]
     shared = [c for c in cur_features if c in ref_features and _numeric(reference[c]) and _numeric(current[c])]
@@ -182,13 +210,21 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, *, label: str, bins:
         )
     return DriftReport(
         features=features,
-        reference_rows=len(reference),
-        current_rows=len(current),
+        reference_rows=full_rows[0],
+        current_rows=full_rows[1],
+        sampled_rows=sample_rows if sampled else None,
         reference_label_balance=label_balance(reference[label]) if label in reference else {},
         current_label_balance=label_balance(current[label]) if label in current else {},
         missing_features=[c for c in ref_features if c not in cur_features],
         new_features=[c for c in cur_features if c not in ref_features],
     )
+
+
+def sample(frame: pd.DataFrame, rows: int = SAMPLE_ROWS, seed: int = 0) -> pd.DataFrame:
+    """At most ``rows`` rows of ``frame``, drawn uniformly without replacement with a fixed seed (all if fewer)."""
+    if len(frame) <= rows:
+        return frame
+    return frame.sample(n=rows, random_state=seed)
 
 
 def _numeric(series: pd.Series) -> bool:

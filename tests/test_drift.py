@@ -155,3 +155,25 @@ def test_judge_ignores_drift_without_a_champion_or_comparison():
     assert alone.passed
     off = {**JUDGE, "compare_with_champion": False}
     assert evaluation.judge(0.9, champion_accuracy=0.95, drift=0.9, drift_threshold=0.2, drift_margin=0.1, **off).passed
+
+
+def test_large_sides_are_measured_on_a_bounded_sample_within_the_stated_error():
+    rng = np.random.default_rng(3)
+    rows = 300_000
+    reference = pd.DataFrame({"x": rng.normal(0, 1, rows), "target": rng.integers(0, 2, rows)})
+    current = pd.DataFrame({"x": rng.normal(0.3, 1, rows), "target": rng.integers(0, 2, rows)})
+    full = drift.compare(reference, current, label="target", sample_rows=rows)
+    sampled = drift.compare(reference, current, label="target")
+    assert full.sampled_rows is None and sampled.sampled_rows == drift.SAMPLE_ROWS
+    assert (sampled.reference_rows, sampled.current_rows) == (rows, rows)
+    assert abs(sampled.features[0].ks_statistic - full.features[0].ks_statistic) < 0.01
+    assert abs(sampled.features[0].psi - full.features[0].psi) < 0.01
+    assert sampled.summary(0.2)["sampling"] == drift.SAMPLING_ERROR
+    # The same data gives the same report: the sample is seeded.
+    assert drift.compare(reference, current, label="target").features == sampled.features
+
+
+def test_a_side_sampled_beforehand_reports_its_full_size():
+    frame = pd.DataFrame({"x": np.arange(1000.0), "target": [0, 1] * 500})
+    report = drift.compare(frame, frame.head(100), label="target", current_rows=5000)
+    assert report.current_rows == 5000 and report.sampled_rows == drift.SAMPLE_ROWS
