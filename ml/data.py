@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -420,10 +421,10 @@ def validate_frame(
         found = ", ".join(map(str, counts.index)) or "none"
         problems.append(f"label column {label!r} has {len(counts)} class(es) ({found}); at least 2 are needed")
     elif counts.min() < min_rows_per_class:
-        scarce = ", ".join(f"{k!r}: {v}" for k, v in counts.items() if v < min_rows_per_class)
+        scarce = [f"{_shorten(repr(k))}: {v}" for k, v in counts.items() if v < min_rows_per_class]
         problems.append(
             f"label column {label!r} has too few rows per class for a stratified split "
-            f"(at least {min_rows_per_class} needed): {scarce}"
+            f"(at least {min_rows_per_class} needed; {len(counts)} classes in all): {_first_few(scarce)}"
         )
     empty = [c for c in features if frame[c].isna().all()]
     if empty:
@@ -438,6 +439,16 @@ def validate_frame(
             f"{_shorten(c)} (e.g. {_shorten(repr(_first_non_numeric(frame[c])))})" for c in non_numeric[:10]
         )
         problems.append(f"non-numeric feature columns: {samples}")
+    infinite = {
+        c: int(np.isinf(frame[c].to_numpy(dtype=float, na_value=np.nan)).sum())
+        for c in features
+        if c not in empty and c not in non_numeric and not pd.api.types.is_bool_dtype(frame[c])
+    }
+    if any(infinite.values()):
+        problems.append(
+            "infinite values in feature columns: "
+            + _first_few([f"{_shorten(c)} ({n} rows)" for c, n in infinite.items() if n])
+        )
     if len(frame) < min_rows:
         problems.append(f"only {len(frame)} rows; at least {min_rows} are needed")
     if expected_features is not None and (differences := column_differences(expected_features, features)):
@@ -445,6 +456,12 @@ def validate_frame(
     if problems:
         raise DataValidationError(f"{where} failed validation: " + "; ".join(problems))
     return features
+
+
+def _first_few(items: list[str], shown: int = 10) -> str:
+    """The first ``shown`` items, and how many more: a refusal stays short however many there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _first_non_numeric(series: pd.Series) -> Any:
@@ -467,6 +484,7 @@ def split_frame(
     run_folder: str,
 ) -> SplitData:
     """Stratified, seeded split; both halves are written to the data store."""
+    check_split_sizes(len(frame), frame[label].nunique(), test_size)
     model_input = frame[[*features, label]].copy()
     # Integer columns cannot hold missing values in an MLflow signature; serving clients do send them.
     for column in features:
@@ -486,6 +504,19 @@ def split_frame(
         label=label,
         classes=[str(c) for c in sorted(model_input[label].unique(), key=str)],
     )
+
+
+def check_split_sizes(rows: int, classes: int, test_size: float) -> None:
+    """Refuse a held-out fraction that leaves either side of a stratified split without a row of every class."""
+    test_rows = math.ceil(test_size * rows)
+    train_rows = rows - test_rows
+    if min(train_rows, test_rows) < classes:
+        low, high = classes / rows, 1 - classes / rows
+        raise DataValidationError(
+            f"test_size {test_size} leaves {train_rows} of {rows} rows for training and {test_rows} for validation; "
+            f"each side needs at least one row of each of the {classes} classes: choose a test_size between "
+            f"{low:.3f} and {high:.3f}"
+        )
 
 
 def run_folder_name(run_key: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,8 @@ def parse_shift(shift: Mapping[str, Any] | str | None, features: Sequence[str]) 
                 factor = (float(spec), 0.0)
         except (TypeError, ValueError) as error:
             raise IngestError(f"shift of {name!r} is not a number or {{multiply, offset}}: {spec!r}") from error
+        if not all(math.isfinite(number) for number in factor):
+            raise IngestError(f"shift of {name!r} must be finite numbers, got {spec!r}")
         for target in targets:
             parsed[target] = factor
     return parsed
@@ -301,15 +304,22 @@ def land_batch_task(context: Mapping[str, Any], asset: Any = None) -> dict[str, 
     from ml.context import RunContext
 
     run = RunContext.from_airflow(context)
-    settings = Settings.from_env()
     params = run.params
-    result = land(
-        settings,
-        batch=params.get("batch"),
-        shift=params.get("shift") or {},
-        file_format=str(params.get("file_format") or "csv"),
-        run_key=run.run_key,
-    )
+    try:
+        settings = Settings.from_env().for_run(params, run.declared_params)
+        result = land(
+            settings,
+            batch=params.get("batch"),
+            shift=params.get("shift") or {},
+            file_format=str(params.get("file_format") or "csv"),
+            run_key=run.run_key,
+        )
+    except ConfigurationError as error:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        # A bundled data set as target, a bad batch number or shift: a retry would fail the same way.
+        log.error("land_batch failed and will not be retried: %s", error)
+        raise AirflowFailException(f"{type(error).__name__}: {error}") from error
     if not result["landed"]:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -336,8 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the batches landed so far")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
         if args.list:
             kind = target_kind(settings.data_source)
             target = FolderTarget(settings.data_source) if kind == "folder" else SqlTarget(settings)

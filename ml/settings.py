@@ -591,6 +591,10 @@ def _as_mapping(value: Any, label: str) -> dict[str, Any]:
             raise ConfigurationError(f"{label} is not valid JSON: {error}") from error
     if not isinstance(value, dict):
         raise ConfigurationError(f"{label} must be a JSON object, got {type(value).__name__}")
+    # Python's JSON reader takes NaN and Infinity, which no estimator argument should be.
+    non_finite = [key for key, item in value.items() if isinstance(item, float) and not math.isfinite(item)]
+    if non_finite:
+        raise ConfigurationError(f"{label}: {', '.join(non_finite)} must be finite numbers")
     return dict(value)
 
 

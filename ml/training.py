@@ -30,7 +30,11 @@ _ESTIMATORS = {
 
 
 def resolve_hyperparameters(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The family's defaults with the user's overrides; an unknown parameter name is a configuration error."""
+    """The family's defaults with the user's overrides, checked against the estimator's own parameter constraints.
+
+    An unknown name or a value the estimator refuses (``{"C": -1}``) is a configuration error, found before any data
+    is read: scikit-learn would otherwise only refuse it in ``fit``, after the data was loaded and split.
+    """
     if family not in MODEL_FAMILIES:
         raise ConfigurationError(f"model_family {family!r} is unknown; choose one of {', '.join(MODEL_FAMILIES)}")
     accepted = set(inspect.signature(_ESTIMATORS[family]).parameters) - {"random_state"}
@@ -40,7 +44,12 @@ def resolve_hyperparameters(family: str, overrides: dict[str, Any]) -> dict[str,
             f"hyperparameters {', '.join(unknown)} are not accepted by {family}; "
             f"accepted: {', '.join(sorted(accepted))}"
         )
-    return {**FAMILY_DEFAULTS[family], **overrides}
+    resolved = {**FAMILY_DEFAULTS[family], **overrides}
+    try:
+        _ESTIMATORS[family](**resolved)._validate_params()
+    except (ValueError, TypeError) as error:
+        raise ConfigurationError(f"hyperparameters for {family}: {error}") from error
+    return resolved
 
 
 def build_pipeline(family: str, hyperparameters: dict[str, Any], seed: int) -> Pipeline:

@@ -101,6 +101,11 @@ def test_shift_multiplies_and_offsets(cancer):
         ingest.parse_shift({"mean radius": {"scale": 2}}, features)
     with pytest.raises(ingest.IngestError, match="is not a number"):
         ingest.parse_shift({"mean radius": "big"}, features)
+    for spec in ("nan", float("inf"), {"multiply": 1, "offset": "-inf"}):
+        with pytest.raises(ingest.IngestError, match="must be finite numbers"):
+            ingest.parse_shift({"mean radius": spec}, features)
+    with pytest.raises(ingest.IngestError, match="must be finite numbers"):
+        ingest.parse_shift('{"*": NaN}', features)
 
 
 def _settings(tmp_path: Path, source: str, query: str = "") -> Settings:
@@ -222,6 +227,16 @@ def consumed_events(dag_id: str, run_id: str) -> list[dict]:
             {"uri": event.asset.uri, "source_dag_id": event.source_dag_id, "extra": dict(event.extra or {})}
             for event in run.consumed_asset_events
         ] + [{"run_type": str(run.run_type), "triggered_by": getattr(run.triggered_by, "value", run.triggered_by)}]
+
+
+@pytest.mark.slow
+def test_ingest_dag_on_the_bundled_source_fails_at_once(airflow_db, mlops_env, capfd):
+    from ml.airflow_runner import run_dag
+
+    landed = run_dag("mlops_ingest")
+    assert landed.state == "failed"
+    assert landed.tasks["land_batch"].try_number == 1, "a target that cannot take batches is not retried"
+    assert "is a bundled data set, which cannot take new batches" in capfd.readouterr().out
 
 
 @pytest.fixture(scope="module")

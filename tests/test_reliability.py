@@ -88,6 +88,8 @@ def test_bad_parameters_are_refused_before_a_run_starts(airflow_db, mlops_env):
         run_dag(conf={"model_family": "deep_forest"})
     with pytest.raises(ParamValidationError, match="accuracy_threshold"):
         run_dag(conf={"accuracy_threshold": 2})
+    with pytest.raises(ParamValidationError, match="random_seed"):
+        run_dag(conf={"random_seed": -1})
 
 
 @pytest.mark.parametrize(
@@ -104,6 +106,42 @@ def test_a_run_cannot_set_what_it_does_not_declare(airflow_db, mlops_env, capfd,
     assert run.state == "failed"
     assert run.state_of("extract_data") == "failed"
     assert run.tasks["extract_data"].try_number == 1
+    assert message in capfd.readouterr().out
+    assert versions(mlops_env) == 0
+
+
+@pytest.mark.parametrize(
+    ("conf", "failed_task", "message"),
+    [
+        (
+            {"hyperparameters": {"C": -1}},
+            "extract_data",
+            "The 'C' parameter of LogisticRegression must be a float in the range (0.0, inf]. Got -1 instead.",
+        ),
+        (
+            {"model_family": "random_forest", "hyperparameters": {"n_estimators": "many"}},
+            "extract_data",
+            "The 'n_estimators' parameter of RandomForestClassifier must be an int",
+        ),
+        ({"test_size": 0.999}, "transform_data", "test_size 0.999 leaves 0 of 569 rows for training"),
+        ({"data_source": "INFINITE"}, "transform_data", "infinite values in feature columns: mean radius (2 rows)"),
+    ],
+)
+def test_errors_a_check_can_catch_fail_before_training_without_retry(
+    airflow_db, mlops_env, tmp_path, capfd, conf, failed_task, message
+):
+    if conf.get("data_source") == "INFINITE":
+        from ml import data
+
+        frame = data.load_source("sklearn:breast_cancer")
+        frame.loc[[3, 7], "mean radius"] = [float("inf"), float("-inf")]
+        frame.to_csv(tmp_path / "cases.csv", index=False)
+        conf = {"data_source": str(tmp_path / "cases.csv")}
+    run = run_dag(conf=conf)
+    assert run.state == "failed"
+    assert run.state_of(failed_task) == "failed"
+    assert run.tasks[failed_task].try_number == 1
+    assert run.state_of("train_model") == "upstream_failed"
     assert message in capfd.readouterr().out
     assert versions(mlops_env) == 0
 
