@@ -2,26 +2,64 @@
 
 Local defaults are applied to the environment before Airflow is imported, because Airflow reads its configuration
 once, at import: everything lives under ``MLOPS_HOME`` (``./.mlops``) unless the standard variables say otherwise.
+Bad input (a command line, a parameter, a setting, a store that is not there) ends with one line naming it and exit
+status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO_DAGS = Path(__file__).resolve().parent.parent / "dags"
 
+EXIT_PROMOTED = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+EXIT_REJECTED = 3
+EXIT_ROLLED_BACK = 4
+EXIT_INTERRUPTED = 130
+RUN_EXIT_CODES = f"""exit status of mlops run:
+  {EXIT_PROMOTED}    the new version is Production, or there was no new data and nothing changed
+  {EXIT_FAILED}    a task failed; Production is the version it was before the run
+  {EXIT_REFUSED}    refused before anything ran: bad command line, parameter or setting
+  {EXIT_REJECTED}    the new version was not promoted (below the threshold, worse than Production, or
+       Production moved during the run); Production unchanged
+  {EXIT_ROLLED_BACK}    the new version was promoted, failed the post-deploy check and was rolled back
+  {EXIT_INTERRUPTED}  stopped by SIGINT or SIGTERM: the running task failed, rollback_model restored Production
+"""
+# Registry commands ask once and quickly; MLflow's client would otherwise retry an unreachable server for minutes.
+PROBE_SECONDS = 5.0
+REGISTRY_CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class CommandError(Exception):
+    """Input the command cannot act on; reported as one line, with exit status 2."""
+
+
+def local_home(environ: MutableMapping[str, str]) -> Path:
+    raw = environ.get("MLOPS_HOME") or str(Path.cwd() / ".mlops")
+    try:
+        home = Path(raw).expanduser().resolve()
+    except (RuntimeError, OSError) as error:
+        raise CommandError(f"MLOPS_HOME={raw!r} cannot be used: {error}") from error
+    if home.exists() and not home.is_dir():
+        raise CommandError(f"MLOPS_HOME={raw!r} is a file, not a folder")
+    return home
+
 
 def apply_local_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
-    """Fill in the embedded defaults that Airflow and MLflow need; returns what was set."""
-    home = Path(environ.get("MLOPS_HOME") or Path.cwd() / ".mlops").expanduser().resolve()
+    """Fill in the embedded defaults that Airflow and MLflow need; returns what was set. Creates nothing."""
+    home = local_home(environ)
     defaults = {
         "MLOPS_HOME": str(home),
         "AIRFLOW_HOME": str(home / "airflow"),
@@ -34,16 +72,20 @@ def apply_local_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
         if not environ.get(key):
             environ[key] = value
             applied[key] = value
-    Path(environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     return applied
 
 
 def parse_params(pairs: Sequence[str], conf: str | None) -> dict[str, Any]:
-    params: dict[str, Any] = json.loads(conf) if conf else {}
+    try:
+        params = json.loads(conf) if conf else {}
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--conf is not valid JSON: {error}") from error
+    if not isinstance(params, dict):
+        raise CommandError(f"--conf must be a JSON object of parameter names to values, got {type(params).__name__}")
     for pair in pairs:
         key, separator, raw = pair.partition("=")
-        if not separator:
-            raise SystemExit(f"--param takes KEY=VALUE, got {pair!r}")
+        if not separator or not key.strip():
+            raise CommandError(f"--param takes KEY=VALUE, got {pair!r}")
         try:
             params[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
@@ -51,18 +93,92 @@ def parse_params(pairs: Sequence[str], conf: str | None) -> dict[str, Any]:
     return params
 
 
+def run_conf(params: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters checked and typed as the DAG's Params expect (``"false"`` becomes false)."""
+    from ml.settings import ConfigurationError, Settings
+
+    try:
+        settings = Settings.from_env().for_run(params)
+    except ConfigurationError as error:
+        raise CommandError(str(error)) from error
+    return {name: getattr(settings, name) for name, value in params.items() if value is not None}
+
+
 def command_run(args: argparse.Namespace) -> int:
+    conf = run_conf(parse_params(args.param, args.conf))
+    Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    return supervise(lambda: run_pipeline(conf))
+
+
+def run_pipeline(conf: dict[str, Any]) -> int:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from ml import interruption
     from ml.airflow_runner import migrate_airflow_db, run_dag
 
-    params = parse_params(args.param, args.conf)
+    interruption.install()
     logging.getLogger(__name__).info("preparing the Airflow database in %s", os.environ["AIRFLOW_HOME"])
     migrate_airflow_db()
-    run = run_dag("mlops_pipeline", conf=params)
-    print(format_run_summary(run))
-    return 0 if run.state == "success" else 1
+    if interruption.requested():
+        return EXIT_INTERRUPTED
+    try:
+        run = run_dag("mlops_pipeline", conf=conf)
+    except ParamValidationError as error:
+        raise CommandError(str(error)) from error
+    print(format_run_summary(run, interruption.requested()))
+    return run_exit_code(run, interruption.requested())
 
 
-def format_run_summary(run: Any) -> str:
+def supervise(work: Callable[[], int]) -> int:
+    """Run ``work`` in a forked child; SIGINT or SIGTERM to this process asks the child, once, to stop cleanly.
+
+    Airflow's task runner takes SIGTERM over in the process that runs a task (and only calls the task's on_kill), so
+    the child is told with SIGINT, which it handles (:mod:`ml.interruption`): the running task fails without retry
+    and rollback_model still runs. A terminal's Ctrl-C reaches both processes; the child acts on the first signal.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        code = EXIT_FAILED
+        try:
+            code = work()
+        except CommandError as error:
+            print(f"mlops: {error}", file=sys.stderr)
+            code = EXIT_REFUSED
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    forwarded = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if not forwarded:
+            forwarded.append(signum)
+            print(f"mlops: {signal.Signals(signum).name} received: stopping the run cleanly", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGINT)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_exit_code(run: Any, interrupted_by: int | None = None) -> int:
+    if interrupted_by:
+        return EXIT_INTERRUPTED
+    if run.result("rollback_model").get("rollback_performed"):
+        return EXIT_ROLLED_BACK
+    if run.state != "success":
+        return EXIT_FAILED
+    validated, deployed = run.result("validate_model"), run.result("deploy_model")
+    if validated.get("validation") == "skipped" or deployed.get("deployed"):
+        return EXIT_PROMOTED
+    return EXIT_REJECTED
+
+
+def format_run_summary(run: Any, interrupted_by: int | None = None) -> str:
     from ml import registry
     from ml.settings import Settings
 
@@ -96,6 +212,8 @@ def format_run_summary(run: Any) -> str:
         )
     if failed:
         lines.append(f"  failed tasks              : {', '.join(failed)} (see the task logs in the Airflow UI)")
+    if interrupted_by:
+        lines.append(f"  stopped                   : by {signal.Signals(interrupted_by).name}; rollback_model ran")
     lines += [
         "",
         "Look at it:",
@@ -110,12 +228,52 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value if value is not None else "n/a")
 
 
+def registry_settings() -> Any:
+    """The settings of a command that reads or moves Production, once the store is known to be there and answer.
+
+    A local store that does not exist is refused rather than created empty (a mistyped ``MLOPS_HOME``), and a
+    tracking server gets one short probe instead of the MLflow client's minutes of retries.
+    """
+    from ml.settings import ConfigurationError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigurationError as error:
+        raise CommandError(str(error)) from error
+    for uri in dict.fromkeys(filter(None, (settings.tracking_uri, settings.registry_uri))):
+        check_store(uri)
+    for name, value in REGISTRY_CLIENT_LIMITS.items():
+        os.environ.setdefault(name, value)
+    return settings
+
+
+def check_store(uri: str) -> None:
+    from ml.redaction import mask_credentials
+
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise CommandError(
+                f"no MLflow store at {database} (MLOPS_HOME={os.environ.get('MLOPS_HOME')}): is the home mistyped? "
+                "`mlops run` creates the store"
+            )
+    elif uri.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS).raise_for_status()
+        except httpx.HTTPError as error:
+            raise CommandError(
+                f"MLflow tracking server {mask_credentials(uri)} does not answer within {PROBE_SECONDS:.0f} s: "
+                f"{type(error).__name__}: {mask_credentials(str(error))}"
+            ) from error
+
+
 def command_status(args: argparse.Namespace) -> int:
+    settings = registry_settings()
     from ml import registry
     from ml.redaction import mask_credentials
-    from ml.settings import Settings
 
-    settings = Settings.from_env()
     client = registry.registry_client_for(settings)
     if args.all:
         versions = registry.list_versions(client, settings.model_name)
@@ -167,10 +325,9 @@ def status_document(name: str, versions: Sequence[Any], production: Any, history
 
 
 def command_rollback(args: argparse.Namespace) -> int:
+    settings = registry_settings()
     from ml import registry
-    from ml.settings import Settings
 
-    settings = Settings.from_env()
     actor = f"cli:{os.environ.get('USER', 'unknown')}"
     try:
         replaced, restored = registry.manual_rollback(settings, args.to, actor=actor, reason=args.reason)
@@ -242,7 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Airflow's and MLflow's logs too")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run mlops_pipeline once through Airflow and print a summary")
+    run = commands.add_parser(
+        "run",
+        help="run mlops_pipeline once through Airflow and print a summary",
+        description="Run mlops_pipeline once through Airflow (dag.test) and print a summary. SIGINT or SIGTERM stops "
+        "it cleanly: the running task fails without retry and rollback_model restores Production.",
+        epilog=RUN_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="a DAG Param, e.g. model_family=random_forest"
     )
@@ -293,12 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, passed_arguments = split_pass_through_arguments(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
     args.passed_arguments = passed_arguments or []
-    apply_local_defaults(os.environ)
-    if not args.verbose:
-        os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    configure_logging(args.verbose)
-    return args.handler(args)
+    try:
+        apply_local_defaults(os.environ)
+        if not args.verbose:
+            os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        configure_logging(args.verbose)
+        return args.handler(args)
+    except CommandError as error:
+        print(f"mlops: {error}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

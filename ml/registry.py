@@ -465,18 +465,26 @@ def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
     for key, value in sorted((model.tags or {}).items()):
         if not key.startswith(HISTORY_PREFIX):
             continue
-        data = json.loads(value)
-        events.append(
-            HistoryEvent(
-                at=data["at"],
-                event=data["event"],
-                version=int(data["version"]),
-                previous_version=data.get("previous_version"),
-                actor=data.get("actor", ""),
-                reason=data.get("reason", ""),
+        try:
+            data = json.loads(value)
+            events.append(
+                HistoryEvent(
+                    at=str(data["at"]),
+                    event=str(data["event"]),
+                    version=int(data["version"]),
+                    previous_version=_int_or_none(data.get("previous_version")),
+                    actor=str(data.get("actor", "")),
+                    reason=str(data.get("reason", "")),
+                )
             )
-        )
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            # A tag edited by hand must not hide the rest of the history, nor stop a rollback that reads it.
+            log.warning("tag %s of %s is not a deployment record (%s); skipped", key, name, error)
     return events
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def previous_production_version(client: Client, name: str, current: int | None) -> int | None:

@@ -229,16 +229,6 @@ def consumed_events(dag_id: str, run_id: str) -> list[dict]:
         ] + [{"run_type": str(run.run_type), "triggered_by": getattr(run.triggered_by, "value", run.triggered_by)}]
 
 
-@pytest.mark.slow
-def test_ingest_dag_on_the_bundled_source_fails_at_once(airflow_db, mlops_env, capfd):
-    from ml.airflow_runner import run_dag
-
-    landed = run_dag("mlops_ingest")
-    assert landed.state == "failed"
-    assert landed.tasks["land_batch"].try_number == 1, "a target that cannot take batches is not retried"
-    assert "is a bundled data set, which cannot take new batches" in capfd.readouterr().out
-
-
 @pytest.fixture(scope="module")
 def loop(airflow_db, tmp_path_factory):
     """A folder source that mlops_ingest lands in and mlops_pipeline trains on, an empty MLflow store, and a dict

@@ -146,6 +146,14 @@ def test_errors_a_check_can_catch_fail_before_training_without_retry(
     assert versions(mlops_env) == 0
 
 
+def test_ingest_dag_on_the_bundled_source_fails_at_once(airflow_db, mlops_env, capfd):
+    # Kept out of tests/test_data_aware.py, whose module-scoped loop expects the ingest DAG's asset to be its own.
+    landed = run_dag("mlops_ingest")
+    assert landed.state == "failed"
+    assert landed.tasks["land_batch"].try_number == 1, "a target that cannot take batches is not retried"
+    assert "is a bundled data set, which cannot take new batches" in capfd.readouterr().out
+
+
 @pytest.fixture
 def fragile_server(airflow_db, server_env, mlflow_server, monkeypatch):
     """A real tracking server with version 1 in Production, and a step hook that can stop it."""

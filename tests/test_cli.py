@@ -1,0 +1,183 @@
+"""The command line under careless input: one line naming the problem and exit status 2, never a traceback; no store
+created by a typo; a quick answer when the tracking server is away; distinct exit statuses for what a run did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port
+
+CLI = [sys.executable, "-m", "ml.cli"]
+
+
+def mlops(*arguments: str, home: Path, timeout: float = 120, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "MLFLOW_TRACKING_URI"))}
+    env.update({"MLOPS_HOME": str(home), "PYTHONPATH": str(REPO / "tests"), **environ})
+    return subprocess.run([*CLI, *arguments], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+def refused(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--conf", "notjson"], "--conf is not valid JSON"),
+        (["--conf", "[1, 2]"], "--conf must be a JSON object"),
+        (["--param", "novalue"], "--param takes KEY=VALUE, got 'novalue'"),
+        (["--param", "acuracy_threshold=0.9"], "unknown parameter 'acuracy_threshold' (did you mean"),
+        (["--param", "post_deploy_check=false"], "'post_deploy_check' cannot be set per run"),
+        (["--param", "force_retrain=perhaps"], "force_retrain='perhaps' is not a boolean"),
+        (["--param", "test_size=NaN"], "test_size=nan is not a finite number"),
+    ],
+)
+def test_run_refuses_bad_parameters_before_anything_runs(tmp_path, arguments, message):
+    home = tmp_path / "home"
+    refused(mlops("run", *arguments, home=home), message)
+    assert not home.exists(), "nothing is created for a refused command"
+
+
+def test_run_help_documents_the_exit_statuses(tmp_path):
+    shown = mlops("run", "--help", home=tmp_path).stdout
+    for line in ("0    the new version is Production", "3    the new version was not promoted", "4    the new"):
+        assert line in shown
+    assert "130  stopped by SIGINT or SIGTERM" in shown
+
+
+def test_a_home_that_is_a_file_is_refused(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    for command in ("status", "run", "env"):
+        refused(mlops(command, home=home), "is a file, not a folder")
+
+
+def test_status_on_a_mistyped_home_creates_nothing(tmp_path):
+    home = tmp_path / "mlpos"
+    refused(mlops("status", home=home), "no MLflow store at")
+    refused(mlops("rollback", home=home), "no MLflow store at")
+    assert not home.exists()
+
+
+def test_status_against_an_unreachable_server_answers_within_seconds(tmp_path):
+    started = time.monotonic()
+    result = mlops("status", home=tmp_path, MLFLOW_TRACKING_URI=f"http://user:secret@127.0.0.1:{free_port()}")
+    refused(result, "does not answer within 5 s")
+    assert time.monotonic() - started < 30
+    assert "secret" not in result.stderr
+
+
+@pytest.mark.slow
+def test_status_reads_past_a_malformed_history_tag(mlops_env):
+    from ml import registry
+
+    client = registry.client_for(mlops_env)
+    registry.ensure_registered_model(client, mlops_env.model_name)
+    client.set_registered_model_tag(mlops_env.model_name, f"{registry.HISTORY_PREFIX}2026-01-01T00:00:00Z.v1", "{oops")
+    shown = mlops("status", "--json", home=mlops_env.home, MLFLOW_TRACKING_URI=mlops_env.tracking_uri)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert json.loads(shown.stdout)["history"] == []
+    assert "is not a deployment record" in shown.stderr
+
+
+def test_ingest_refuses_non_finite_shifts(tmp_path):
+    # tests/test_data_aware.py::test_shift_multiplies_and_offsets has the other spellings of NaN and infinity.
+    incoming = str(tmp_path / "incoming") + "/"
+    result = mlops("ingest", "--shift", '{"*": {"offset": Infinity}}', home=tmp_path, MLOPS_DATA_SOURCE=incoming)
+    refused(result, "must be finite numbers")
+    assert not (tmp_path / "incoming" / "batch-0000.csv").exists()
+
+
+def _production(settings) -> tuple[int | None, list[int]]:
+    from ml import registry
+
+    client = registry.client_for(settings)
+    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
+    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
+    return (aliased.version if aliased else None), staged
+
+
+def _store(settings) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLOPS_RETRY_DELAY_SECONDS": "1"}
+
+
+@pytest.mark.slow
+def test_run_exit_status_says_what_happened(airflow_db, mlops_env):
+    store = _store(mlops_env)
+    promoted = mlops("run", home=mlops_env.home, timeout=600, **store)
+    assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
+    assert _production(mlops_env) == (1, [1])
+    no_new_data = mlops("run", home=mlops_env.home, timeout=600, **store)
+    assert no_new_data.returncode == 0 and "no new data" in no_new_data.stdout
+    rejected = mlops(
+        "run", "--param", "accuracy_threshold=1", "--param", "force_retrain=true", home=mlops_env.home, **store
+    )
+    assert rejected.returncode == 3, rejected.stdout[-3000:]
+    rolled_back = mlops(
+        "run",
+        "--param",
+        "force_retrain=true",
+        home=mlops_env.home,
+        timeout=600,
+        MLOPS_DEPLOY_CHECK_HOOK="deploy_hooks:refuse",
+        **store,
+    )
+    assert rolled_back.returncode == 4, rolled_back.stdout[-3000:]
+    assert _production(mlops_env) == (1, [1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "hang_at"), [("SIGTERM", "deploy_check"), ("SIGINT", "train_model")])
+def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_name, hang_at):
+    import signal
+
+    from ml import registry
+    from ml.airflow_runner import run_dag
+
+    assert run_dag().state == "success"
+    assert _production(mlops_env) == (1, [1])
+    marker = tmp_path / "hanging"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
+    env.update(
+        {
+            "MLOPS_HOME": str(mlops_env.home),
+            "PYTHONPATH": str(REPO / "tests"),
+            "MLOPS_STEP_HOOK": "fault_hooks:hang_in_step",
+            "MLOPS_DEPLOY_CHECK_HOOK": "fault_hooks:hang_in_deploy_check",
+            "MLOPS_TEST_HANG_AT": hang_at,
+            "MLOPS_TEST_HANG_MARKER": str(marker),
+            **_store(mlops_env),
+        }
+    )
+    process = subprocess.Popen(
+        [*CLI, "run", "--param", "force_retrain=true"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marker.exists(), process.communicate(timeout=60)
+    stopped_at = time.monotonic()
+    process.send_signal(getattr(signal, signal_name))
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert time.monotonic() - stopped_at < 120
+    assert "stopped                   : by SIGINT; rollback_model ran" in stdout
+    assert _production(mlops_env) == (1, [1]), "Production is what it was before the run"
+    client = registry.client_for(mlops_env)
+    candidates = [v for v in registry.list_versions(client, mlops_env.model_name) if v.version != 1]
+    if hang_at == "train_model":
+        assert candidates == [], "stopped before training: nothing registered"
+    else:
+        assert [v.tags.get(registry.DEPLOYMENT_STATUS_TAG) for v in candidates] == ["rolled_back"]
