@@ -126,6 +126,30 @@ def test_too_few_rows_and_rows_per_class(cancer):
     assert "too few rows per class" in str(error.value) and "0: 3" in str(error.value)
 
 
+def test_a_refusal_listing_many_classes_stays_short(cancer):
+    frame = cancer.assign(target=np.arange(len(cancer)))
+    with pytest.raises(data.DataValidationError) as error:
+        validate(frame)
+    message = str(error.value)
+    assert "569 classes in all" in message and "and 559 more" in message
+    assert len(message) < 400
+
+
+def test_infinite_feature_values_are_named(cancer):
+    frame = cancer.copy()
+    frame.loc[[1, 2], "worst area"] = [np.inf, -np.inf]
+    with pytest.raises(data.DataValidationError, match=r"infinite values in feature columns: worst area \(2 rows\)"):
+        validate(frame)
+
+
+def test_a_held_out_fraction_that_empties_a_side_is_named():
+    with pytest.raises(data.DataValidationError, match=r"test_size 0\.999 leaves 0 of 569 rows for training"):
+        data.check_split_sizes(569, 2, 0.999)
+    with pytest.raises(data.DataValidationError, match="leaves 568 of 569 rows for training and 1 for validation"):
+        data.check_split_sizes(569, 2, 0.001)
+    data.check_split_sizes(569, 2, 0.2)
+
+
 def test_empty_frame_is_refused():
     with pytest.raises(data.DataValidationError, match="is empty"):
         validate(pd.DataFrame())

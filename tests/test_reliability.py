@@ -154,6 +154,19 @@ def test_ingest_dag_on_the_bundled_source_fails_at_once(airflow_db, mlops_env, c
     assert "is a bundled data set, which cannot take new batches" in capfd.readouterr().out
 
 
+def test_a_task_that_runs_too_long_is_stopped(airflow_db, mlops_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLOPS_TASK_TIMEOUT_SECONDS", "30")
+    monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:hang_in_step")
+    monkeypatch.setenv("MLOPS_TEST_HANG_AT", "train_model")
+    started = time.monotonic()
+    run = run_dag()
+    assert time.monotonic() - started < 300, "the hanging task (600 s) was stopped, not waited for"
+    assert run.state == "failed"
+    assert run.state_of("train_model") == "failed"
+    assert run.state_of("rollback_model") == "success"
+    assert versions(mlops_env) == 0 and markers(mlops_env) == (None, [])
+
+
 @pytest.fixture
 def fragile_server(airflow_db, server_env, mlflow_server, monkeypatch):
     """A real tracking server with version 1 in Production, and a step hook that can stop it."""

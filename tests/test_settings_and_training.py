@@ -135,6 +135,24 @@ def test_unknown_hyperparameter_is_named():
         training.build_pipeline("random_forest", {"depth": 3}, seed=1)
 
 
+@pytest.mark.parametrize(
+    ("family", "hyperparameters", "message"),
+    [
+        ("logistic_regression", {"C": -1}, "The 'C' parameter of LogisticRegression must be a float in the range"),
+        ("random_forest", {"max_depth": 0}, "The 'max_depth' parameter of RandomForestClassifier must be an int"),
+        ("gradient_boosting", {"learning_rate": "fast"}, "The 'learning_rate' parameter of GradientBoosting"),
+    ],
+)
+def test_hyperparameters_are_checked_against_the_estimators_constraints(family, hyperparameters, message):
+    with pytest.raises(ConfigurationError, match=f"hyperparameters for {family}: {message}"):
+        training.resolve_hyperparameters(family, hyperparameters)
+
+
+def test_non_finite_hyperparameters_are_refused():
+    with pytest.raises(ConfigurationError, match="hyperparameters: C must be finite numbers"):
+        Settings.from_env({}).for_run({"hyperparameters": '{"C": Infinity}'})
+
+
 def test_judge_against_threshold_and_champion():
     passed = evaluation.judge(
         0.95, threshold=0.8, champion_accuracy=0.955, champion_version=3, tolerance=0.01, compare_with_champion=True
