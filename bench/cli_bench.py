@@ -30,7 +30,7 @@ def build_registry(home: Path) -> dict[str, str]:
         "MLOPS_MODEL_NAME": MODEL_NAME,
     }
     os.environ.update(env)
-    from ml import registry
+    from ml import registry, tags
     from ml.settings import Settings
 
     settings = Settings.from_env()
@@ -38,7 +38,7 @@ def build_registry(home: Path) -> dict[str, str]:
     registry.ensure_registered_model(client, MODEL_NAME)
     for number in (1, 2):
         client.create_model_version(MODEL_NAME, source=(home / f"model-{number}").as_uri())
-        registry.set_version_tags(client, MODEL_NAME, number, {registry.VALIDATION_STATUS_TAG: "passed"})
+        registry.set_version_tags(client, MODEL_NAME, number, {tags.VALIDATION_STATUS: "passed"})
         registry.promote(settings, number, expected_current=number - 1 or None, actor="bench", reason="set-up")
     return env
 

@@ -45,7 +45,7 @@ def fill_registry(tracking_uri: str, versions: int, history: int) -> None:
     )
     from sqlalchemy import create_engine, func, select
 
-    from ml import registry
+    from ml import registry, tags
 
     model_versions, version_tags = SqlModelVersion.__table__, SqlModelVersionTag.__table__
     model_tags = SqlRegisteredModelTag.__table__
@@ -88,11 +88,11 @@ def fill_registry(tracking_uri: str, versions: int, history: int) -> None:
                     {"name": MODEL_NAME, "version": number, "key": key, "value": value}
                     for number in new_versions
                     for key, value in {
-                        registry.RUN_KEY_TAG: f"mlops_pipeline/filler__{number}",
+                        tags.AIRFLOW_RUN_KEY: f"mlops_pipeline/filler__{number}",
                         "mlops.airflow.run_id": f"filler__{number}",
-                        registry.VALIDATION_STATUS_TAG: "passed",
+                        tags.VALIDATION_STATUS: "passed",
                         "mlops.validation.accuracy": "0.950000",
-                        registry.DEPLOYMENT_STATUS_TAG: "archived",
+                        tags.DEPLOYMENT_STATUS: "archived",
                         "mlops.data.digest": f"{number:064x}",
                     }.items()
                 ],

@@ -71,9 +71,9 @@ def ingest_pipeline():
     @task(task_id="land_batch", outlets=[TRAINING_DATA])
     def land_batch(**context):
         """Land the batch; the asset event it emits carries the batch number, rows, digest and shift."""
-        from ml import ingest
+        from ml import tasks
 
-        return ingest.land_batch_task(context, TRAINING_DATA)
+        return tasks.land_batch(context, TRAINING_DATA)
 
     land_batch()
 

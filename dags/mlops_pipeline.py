@@ -1,6 +1,6 @@
 """The retraining pipeline: extract, transform, train, validate, deploy, then archive or roll back.
 
-Thin on purpose: each task imports ``ml.steps`` inside its body and makes one call, so parsing this file costs no
+Thin on purpose: each task imports ``ml.tasks`` inside its body and makes one call, so parsing this file costs no
 more than parsing a DAG of empty tasks. The logic, and its tests, live in the ``ml`` package.
 """
 
@@ -77,55 +77,56 @@ def training_pipeline():
     @task(task_id="extract_data")
     def extract_data(**context):
         """Read the data source and write a content-addressed snapshot to the data store."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.extract_data(context)
+        return tasks.extract_data(context)
 
     @task(task_id="transform_data")
     def transform_data(extract_result, **context):
         """Validate the snapshot and write a stratified, seeded train/test split."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.transform_data(extract_result, context)
+        return tasks.transform_data(extract_result, context)
 
     @task(task_id="train_model")
     def train_model(transform_result, **context):
         """Fit the scikit-learn pipeline, log it to MLflow and register a new model version."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.train_model(transform_result, context)
+        return tasks.train_model(transform_result, context)
 
     @task(task_id="validate_model")
     def validate_model(train_result, **context):
         """Score the version and the Production version on the held-out set against the threshold."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.validate_model(train_result, context)
+        return tasks.validate_model(train_result, context)
 
     @task(task_id="deploy_model", trigger_rule="none_failed")
     def deploy_model(validation_result, **context):
         """Promote a passing version to Production (stage and alias) and check that it serves."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.deploy_model(validation_result, context)
+        return tasks.deploy_model(validation_result, context)
 
     @task(task_id="archive_model")
     def archive_model(deploy_result, **context):
         """Write the deployment record onto the deployed version as tags."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.archive_model(deploy_result, context)
+        return tasks.archive_model(deploy_result, context)
 
     @task(task_id="rollback_model", trigger_rule="all_done")
     def rollback_model(**context):
         """Restore the previous Production version unless this run deployed a healthy new one.
 
         Runs whatever happened upstream, so it reads deploy_model's result from XCom itself: a failed deploy_model
-        leaves none, and an argument bound to it would fail this task before it could roll anything back.
+        leaves none, and an argument bound to it would fail this task before it could roll anything back. Likewise
+        validate_model and deploy_model read transform_data's split from XCom, keeping the contract's graph.
         """
-        from ml import steps
+        from ml import tasks
 
-        return steps.rollback_model(context)
+        return tasks.rollback_model(context)
 
     extract_result = extract_data()
     transform_result = transform_data(extract_result)

@@ -52,9 +52,9 @@ def manual_rollback():
     @task(task_id="rollback_production", retries=0)
     def rollback_production(**context):
         """Move Production to the target version, or refuse with the reason."""
-        from ml import steps
+        from ml import tasks
 
-        return steps.rollback_production(context)
+        return tasks.rollback_production(context)
 
     rollback_production()
 

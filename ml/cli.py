@@ -271,7 +271,7 @@ def check_store(uri: str) -> None:
 
 def command_status(args: argparse.Namespace) -> int:
     settings = registry_settings()
-    from ml import registry
+    from ml import registry, tags
     from ml.redaction import mask_credentials
 
     client = registry.registry_client_for(settings)
@@ -296,10 +296,10 @@ def command_status(args: argparse.Namespace) -> int:
     for info in versions:
         print(
             f"{info.version:>7}  {info.stage:<10} {','.join(info.aliases) or '-':<12} "
-            f"{info.tags.get(registry.VALIDATION_STATUS_TAG, '-'):<10} "
-            f"{info.tags.get('mlops.validation.accuracy', '-')[:8]:>8}  "
-            f"{info.tags.get(registry.DEPLOYMENT_STATUS_TAG, '-'):<12} "
-            f"{info.tags.get('mlops.airflow.run_id', '-')}"
+            f"{info.tags.get(tags.VALIDATION_STATUS, '-'):<10} "
+            f"{info.tags.get(tags.VALIDATION_ACCURACY, '-')[:8]:>8}  "
+            f"{info.tags.get(tags.DEPLOYMENT_STATUS, '-'):<12} "
+            f"{info.tags.get(tags.AIRFLOW_RUN_ID, '-')}"
         )
     print()
     print("Deployment history (oldest first):")

@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ml import tags
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -33,27 +35,14 @@ class RunContext:
         base = os.environ.get("AIRFLOW__API__BASE_URL", "http://localhost:8080").rstrip("/")
         return f"{base}/dags/{self.dag_id}/runs/{self.run_id}"
 
-    @classmethod
-    def from_airflow(cls, context: Mapping[str, Any]) -> RunContext:
-        """Build from an Airflow task context (or any mapping with the same keys, as tests pass)."""
-        dag = context.get("dag")
-        ti = context.get("ti")
-        return cls(
-            dag_id=getattr(dag, "dag_id", None) or str(context.get("dag_id", "manual")),
-            run_id=str(context.get("run_id") or "manual"),
-            try_number=int(getattr(ti, "try_number", None) or context.get("try_number") or 1),
-            params=dict(context.get("params") or {}),
-            declared_params=frozenset(getattr(dag, "params", None) or ()),
-        )
-
     def lineage_tags(self) -> dict[str, str]:
         return {
-            "mlops.airflow.dag_id": self.dag_id,
-            "mlops.airflow.run_id": self.run_id,
-            "mlops.airflow.try_number": str(self.try_number),
-            "mlops.airflow.run_key": self.run_key,
-            "mlops.airflow.url": self.airflow_url,
-            "mlops.code.revision": code_revision(),
+            tags.AIRFLOW_DAG_ID: self.dag_id,
+            tags.AIRFLOW_RUN_ID: self.run_id,
+            tags.AIRFLOW_TRY_NUMBER: str(self.try_number),
+            tags.AIRFLOW_RUN_KEY: self.run_key,
+            tags.AIRFLOW_URL: self.airflow_url,
+            tags.CODE_REVISION: code_revision(),
         }
 
 

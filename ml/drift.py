@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ml import tags
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 10
@@ -33,8 +35,6 @@ EMPTY_BIN_SHARE = 1e-4
 REPORT_TABLE = "drift/report.json"
 REPORT_FIGURE = "drift/psi_top_features.png"
 REPORT_SUMMARY = "drift/summary.json"
-MAX_PSI_TAG = "mlops.drift.max_psi"
-MAX_PSI_FEATURE_TAG = "mlops.drift.max_psi_feature"
 
 
 @dataclass(frozen=True)
@@ -254,18 +254,18 @@ def version_tags(report: DriftReport | None, threshold: float, reference_version
     """The tags that record the largest drift on a model version (``none`` when there was nothing to compare)."""
     if report is None:
         return {
-            MAX_PSI_TAG: "none",
-            MAX_PSI_FEATURE_TAG: "none",
-            "mlops.drift.reference_version": "none",
+            tags.DRIFT_MAX_PSI: "none",
+            tags.DRIFT_MAX_PSI_FEATURE: "none",
+            tags.DRIFT_REFERENCE_VERSION: "none",
         }
     return {
-        MAX_PSI_TAG: f"{report.max_psi:.6f}",
-        MAX_PSI_FEATURE_TAG: report.max_psi_feature or "none",
-        "mlops.drift.min_ks_pvalue": f"{report.min_ks_pvalue:.6g}",
-        "mlops.drift.label_shift": f"{report.label_shift():.6f}",
-        "mlops.drift.high": str(report.max_psi > threshold).lower(),
-        "mlops.drift.threshold": f"{threshold:g}",
-        "mlops.drift.reference_version": str(reference_version) if reference_version is not None else "none",
+        tags.DRIFT_MAX_PSI: f"{report.max_psi:.6f}",
+        tags.DRIFT_MAX_PSI_FEATURE: report.max_psi_feature or "none",
+        tags.DRIFT_MIN_KS_PVALUE: f"{report.min_ks_pvalue:.6g}",
+        tags.DRIFT_LABEL_SHIFT: f"{report.label_shift():.6f}",
+        tags.DRIFT_HIGH: str(report.max_psi > threshold).lower(),
+        tags.DRIFT_THRESHOLD: f"{threshold:g}",
+        tags.DRIFT_REFERENCE_VERSION: str(reference_version) if reference_version is not None else "none",
     }
 
 
@@ -289,15 +289,15 @@ def result_fields(report: DriftReport | None, threshold: float, reference_versio
     }
 
 
-def fields_from_tags(tags: Mapping[str, str], threshold: float) -> dict[str, Any]:
+def fields_from_tags(version_tags: Mapping[str, str], threshold: float) -> dict[str, Any]:
     """Rebuild the result fields from a version's tags (a retried train_model registers nothing new)."""
-    raw = tags.get(MAX_PSI_TAG, "none")
+    raw = version_tags.get(tags.DRIFT_MAX_PSI, "none")
     if raw in ("", "none"):
         return result_fields(None, threshold, None)
-    reference = tags.get("mlops.drift.reference_version", "none")
+    reference = version_tags.get(tags.DRIFT_REFERENCE_VERSION, "none")
     return {
         "drift_max_psi": float(raw),
-        "drift_max_psi_feature": tags.get(MAX_PSI_FEATURE_TAG),
+        "drift_max_psi_feature": version_tags.get(tags.DRIFT_MAX_PSI_FEATURE),
         "drift_high": float(raw) > threshold,
         "drift_reference_version": int(reference) if reference.isdigit() else None,
     }

@@ -13,7 +13,7 @@ Targets:
 - a SQL table (``MLOPS_DATA_SOURCE`` a SQLAlchemy URL, ``MLOPS_DATA_QUERY`` the table name): rows are appended, and the
   batch is recorded in ``<table>_mlops_batches`` in the same transaction.
 
-The ``mlops_ingest`` DAG calls :func:`land_batch_task`; its task has the data asset as outlet, so each landed batch
+The ``mlops_ingest`` DAG calls :func:`ml.tasks.land_batch`; its task has the data asset as outlet, so each landed batch
 is an asset event that triggers ``mlops_pipeline``. ``python -m ml.ingest`` lands a batch without Airflow (and so
 without an asset event).
 """
@@ -297,40 +297,6 @@ class SqlTarget:
             frame.to_sql(self.table, connection, if_exists="append", index=False)
             ledger_row.to_sql(self.ledger, connection, if_exists="append", index=False)
         return location
-
-
-def land_batch_task(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
-    """The mlops_ingest DAG's one step: land a batch, describe it on the asset event, or skip if there is none."""
-    from ml.context import RunContext
-
-    run = RunContext.from_airflow(context)
-    params = run.params
-    try:
-        settings = Settings.from_env().for_run(params, run.declared_params)
-        result = land(
-            settings,
-            batch=params.get("batch"),
-            shift=params.get("shift") or {},
-            file_format=str(params.get("file_format") or "csv"),
-            run_key=run.run_key,
-        )
-    except ConfigurationError as error:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        # A bundled data set as target, a bad batch number or shift: a retry would fail the same way.
-        log.error("land_batch failed and will not be retried: %s", error)
-        raise AirflowFailException(f"{type(error).__name__}: {error}") from error
-    if not result["landed"]:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        # A skipped task emits no asset event, so mlops_pipeline is not triggered for nothing.
-        raise AirflowSkipException(result["reason"])
-    outlet_events = context.get("outlet_events")
-    if asset is not None and outlet_events is not None:
-        outlet_events[asset].extra = {
-            key: result[key] for key in ("batch", "rows", "digest", "location", "shift", "landed_at") if key in result
-        }
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

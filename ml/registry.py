@@ -26,6 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking._model_registry.client import ModelRegistryClient
 
+from ml import tags
 from ml.settings import Settings
 from mlflow import MlflowClient
 
@@ -33,12 +34,6 @@ log = logging.getLogger(__name__)
 
 PRODUCTION_STAGE = "Production"
 ARCHIVED_STAGE = "Archived"
-TAG_PREFIX = "mlops."
-HISTORY_PREFIX = "mlops.history."
-
-RUN_KEY_TAG = "mlops.airflow.run_key"
-VALIDATION_STATUS_TAG = "mlops.validation.status"
-DEPLOYMENT_STATUS_TAG = "mlops.deployment.status"
 
 
 class RegistryError(RuntimeError):
@@ -197,7 +192,7 @@ def recent_versions(client: Client, name: str, limit: int) -> list[VersionInfo]:
 
 def find_version_for_run_key(client: Client, name: str, run_key: str) -> VersionInfo | None:
     """The version already registered for an Airflow DAG run, so that a retried train_model registers nothing new."""
-    matches = versions_tagged(client, name, RUN_KEY_TAG, run_key)
+    matches = versions_tagged(client, name, tags.AIRFLOW_RUN_KEY, run_key)
     return matches[0] if matches else None
 
 
@@ -232,9 +227,21 @@ def latest_in_production_stage(client: Client, name: str) -> VersionInfo | None:
     return VersionInfo.from_model_version(latest[0]) if latest else None
 
 
-def set_version_tags(client: Client, name: str, version: int, tags: dict[str, Any]) -> None:
-    for key, value in tags.items():
+def set_version_tags(client: Client, name: str, version: int, values: dict[str, Any]) -> None:
+    for key, value in values.items():
         _writes(client).set_model_version_tag(name, str(version), key, _tag_value(value))
+
+
+def register_version(settings: Settings, model_uri: str, version_tags: dict[str, str]) -> int:
+    """Register a logged model as a new version of the configured registered model; returns its number."""
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    if settings.registry_uri:
+        mlflow.set_registry_uri(settings.registry_uri)
+    registered = mlflow.register_model(model_uri, settings.model_name, tags=version_tags)
+    log.info("registered %s version %s from %s", settings.model_name, registered.version, model_uri)
+    return int(registered.version)
 
 
 @contextmanager
@@ -287,9 +294,9 @@ def promote(
                 name,
                 current.version,
                 {
-                    DEPLOYMENT_STATUS_TAG: "archived",
-                    "mlops.deployment.archived_at": at,
-                    "mlops.deployment.replaced_by": version,
+                    tags.DEPLOYMENT_STATUS: "archived",
+                    tags.DEPLOYMENT_ARCHIVED_AT: at,
+                    tags.DEPLOYMENT_REPLACED_BY: version,
                 },
             )
         set_version_tags(
@@ -297,11 +304,11 @@ def promote(
             name,
             version,
             {
-                DEPLOYMENT_STATUS_TAG: "production",
-                "mlops.deployment.promoted_at": at,
-                "mlops.deployment.promoted_by": actor,
-                "mlops.deployment.reason": reason,
-                "mlops.deployment.replaced_version": current_number if current_number is not None else "none",
+                tags.DEPLOYMENT_STATUS: "production",
+                tags.DEPLOYMENT_PROMOTED_AT: at,
+                tags.DEPLOYMENT_PROMOTED_BY: actor,
+                tags.DEPLOYMENT_REASON: reason,
+                tags.DEPLOYMENT_REPLACED_VERSION: current_number if current_number is not None else "none",
             },
         )
         record_history(client, name, HistoryEvent(at, event, version, current_number, actor, reason))
@@ -336,9 +343,9 @@ def restore(
                     name,
                     restore_to,
                     {
-                        DEPLOYMENT_STATUS_TAG: "production",
-                        "mlops.deployment.restored_at": at,
-                        "mlops.deployment.restored_by": actor,
+                        tags.DEPLOYMENT_STATUS: "production",
+                        tags.DEPLOYMENT_RESTORED_AT: at,
+                        tags.DEPLOYMENT_RESTORED_BY: actor,
                     },
                 )
             else:
@@ -379,7 +386,7 @@ def mark_rolled_back_if_demoted(settings: Settings, version: int, reason: str) -
     """Tag a version that was promoted and has since left Production (e.g. by an interrupted rollback)."""
     client = registry_client_for(settings)
     info = get_version(client, settings.model_name, version)
-    if info.tags.get(DEPLOYMENT_STATUS_TAG) != "production" or info.stage == PRODUCTION_STAGE:
+    if info.tags.get(tags.DEPLOYMENT_STATUS) != "production" or info.stage == PRODUCTION_STAGE:
         return False
     _mark_rolled_back(client, settings.model_name, version, utc_now(), reason, None)
     return True
@@ -396,10 +403,10 @@ def _mark_rolled_back(client: Client, name: str, version: int, at: str, reason: 
         name,
         version,
         {
-            DEPLOYMENT_STATUS_TAG: "rolled_back",
-            "mlops.deployment.rolled_back_at": at,
-            "mlops.deployment.rollback_reason": reason,
-            "mlops.deployment.restored_version": restored if restored is not None else "none",
+            tags.DEPLOYMENT_STATUS: "rolled_back",
+            tags.DEPLOYMENT_ROLLED_BACK_AT: at,
+            tags.DEPLOYMENT_ROLLBACK_REASON: reason,
+            tags.DEPLOYMENT_RESTORED_VERSION: restored if restored is not None else "none",
         },
     )
 
@@ -421,7 +428,7 @@ def _production_stage_candidates(client: Client, name: str, alias: str) -> set[i
     them ``archived``), and, mid-move, on the newest version in the stage. A version put in the stage by hand beside
     another is found by :func:`reconcile_production`, which lists them all.
     """
-    found = {info.version for info in versions_tagged(client, name, DEPLOYMENT_STATUS_TAG, "production")}
+    found = {info.version for info in versions_tagged(client, name, tags.DEPLOYMENT_STATUS, "production")}
     for info in (aliased_version(client, name, alias), latest_in_production_stage(client, name)):
         if info is not None:
             found.add(info.version)
@@ -450,7 +457,7 @@ def record_history(client: Client, name: str, event: HistoryEvent) -> None:
 def history_tag(event: HistoryEvent) -> tuple[str, str]:
     """The registered-model tag (key, value) that records ``event``; keys sort in time order."""
     stamp = datetime.fromisoformat(event.at).astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{HISTORY_PREFIX}{stamp}.v{event.version}", json.dumps(event.as_dict(), sort_keys=True)
+    return f"{tags.HISTORY_PREFIX}{stamp}.v{event.version}", json.dumps(event.as_dict(), sort_keys=True)
 
 
 def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
@@ -463,7 +470,7 @@ def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
         raise
     events = []
     for key, value in sorted((model.tags or {}).items()):
-        if not key.startswith(HISTORY_PREFIX):
+        if not key.startswith(tags.HISTORY_PREFIX):
             continue
         try:
             data = json.loads(value)
@@ -516,10 +523,10 @@ def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason
         except ValueError as error:
             raise RegistryError(f"rollback target {target!r} is neither a version number nor 'previous'") from error
     info = get_version(client, name, resolved)
-    if info.tags.get(VALIDATION_STATUS_TAG) != "passed":
+    if info.tags.get(tags.VALIDATION_STATUS) != "passed":
         raise RegistryError(
             f"version {resolved} of {name!r} never passed validation "
-            f"(validation status: {info.tags.get(VALIDATION_STATUS_TAG, 'none')}); refusing to put it in Production"
+            f"(validation status: {info.tags.get(tags.VALIDATION_STATUS, 'none')}); refusing to put it in Production"
         )
     if resolved == current_number:
         raise RegistryError(f"version {resolved} of {name!r} is already in Production")

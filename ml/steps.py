@@ -1,93 +1,32 @@
-"""The seven pipeline steps as plain functions taking and returning the contract's dicts.
+"""The pipeline's steps, as in the lesson: extract, transform, train, validate, deploy, then archive or roll back.
 
-Each step has a typed core (``extract``, ``transform``, ...) that tests call directly, and a thin entry point named
-after its Airflow task that reads the run context and settings from an Airflow context mapping. The seed's keys
-(``data_extracted``, ``records``, ``features``, ...) are kept in every returned dict; real fields sit beside them.
+Each step is a plain function of the settings, the run and the typed results of the steps it needs, and returns its
+own typed result (``ml.results``). Nothing here knows Airflow (``ml.tasks`` is the boundary); logging to MLflow lives
+in ``ml.tracking``, checking a deployment in ``ml.deployment`` and every change of the registry in ``ml.registry``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Mapping
 from typing import Any
 
-from ml import data, drift, evaluation, registry
+from ml import data, deployment, drift, evaluation, registry, tags, tracking
 from ml.context import RunContext
+from ml.results import (
+    NO_NEW_DATA,
+    ArchiveResult,
+    DeployResult,
+    ExtractResult,
+    ManualRollbackResult,
+    RollbackResult,
+    Skip,
+    TrainResult,
+    TransformResult,
+    ValidateResult,
+)
 from ml.settings import ConfigurationError, Settings
 
-PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError)
-
 log = logging.getLogger(__name__)
-
-# MLflow saves scikit-learn models with skops, which refuses to load types it was not told to trust;
-# the imputer keeps the dtype it was fitted on.
-SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
-
-
-def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
-    run = RunContext.from_airflow(context)
-    return Settings.from_env().for_run(run.params, run.declared_params), run
-
-
-def extract_data(context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("extract_data", context, extract)
-
-
-def transform_data(extract_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("transform_data", context, transform, extract_result)
-
-
-def train_model(transform_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("train_model", context, train, transform_result)
-
-
-def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("validate_model", context, validate, train_result)
-
-
-def deploy_model(validation_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("deploy_model", context, deploy, validation_result)
-
-
-def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("archive_model", context, archive, deploy_result)
-
-
-def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
-    ti = context.get("ti")
-    deploy_result = ti.xcom_pull(task_ids="deploy_model") if ti is not None else context.get("deploy_result")
-    return run_step("rollback_model", context, rollback, deploy_result)
-
-
-def run_step(
-    name: str, context: Mapping[str, Any], core: Callable[..., dict[str, Any]], *upstream: Any
-) -> dict[str, Any]:
-    """Run one step's core for an Airflow task.
-
-    Errors that a retry cannot cure (bad settings, bad data, a refused registry change) fail the task at once instead
-    of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries.
-    """
-    try:
-        settings, run = resolve(context)
-        if settings.step_hook:
-            call_hook(settings.step_hook, step=name, run_key=run.run_key, try_number=run.try_number)
-        return core(settings, run, *upstream)
-    except PERMANENT_ERRORS as error:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        log.error("%s failed and will not be retried: %s", name, error)
-        raise AirflowFailException(f"{type(error).__name__}: {error}") from error
-
-
-def call_hook(hook: str, **arguments: Any) -> None:
-    """Call ``module:function`` from the settings with keyword arguments (a seam for checks and fault injection)."""
-    module_name, _, function_name = hook.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigurationError(f"hook {hook!r} cannot be imported: {error}") from error
-    function(**arguments)
 
 
 def check_configuration(settings: Settings) -> None:
@@ -101,83 +40,66 @@ def check_configuration(settings: Settings) -> None:
     except data.DataSourceError as error:
         raise ConfigurationError(str(error)) from error
     if settings.tracking_uri.startswith(("http://", "https://")):
-        _probe_tracking_server(settings.tracking_uri)
+        deployment.probe_tracking_server(settings.tracking_uri)
     registry.ensure_registered_model(registry.client_for(settings), settings.model_name)
 
 
-def _probe_tracking_server(uri: str) -> None:
-    """One quick request, so that an unreachable server is reported at once, not after the client's backoff."""
-    import httpx
-
-    try:
-        httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
-    except httpx.HTTPError as error:
-        raise TrackingServerUnavailable(f"MLflow tracking server {uri} does not answer: {error}") from error
-
-
-class TrackingServerUnavailable(RuntimeError):
-    """The tracking server did not answer; worth a retry, unlike a configuration error."""
-
-
-def extract(settings: Settings, run: RunContext) -> dict[str, Any]:
+def extract(settings: Settings, run: RunContext) -> ExtractResult:
+    """Read the data source and write a content-addressed snapshot; note whether Production was trained on it."""
     check_configuration(settings)
     source = data.describe_source(settings.data_source, settings.data_query)
     log.info("extracting data from %s", source)
     frame = data.load_source(settings.data_source, settings.data_query, settings.label_column)
     snapshot = data.write_snapshot(frame, settings.data_store)
     log.info("extracted %d rows x %d columns; snapshot %s", snapshot.rows, len(snapshot.columns), snapshot.uri)
-    result = {
-        "data_extracted": True,
-        "records": snapshot.rows,
-        "source": source,
-        "snapshot_uri": snapshot.uri,
-        "digest": snapshot.digest,
-        "columns": snapshot.columns,
-    }
-    return {**result, **_freshness(settings, snapshot.digest)}
+    trained_on_it = _production_trained_on(settings, snapshot.digest)
+    return ExtractResult(
+        records=snapshot.rows,
+        source=source,
+        snapshot_uri=snapshot.uri,
+        digest=snapshot.digest,
+        columns=snapshot.columns,
+        trained_on_same_data=trained_on_it,
+        skip=Skip(NO_NEW_DATA, trained_on_it) if trained_on_it is not None and not settings.force_retrain else None,
+    )
 
 
-NO_NEW_DATA = "no new data"
-
-
-def _freshness(settings: Settings, digest: str) -> dict[str, Any]:
-    """Whether the Production version was trained on this very data; if so (and not forced) the run is a no-op."""
+def _production_trained_on(settings: Settings, digest: str) -> int | None:
+    """The Production version, if it was trained on this very data; if so (and not forced) the run is a no-op."""
     client = registry.client_for(settings)
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
-    unchanged = champion is not None and champion.tags.get("mlops.data.digest") == digest
-    if not unchanged:
-        return {"unchanged": False}
+    if champion is None or champion.tags.get(tags.DATA_DIGEST) != digest:
+        return None
     if settings.force_retrain:
         log.info("Production version %s was trained on this data; retraining anyway (force_retrain)", champion.version)
-        return {"unchanged": True, "production_version": champion.version}
-    log.info("Production version %s was trained on this data (digest %s): %s", champion.version, digest, NO_NEW_DATA)
-    return {"unchanged": True, "production_version": champion.version, "skipped_reason": NO_NEW_DATA}
+    else:
+        log.info(
+            "Production version %s was trained on this data (digest %s): %s", champion.version, digest, NO_NEW_DATA
+        )
+    return champion.version
 
 
-def _skipped(upstream: Mapping[str, Any] | None, **contract: Any) -> dict[str, Any] | None:
-    """The result of a step that has nothing to do because an earlier one found no new data; None otherwise."""
-    if not upstream or not upstream.get("skipped_reason"):
-        return None
-    log.info("nothing to do: %s", upstream["skipped_reason"])
-    return {
-        **contract,
-        "skipped_reason": upstream["skipped_reason"],
-        "production_version": upstream.get("production_version"),
-    }
+def _nothing_to_do(skip: Skip) -> Skip:
+    log.info("nothing to do: %s", skip.reason)
+    return skip
 
 
-def transform(settings: Settings, run: RunContext, extract_result: Mapping[str, Any]) -> dict[str, Any]:
-    columns = extract_result.get("columns") or []
-    features = len([c for c in columns if c != settings.label_column])
-    if skipped := _skipped(extract_result, data_transformed=False, features=features, digest=extract_result["digest"]):
-        return skipped
-    if not extract_result.get("data_extracted"):
-        raise ValueError("Data extraction failed")
-    frame = data.read_frame(extract_result["snapshot_uri"])
+def transform(settings: Settings, run: RunContext, extracted: ExtractResult) -> TransformResult:
+    """Validate the snapshot and write a stratified, seeded train/test split."""
+    if extracted.skip:
+        features = [c for c in extracted.columns if c != settings.label_column]
+        return TransformResult(
+            feature_names=features,
+            label_column=settings.label_column,
+            digest=extracted.digest,
+            snapshot_uri=extracted.snapshot_uri,
+            skip=_nothing_to_do(extracted.skip),
+        )
+    frame = data.read_frame(extracted.snapshot_uri)
     features = data.validate_frame(
         frame,
         label=settings.label_column,
-        source=extract_result.get("source", settings.data_source),
+        source=extracted.source,
         min_rows=settings.min_rows,
         min_rows_per_class=settings.min_rows_per_class,
         expected_features=production_features(settings) if settings.enforce_production_schema else None,
@@ -194,19 +116,17 @@ def transform(settings: Settings, run: RunContext, extract_result: Mapping[str, 
     log.info(
         "split %d rows: %d train, %d test, %d features", len(frame), split.train_rows, split.test_rows, len(features)
     )
-    return {
-        "data_transformed": True,
-        "features": len(features),
-        "feature_names": split.features,
-        "label_column": split.label,
-        "classes": split.classes,
-        "train_uri": split.train_uri,
-        "test_uri": split.test_uri,
-        "train_rows": split.train_rows,
-        "test_rows": split.test_rows,
-        "digest": extract_result["digest"],
-        "snapshot_uri": extract_result["snapshot_uri"],
-    }
+    return TransformResult(
+        feature_names=split.features,
+        label_column=split.label,
+        digest=extracted.digest,
+        snapshot_uri=extracted.snapshot_uri,
+        classes=split.classes,
+        train_uri=split.train_uri,
+        test_uri=split.test_uri,
+        train_rows=split.train_rows,
+        test_rows=split.test_rows,
+    )
 
 
 def production_features(settings: Settings) -> list[str] | None:
@@ -215,18 +135,13 @@ def production_features(settings: Settings) -> list[str] | None:
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
     if champion is None:
         return None
-    mlflow = _mlflow(settings)
-    signature = mlflow.models.get_model_info(f"models:/{settings.model_name}/{champion.version}").signature
-    return signature.inputs.input_names() if signature is not None else None
+    return tracking.input_names(tracking.connect(settings), f"models:/{settings.model_name}/{champion.version}")
 
 
-def train(settings: Settings, run: RunContext, transform_result: Mapping[str, Any]) -> dict[str, Any]:
-    if skipped := _skipped(
-        transform_result, model_trained=False, accuracy=None, model_name=settings.model_name, model_version=None
-    ):
-        return skipped
-    if not transform_result.get("data_transformed"):
-        raise ValueError("Data transformation failed")
+def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainResult:
+    """Fit the pipeline, log the run to MLflow and register the model as a new version (once per DAG run)."""
+    if split.skip:
+        return TrainResult(model_name=settings.model_name, skip=_nothing_to_do(split.skip))
     from ml import training
 
     client = registry.client_for(settings)
@@ -237,26 +152,29 @@ def train(settings: Settings, run: RunContext, transform_result: Mapping[str, An
             "version %s was already registered for %s; a retry registers nothing new", existing.version, run.run_key
         )
         metrics = client.get_run(existing.run_id).data.metrics if existing.run_id else {}
-        drift_fields = drift.fields_from_tags(existing.tags, settings.drift_threshold)
-        accuracy = metrics.get("accuracy", 0.0)
-        return _train_result(
-            settings, transform_result, existing.version, existing.run_id or "", accuracy, drift_fields
+        return TrainResult(
+            model_name=settings.model_name,
+            model_version=existing.version,
+            accuracy=float(metrics.get("accuracy", 0.0)),
+            run_id=existing.run_id or "",
+            model_family=settings.model_family,
+            drift=drift.fields_from_tags(existing.tags, settings.drift_threshold),
         )
-    train_frame = data.read_frame(transform_result["train_uri"])
-    test_frame = data.read_frame(transform_result["test_uri"])
-    features, label = transform_result["feature_names"], transform_result["label_column"]
+    train_frame = data.read_frame(split.train_uri)
+    test_frame = data.read_frame(split.test_uri)
+    features, label = split.feature_names, split.label_column
     hyperparameters = training.resolve_hyperparameters(settings.model_family, settings.hyperparameters)
     pipeline = training.build_pipeline(settings.model_family, settings.hyperparameters, settings.random_seed)
 
-    drift_report, drift_reference = _drift_against_production(settings, client, transform_result)
+    drift_report, drift_reference = _drift_against_production(settings, client, split)
     drift_tags = drift.version_tags(drift_report, settings.drift_threshold, drift_reference)
-    mlflow = _mlflow(settings)
+    mlflow = tracking.connect(settings)
     lineage = {
         **run.lineage_tags(),
-        "mlops.data.digest": transform_result["digest"],
-        "mlops.data.snapshot_uri": transform_result["snapshot_uri"],
-        "mlops.random_seed": str(settings.random_seed),
-        "mlops.model_family": settings.model_family,
+        tags.DATA_DIGEST: split.digest,
+        tags.DATA_SNAPSHOT_URI: split.snapshot_uri,
+        tags.RANDOM_SEED: str(settings.random_seed),
+        tags.MODEL_FAMILY: settings.model_family,
     }
     with mlflow.start_run(run_name=f"{run.run_id} try {run.try_number}", tags=lineage) as active:
         mlflow.log_params(
@@ -268,7 +186,15 @@ def train(settings: Settings, run: RunContext, transform_result: Mapping[str, An
                 "features": len(features),
             }
         )
-        _log_datasets(mlflow, train_frame, test_frame, transform_result, label)
+        tracking.log_datasets(
+            mlflow,
+            train_frame,
+            test_frame,
+            train_uri=split.train_uri,
+            test_uri=split.test_uri,
+            digest=split.digest,
+            label=label,
+        )
         log.info("fitting %s on %d rows", settings.model_family, len(train_frame))
         pipeline.fit(train_frame[features], train_frame[label])
         predictions = pipeline.predict(test_frame[features])
@@ -278,26 +204,30 @@ def train(settings: Settings, run: RunContext, transform_result: Mapping[str, An
         figure = evaluation.confusion_matrix_figure(
             predictions, test_frame[label], f"{settings.model_family}: held-out set"
         )
-        mlflow.log_figure(figure, "evaluation/confusion_matrix.png")
-        _close(figure)
+        tracking.log_figure(mlflow, figure, "evaluation/confusion_matrix.png")
         if drift_report is not None:
             drift.log_report(mlflow, drift_report, settings.drift_threshold, drift_reference)
         mlflow.set_tags(drift_tags)
-        model_uri = _log_model(mlflow, pipeline, train_frame[features])
-        log.info("logged model %s; registering as %s", model_uri, settings.model_name)
-        version = mlflow.register_model(model_uri, settings.model_name, tags={**lineage, **drift_tags})
+        model_uri = tracking.log_model(mlflow, pipeline, train_frame[features])
+        version = registry.register_version(settings, model_uri, {**lineage, **drift_tags})
         run_id = active.info.run_id
-    log.info("registered %s version %s with accuracy %.4f", settings.model_name, version.version, metrics["accuracy"])
-    drift_fields = drift.result_fields(drift_report, settings.drift_threshold, drift_reference)
-    return _train_result(settings, transform_result, int(version.version), run_id, metrics["accuracy"], drift_fields)
+    log.info("registered %s version %s with accuracy %.4f", settings.model_name, version, metrics["accuracy"])
+    return TrainResult(
+        model_name=settings.model_name,
+        model_version=version,
+        accuracy=float(metrics["accuracy"]),
+        run_id=run_id,
+        model_family=settings.model_family,
+        drift=drift.result_fields(drift_report, settings.drift_threshold, drift_reference),
+    )
 
 
 def _drift_against_production(
-    settings: Settings, client: Any, transform_result: Mapping[str, Any]
+    settings: Settings, client: Any, split: TransformResult
 ) -> tuple[drift.DriftReport | None, int | None]:
     """Compare this run's data with the snapshot the Production version was trained on (none: nothing to compare)."""
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
-    reference_uri = champion.tags.get("mlops.data.snapshot_uri") if champion else None
+    reference_uri = champion.tags.get(tags.DATA_SNAPSHOT_URI) if champion else None
     if champion is None or not reference_uri:
         log.info("no Production version with a data snapshot to measure drift against")
         return None, None
@@ -306,7 +236,7 @@ def _drift_against_production(
     except data.DataSourceError as error:
         log.warning("cannot measure drift against Production version %s: %s", champion.version, error)
         return None, None
-    report = drift.compare(reference, data.read_frame(transform_result["snapshot_uri"]), label=settings.label_column)
+    report = drift.compare(reference, data.read_frame(split.snapshot_uri), label=settings.label_column)
     log.info(
         "drift against Production version %s: largest PSI %.4f (%s), smallest KS p-value %.3g",
         champion.version,
@@ -317,42 +247,24 @@ def _drift_against_production(
     return report, champion.version
 
 
-def _train_result(
-    settings: Settings,
-    transform_result: Mapping[str, Any],
-    version: int,
-    run_id: str,
-    accuracy: float,
-    drift_fields: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "model_trained": True,
-        "accuracy": float(accuracy),
-        "run_id": run_id,
-        "model_name": settings.model_name,
-        "model_version": version,
-        "model_uri": f"models:/{settings.model_name}/{version}",
-        "model_family": settings.model_family,
-        "test_uri": transform_result["test_uri"],
-        "label_column": transform_result["label_column"],
-        "feature_names": transform_result["feature_names"],
-        "digest": transform_result["digest"],
-        **(drift_fields or {}),
-    }
-
-
-def validate(settings: Settings, run: RunContext, train_result: Mapping[str, Any]) -> dict[str, Any]:
-    if skipped := _skipped(
-        train_result, validation="skipped", accuracy=None, reasons=[NO_NEW_DATA], model_version=None
-    ):
-        return skipped
-    if not train_result.get("model_trained"):
-        raise ValueError("Model training failed")
-    mlflow = _mlflow(settings)
+def validate(settings: Settings, run: RunContext, trained: TrainResult, split: TransformResult) -> ValidateResult:
+    """Score the version and the Production version on the held-out set; record the verdict on the version."""
+    if trained.skip:
+        skip = _nothing_to_do(trained.skip)
+        return ValidateResult(
+            model_name=settings.model_name,
+            model_version=None,
+            passed=False,
+            accuracy=None,
+            reasons=[NO_NEW_DATA],
+            skip=skip,
+        )
+    assert trained.model_version is not None, "a trained result names its version"
+    mlflow = tracking.connect(settings)
     client = registry.client_for(settings)
-    name, version = settings.model_name, int(train_result["model_version"])
-    test_frame = data.read_frame(train_result["test_uri"])
-    features, label = train_result["feature_names"], train_result["label_column"]
+    name, version = settings.model_name, trained.model_version
+    test_frame = data.read_frame(split.test_uri)
+    features, label = split.feature_names, split.label_column
     candidate = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     accuracy = evaluation.score(candidate.predict(test_frame[features]), test_frame[label])["accuracy"]
 
@@ -367,51 +279,47 @@ def validate(settings: Settings, run: RunContext, train_result: Mapping[str, Any
         champion_version=champion.version if champion else None,
         tolerance=settings.champion_tolerance,
         compare_with_champion=settings.compare_with_champion,
-        drift=train_result.get("drift_max_psi"),
+        drift=trained.drift_max_psi,
         drift_threshold=settings.drift_threshold,
         drift_margin=settings.drift_margin,
     )
-    status = "passed" if verdict.passed else "failed"
+    result = ValidateResult(
+        model_name=name,
+        model_version=version,
+        passed=verdict.passed,
+        accuracy=accuracy,
+        reasons=verdict.reasons,
+        threshold=settings.accuracy_threshold,
+        champion_version=champion.version if champion else None,
+        champion_accuracy=champion_accuracy,
+        run_id=trained.run_id,
+        drift=trained.drift,
+        drift_margin_required=settings.drift_margin if trained.drift.get("drift_high") else None,
+    )
     registry.set_version_tags(
         client,
         name,
         version,
         {
-            registry.VALIDATION_STATUS_TAG: status,
-            "mlops.validation.accuracy": accuracy,
-            "mlops.validation.threshold": settings.accuracy_threshold,
-            "mlops.validation.champion_version": champion.version if champion else "none",
-            "mlops.validation.champion_accuracy": champion_accuracy if champion_accuracy is not None else "none",
-            "mlops.validation.reasons": "; ".join(verdict.reasons) or "all checks passed",
-            "mlops.validation.validated_at": registry.utc_now(),
+            tags.VALIDATION_STATUS: result.status,
+            tags.VALIDATION_ACCURACY: accuracy,
+            tags.VALIDATION_THRESHOLD: settings.accuracy_threshold,
+            tags.VALIDATION_CHAMPION_VERSION: champion.version if champion else "none",
+            tags.VALIDATION_CHAMPION_ACCURACY: champion_accuracy if champion_accuracy is not None else "none",
+            tags.VALIDATION_REASONS: "; ".join(verdict.reasons) or "all checks passed",
+            tags.VALIDATION_VALIDATED_AT: registry.utc_now(),
         },
     )
     metrics = {"validation_accuracy": accuracy}
     if champion_accuracy is not None:
         metrics["champion_accuracy"] = champion_accuracy
-    if train_result.get("run_id"):
-        client.log_batch(train_result["run_id"], metrics=_metric_list(metrics))
+    if trained.run_id:
+        tracking.log_metrics_to_run(client, trained.run_id, metrics)
     if verdict.passed:
         log.info("version %s passed validation: accuracy %.4f >= %.4f", version, accuracy, settings.accuracy_threshold)
     else:
         log.warning("version %s failed validation: %s", version, "; ".join(verdict.reasons))
-    return {
-        "validation": status,
-        "accuracy": accuracy,
-        "threshold": settings.accuracy_threshold,
-        "champion_version": champion.version if champion else None,
-        "champion_accuracy": champion_accuracy,
-        "reasons": verdict.reasons,
-        "model_name": name,
-        "model_version": version,
-        "run_id": train_result.get("run_id"),
-        "test_uri": train_result["test_uri"],
-        "feature_names": features,
-        "label_column": label,
-        "digest": train_result.get("digest"),
-        **{key: value for key, value in train_result.items() if key.startswith("drift_")},
-        "drift_margin_required": settings.drift_margin if train_result.get("drift_high") else None,
-    }
+    return result
 
 
 def _score_champion(
@@ -428,181 +336,100 @@ def _score_champion(
     return evaluation.score(predictions, test_frame[label])["accuracy"]
 
 
-def deploy(settings: Settings, run: RunContext, validation_result: Mapping[str, Any]) -> dict[str, Any]:
-    production = validation_result.get("production_version")
-    if skipped := _skipped(
-        validation_result,
-        deployed=False,
-        version=None,
-        model_name=settings.model_name,
-        previous_version=production,
-        promoted=False,
-        health_check="not_run",
-        reason=f"{NO_NEW_DATA}: Production version {production} was trained on the same data",
-    ):
-        return skipped
+def deploy(settings: Settings, run: RunContext, validated: ValidateResult, split: TransformResult) -> DeployResult:
+    """Promote a passing version to Production (stage and alias), then check that it serves as validated."""
+    name = settings.model_name
+    if validated.skip:
+        production = validated.skip.production_version
+        return DeployResult(
+            deployed=False,
+            model_name=name,
+            model_version=None,
+            previous_version=production,
+            promoted=False,
+            health_check="not_run",
+            reason=f"{NO_NEW_DATA}: Production version {production} was trained on the same data",
+            skip=_nothing_to_do(validated.skip),
+        )
+    assert validated.model_version is not None and validated.accuracy is not None, "a verdict names its version"
     client = registry.client_for(settings)
-    name, version = settings.model_name, int(validation_result["model_version"])
+    version = validated.model_version
     current = registry.production_version(client, name, settings.production_alias)
     previous = current.version if current else None
-    base = {"version": version, "model_name": name, "previous_version": previous}
-    if validation_result["validation"] != "passed":
-        reason = "validation failed: " + ("; ".join(validation_result.get("reasons") or []) or "unknown")
-        log.warning("not deploying version %s (accuracy %s): %s", version, validation_result.get("accuracy"), reason)
-        registry.set_version_tags(
-            client, name, version, {registry.DEPLOYMENT_STATUS_TAG: "rejected", "mlops.deployment.reason": reason}
-        )
-        return {"deployed": False, **base, "promoted": False, "health_check": "not_run", "reason": reason}
-    reason = f"passed validation with accuracy {validation_result['accuracy']:.4f}"
+
+    def not_deployed(reason: str, *, promoted: bool = False, health_check: str = "not_run") -> DeployResult:
+        return DeployResult(False, name, version, previous, promoted, health_check, reason)
+
+    if not validated.passed:
+        reason = "validation failed: " + ("; ".join(validated.reasons) or "unknown")
+        log.warning("not deploying version %s (accuracy %s): %s", version, validated.accuracy, reason)
+        _record_refusal(client, name, version, "rejected", reason)
+        return not_deployed(reason)
+    reason = f"passed validation with accuracy {validated.accuracy:.4f}"
     if current is not None and current.version == version:
-        previous = _int_or_none(current.tags.get("mlops.deployment.replaced_version"))
-        base["previous_version"] = previous
+        previous = _int_or_none(current.tags.get(tags.DEPLOYMENT_REPLACED_VERSION))
         log.info("version %s was already promoted by an earlier try of this run", version)
     else:
-        validated_against = validation_result.get("champion_version", previous)
         try:
-            registry.promote(settings, version, expected_current=validated_against, actor=run.actor, reason=reason)
+            registry.promote(
+                settings, version, expected_current=validated.champion_version, actor=run.actor, reason=reason
+            )
         except registry.ProductionMovedError as error:
             log.warning("not deploying version %s: %s", version, error)
-            registry.set_version_tags(
-                client,
-                name,
-                version,
-                {registry.DEPLOYMENT_STATUS_TAG: "superseded", "mlops.deployment.reason": str(error)},
-            )
-            return {"deployed": False, **base, "promoted": False, "health_check": "not_run", "reason": str(error)}
-    problems = check_deployment(settings, version, validation_result)
+            _record_refusal(client, name, version, "superseded", str(error))
+            return not_deployed(str(error))
+    problems = deployment.check_deployment(settings, version, split, validated.accuracy)
     if problems:
         log.error("post-deploy check of version %s failed: %s", version, "; ".join(problems))
-        return {
-            "deployed": False,
-            **base,
-            "promoted": True,
-            "health_check": "failed",
-            "reason": "post-deploy check failed: " + "; ".join(problems),
-        }
+        return not_deployed("post-deploy check failed: " + "; ".join(problems), promoted=True, health_check="failed")
     log.info("version %s is Production and serves as validated", version)
-    return {"deployed": True, **base, "promoted": True, "health_check": "passed", "reason": reason}
+    return DeployResult(True, name, version, previous, True, "passed", reason)
 
 
-def check_deployment(settings: Settings, version: int, validation_result: Mapping[str, Any]) -> list[str]:
-    """Load what the Production alias now serves and check it is this version and predicts as validated."""
-    if not settings.post_deploy_check:
-        return []
-    mlflow = _mlflow(settings)
+def _record_refusal(client: Any, name: str, version: int, status: str, reason: str) -> None:
+    registry.set_version_tags(client, name, version, {tags.DEPLOYMENT_STATUS: status, tags.DEPLOYMENT_REASON: reason})
+
+
+def archive(settings: Settings, run: RunContext, deployed: DeployResult) -> ArchiveResult:
+    """Write the deployment record onto the deployed version as tags."""
+    if deployed.skip:
+        return ArchiveResult(archived=False, model_version=None, skip=_nothing_to_do(deployed.skip))
+    if not deployed.deployed or deployed.model_version is None:
+        log.info("version %s was not deployed; nothing to archive", deployed.model_version)
+        return ArchiveResult(archived=False, model_version=deployed.model_version)
     client = registry.client_for(settings)
-    name, alias = settings.model_name, settings.production_alias
-    served = registry.production_version(client, name, alias)
-    if served is None or served.version != version:
-        return [f"alias {alias!r} points at {served.version if served else 'nothing'}, not version {version}"]
-    model_uri = f"models:/{name}@{alias}"
-    problems = []
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-        test_frame = data.read_frame(validation_result["test_uri"])
-        features, label = validation_result["feature_names"], validation_result["label_column"]
-        predictions = model.predict(test_frame[features])
-        served_accuracy = evaluation.score(predictions, test_frame[label])["accuracy"]
-        if abs(served_accuracy - float(validation_result["accuracy"])) > 1e-9:
-            problems.append(f"{model_uri} scores {served_accuracy:.4f}, validated {validation_result['accuracy']:.4f}")
-        elif settings.serving_url:
-            problems.extend(
-                check_model_server(
-                    settings.serving_url, version, test_frame[features], predictions, settings.serving_timeout
-                )
-            )
-    except Exception as error:
-        problems.append(f"{model_uri} does not serve: {type(error).__name__}: {error}")
-    if not problems and settings.deploy_check_hook:
-        problems.extend(_run_deploy_check_hook(settings.deploy_check_hook, model_uri, version))
-    return problems
-
-
-def check_model_server(url: str, version: int, features: Any, expected: Any, timeout: float) -> list[str]:
-    """Wait for the model server to follow Production to ``version``, then check it answers as the model does."""
-    import time
-
-    import httpx
-
-    base = url.rstrip("/")
-    deadline = time.monotonic() + timeout
-    serving = None
-    while time.monotonic() < deadline:
-        try:
-            serving = httpx.get(f"{base}/version", timeout=5).json().get("version")
-        except (httpx.HTTPError, ValueError):
-            serving = None
-        if serving == version:
-            break
-        time.sleep(0.5)
-    else:
-        return [f"model server {base} still serves version {serving} {timeout:.0f} s after the promotion"]
-    sample = features.head(20)
-    response = httpx.post(
-        f"{base}/invocations", json={"dataframe_split": sample.to_dict(orient="split", index=False)}, timeout=30
-    )
-    answered_by = response.headers.get("X-Model-Version")
-    if response.status_code != 200 or answered_by != str(version):
-        return [f"model server {base} answered HTTP {response.status_code} from version {answered_by}"]
-    served = [str(p) for p in response.json()["predictions"]]
-    if served != [str(p) for p in list(expected[: len(sample)])]:
-        return [f"model server {base} predicts differently from version {version} loaded from the registry"]
-    log.info("model server %s serves version %s and answers as validated", base, version)
-    return []
-
-
-def _run_deploy_check_hook(hook: str, model_uri: str, version: int) -> list[str]:
-    """A user's extra check of the deployment; an exception means the check failed."""
-    try:
-        call_hook(hook, model_uri=model_uri, version=version)
-    except Exception as error:
-        return [f"deploy check hook {hook} failed: {type(error).__name__}: {error}"]
-    return []
-
-
-def archive(settings: Settings, run: RunContext, deploy_result: Mapping[str, Any]) -> dict[str, Any]:
-    if skipped := _skipped(deploy_result, archived=False, version=None, record={}):
-        return skipped
-    if not deploy_result.get("deployed"):
-        log.info("version %s was not deployed; nothing to archive", deploy_result.get("version"))
-        return {"archived": False, "version": deploy_result.get("version"), "record": {}}
-    client = registry.client_for(settings)
-    name, version = settings.model_name, int(deploy_result["version"])
+    name, version = settings.model_name, deployed.model_version
     info = registry.get_version(client, name, version)
     record = {
-        "mlops.deployment.deployed_at": registry.utc_now(),
-        "mlops.deployment.airflow_dag_id": run.dag_id,
-        "mlops.deployment.airflow_run_id": run.run_id,
-        "mlops.deployment.accuracy": info.tags.get("mlops.validation.accuracy", ""),
-        "mlops.deployment.data_digest": info.tags.get("mlops.data.digest", ""),
-        "mlops.deployment.replaced_version": deploy_result.get("previous_version") or "none",
-        "mlops.deployment.health_check": deploy_result.get("health_check", "passed"),
+        tags.DEPLOYMENT_DEPLOYED_AT: registry.utc_now(),
+        tags.DEPLOYMENT_AIRFLOW_DAG_ID: run.dag_id,
+        tags.DEPLOYMENT_AIRFLOW_RUN_ID: run.run_id,
+        tags.DEPLOYMENT_ACCURACY: info.tags.get(tags.VALIDATION_ACCURACY, ""),
+        tags.DEPLOYMENT_DATA_DIGEST: info.tags.get(tags.DATA_DIGEST, ""),
+        tags.DEPLOYMENT_REPLACED_VERSION: deployed.previous_version or "none",
+        tags.DEPLOYMENT_HEALTH_CHECK: deployed.health_check,
     }
     registry.set_version_tags(client, name, version, record)
     log.info("recorded the deployment of %s version %s", name, version)
-    return {"archived": True, "version": version, "record": record}
+    return ArchiveResult(archived=True, model_version=version, record=record)
 
 
-def rollback(settings: Settings, run: RunContext, deploy_result: Mapping[str, Any] | None) -> dict[str, Any]:
+def rollback(settings: Settings, run: RunContext, deployed: DeployResult | None) -> RollbackResult:
     """Restore the prior Production unless this run ended with a healthy new Production version.
 
-    ``deploy_result`` is ``None`` when deploy_model failed or never ran; the registry then says what this run did.
+    ``deployed`` is ``None`` when deploy_model failed or never ran; the registry then says what this run did.
     """
     client = registry.client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     current = registry.production_version(client, name, alias)
     current_number = current.version if current else None
-    if skipped := _skipped(deploy_result, rollback_performed=False, restored_version=None, reason=NO_NEW_DATA):
-        return {**skipped, "production_version": current_number}
-    if deploy_result and deploy_result.get("deployed"):
-        log.info("version %s deployed and healthy; no rollback needed", deploy_result.get("version"))
-        return {
-            "rollback_performed": False,
-            "restored_version": None,
-            "production_version": current_number,
-            "reason": "deployment healthy",
-        }
-    candidate = _candidate_of_run(client, name, run, deploy_result)
+    if deployed is not None and deployed.skip:
+        return RollbackResult(False, current_number, NO_NEW_DATA, skip=_nothing_to_do(deployed.skip))
+    if deployed is not None and deployed.deployed:
+        log.info("version %s deployed and healthy; no rollback needed", deployed.model_version)
+        return RollbackResult(False, current_number, "deployment healthy")
+    candidate = _candidate_of_run(client, name, run, deployed)
+    why = (deployed.reason if deployed else "") or "deploy_model did not complete"
     if candidate is None or current_number != candidate:
         reason = (
             "this run registered no version" if candidate is None else f"version {candidate} never became Production"
@@ -610,32 +437,20 @@ def rollback(settings: Settings, run: RunContext, deploy_result: Mapping[str, An
         log.info("no rollback needed: %s; Production stays %s", reason, current_number)
         registry.reconcile_production(settings)
         if candidate is not None:
-            why = (deploy_result or {}).get("reason") or "deploy_model did not complete"
             registry.mark_rolled_back_if_demoted(settings, candidate, f"left Production before this run ended: {why}")
-        return {
-            "rollback_performed": False,
-            "restored_version": None,
-            "production_version": current_number,
-            "reason": reason,
-        }
-    previous = (deploy_result or {}).get("previous_version")
-    if not deploy_result:
+        return RollbackResult(False, current_number, reason)
+    if deployed is not None:
+        previous = deployed.previous_version
+    else:
         previous = registry.previous_production_version(client, name, candidate)
-    reason = (deploy_result or {}).get("reason") or "deploy_model did not complete"
-    log.warning("rolling back %s version %s to %s: %s", name, candidate, previous, reason)
-    after = registry.restore(settings, failed_version=candidate, restore_to=previous, actor=run.actor, reason=reason)
-    return {
-        "rollback_performed": True,
-        "restored_version": previous,
-        "rolled_back_version": candidate,
-        "production_version": after,
-        "reason": reason,
-    }
+    log.warning("rolling back %s version %s to %s: %s", name, candidate, previous, why)
+    after = registry.restore(settings, failed_version=candidate, restore_to=previous, actor=run.actor, reason=why)
+    return RollbackResult(True, after, why, restored_version=previous, rolled_back_version=candidate)
 
 
-def _candidate_of_run(client: Any, name: str, run: RunContext, deploy_result: Mapping[str, Any] | None) -> int | None:
-    if deploy_result and deploy_result.get("version") is not None:
-        return int(deploy_result["version"])
+def _candidate_of_run(client: Any, name: str, run: RunContext, deployed: DeployResult | None) -> int | None:
+    if deployed is not None and deployed.model_version is not None:
+        return deployed.model_version
     found = registry.find_version_for_run_key(client, name, run.run_key)
     return found.version if found else None
 
@@ -644,91 +459,10 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def _mlflow(settings: Settings) -> Any:
-    import mlflow
-
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    if settings.registry_uri:
-        mlflow.set_registry_uri(settings.registry_uri)
-    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
-    if experiment is None:
-        location = None
-        if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
-            location = _as_uri(settings.artifact_root)
-        try:
-            mlflow.create_experiment(settings.experiment_name, artifact_location=location)
-        except mlflow.exceptions.MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-    mlflow.set_experiment(settings.experiment_name)
-    return mlflow
-
-
-def _as_uri(location: str) -> str:
-    from pathlib import Path
-
-    return location if "://" in location else Path(location).expanduser().resolve().as_uri()
-
-
-def _log_datasets(
-    mlflow: Any, train_frame: Any, test_frame: Any, transform_result: Mapping[str, Any], label: str
-) -> None:
-    digest = transform_result["digest"]
-    for frame, context, uri in (
-        (train_frame, "training", transform_result["train_uri"]),
-        (test_frame, "evaluation", transform_result["test_uri"]),
-    ):
-        dataset = mlflow.data.from_pandas(
-            frame, source=_as_uri(uri), targets=label, name=f"snapshot-{digest[:12]}-{context}"
-        )
-        mlflow.log_input(dataset, context=context, tags={"snapshot_digest": digest})
-
-
-def _log_model(mlflow: Any, pipeline: Any, features: Any) -> str:
-    from importlib import metadata
-
-    from mlflow.models import infer_signature
-
-    requirements = [
-        f"{package}=={metadata.version(package)}"
-        for package in ("mlflow-skinny", "scikit-learn", "pandas", "numpy", "scipy")
-    ]
-    example = features.head(3)
-    signature = infer_signature(example, pipeline.predict(example))
-    info = mlflow.sklearn.log_model(
-        pipeline,
-        name="model",
-        signature=signature,
-        input_example=example,
-        pip_requirements=requirements,
-        skops_trusted_types=SKOPS_TRUSTED_TYPES,
-    )
-    return info.model_uri
-
-
-def _metric_list(metrics: Mapping[str, float]) -> list[Any]:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, 0) for key, value in metrics.items()]
-
-
-def _close(figure: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
-def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:
+def manual_rollback(settings: Settings, run: RunContext) -> ManualRollbackResult:
     """The mlops_rollback DAG's one step: put a chosen version back in Production."""
-    return run_step("rollback_production", context, manual_rollback)
-
-
-def manual_rollback(settings: Settings, run: RunContext) -> dict[str, Any]:
     target = str(run.params.get("target_version") or "previous")
     reason = str(run.params.get("reason") or "manual rollback from the Airflow UI")
     replaced, restored = registry.manual_rollback(settings, target, actor=run.actor, reason=reason)
     log.info("Production of %s: version %s -> %s (%s)", settings.model_name, replaced, restored, reason)
-    return {"rollback_performed": True, "replaced_version": replaced, "production_version": restored, "reason": reason}
+    return ManualRollbackResult(replaced_version=replaced, production_version=restored, reason=reason)

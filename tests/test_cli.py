@@ -139,7 +139,7 @@ def test_run_exit_status_says_what_happened(airflow_db, mlops_env):
 def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_name, hang_at):
     import signal
 
-    from ml import registry
+    from ml import registry, tags
     from ml.airflow_runner import run_dag
 
     assert run_dag().state == "success"
@@ -180,4 +180,4 @@ def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_na
     if hang_at == "train_model":
         assert candidates == [], "stopped before training: nothing registered"
     else:
-        assert [v.tags.get(registry.DEPLOYMENT_STATUS_TAG) for v in candidates] == ["rolled_back"]
+        assert [v.tags.get(tags.DEPLOYMENT_STATUS) for v in candidates] == ["rolled_back"]

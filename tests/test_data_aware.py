@@ -268,8 +268,10 @@ def test_initial_bulk_trains_the_first_production_version(loop):
 
 @pytest.mark.slow
 def test_asset_event_from_ingest_triggers_a_run_that_retrains_and_promotes(loop):
+    from airflow_harness import create_asset_triggered_runs, run_existing
+
     import mlflow
-    from ml.airflow_runner import create_asset_triggered_runs, run_dag, run_existing
+    from ml.airflow_runner import run_dag
 
     settings = loop["settings"]
     set_paused("mlops_pipeline", False)
@@ -346,9 +348,8 @@ def test_unchanged_data_ends_early_and_registers_nothing(loop):
 def test_asset_event_posted_to_the_rest_api_queues_a_run(loop):
     """The call an external system makes (see docs/data-aware.md), against Airflow's own API app, in process."""
     from airflow.api_fastapi.app import create_app
+    from airflow_harness import create_asset_triggered_runs, run_existing
     from fastapi.testclient import TestClient
-
-    from ml.airflow_runner import create_asset_triggered_runs, run_existing
 
     settings = loop["settings"]
     set_paused("mlops_pipeline", False)

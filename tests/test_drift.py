@@ -105,14 +105,14 @@ def test_tags_and_result_fields_round_trip(rng):
     reference, current = _frames(rng, shift=2.0)
     report = drift.compare(reference, current, label="target")
     tags = drift.version_tags(report, 0.2, 4)
-    assert tags[drift.MAX_PSI_FEATURE_TAG] == "a"
-    assert float(tags[drift.MAX_PSI_TAG]) == pytest.approx(report.max_psi, abs=1e-6)
+    assert tags["mlops.drift.max_psi_feature"] == "a"
+    assert float(tags["mlops.drift.max_psi"]) == pytest.approx(report.max_psi, abs=1e-6)
     fields = drift.result_fields(report, 0.2, 4)
     back = drift.fields_from_tags(tags, 0.2)
     assert back["drift_max_psi"] == pytest.approx(fields["drift_max_psi"], abs=1e-6)
     assert (back["drift_max_psi_feature"], back["drift_high"], back["drift_reference_version"]) == ("a", True, 4)
     none = drift.version_tags(None, 0.2, None)
-    assert none[drift.MAX_PSI_TAG] == "none"
+    assert none["mlops.drift.max_psi"] == "none"
     assert drift.fields_from_tags(none, 0.2) == drift.result_fields(None, 0.2, None)
 
 

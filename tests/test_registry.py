@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ml import registry
+from ml import registry, tags
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def registered(mlops_env, tmp_path):
         source.mkdir()
         version = client.create_model_version(mlops_env.model_name, source.as_uri())
         assert int(version.version) == number
-        registry.set_version_tags(client, mlops_env.model_name, number, {registry.VALIDATION_STATUS_TAG: status})
+        registry.set_version_tags(client, mlops_env.model_name, number, {tags.VALIDATION_STATUS: status})
     return mlops_env, client
 
 
@@ -35,7 +35,7 @@ def test_promotion_moves_stage_and_alias_and_archives_the_replaced(registered):
     assert replaced.version == 1
     assert production_markers(settings, client) == (2, [2])
     old = registry.get_version(client, settings.model_name, 1)
-    assert old.stage == "Archived" and old.tags[registry.DEPLOYMENT_STATUS_TAG] == "archived"
+    assert old.stage == "Archived" and old.tags[tags.DEPLOYMENT_STATUS] == "archived"
     assert old.tags["mlops.deployment.replaced_by"] == "2"
     new = registry.get_version(client, settings.model_name, 2)
     assert new.tags["mlops.deployment.replaced_version"] == "1" and new.aliases == ("production",)
@@ -58,7 +58,7 @@ def test_restore_puts_the_prior_version_back_and_marks_the_candidate(registered)
     assert production_markers(settings, client) == (1, [1])
     demoted = registry.get_version(client, settings.model_name, 2)
     assert demoted.stage == "Archived"
-    assert demoted.tags[registry.DEPLOYMENT_STATUS_TAG] == "rolled_back"
+    assert demoted.tags[tags.DEPLOYMENT_STATUS] == "rolled_back"
     assert demoted.tags["mlops.deployment.rollback_reason"] == "does not serve"
 
 
@@ -142,7 +142,7 @@ def test_a_run_key_finds_its_own_version_among_look_alikes(registered):
     settings, client = registered
     keys = {1: "mlops_pipeline/manual__2026-01-01T00:00:00+00:00", 2: "mlops_pipeline/it's quoted", 3: "both ' and \""}
     for number, key in keys.items():
-        registry.set_version_tags(client, settings.model_name, number, {registry.RUN_KEY_TAG: key})
+        registry.set_version_tags(client, settings.model_name, number, {tags.AIRFLOW_RUN_KEY: key})
     for number, key in keys.items():
         assert registry.find_version_for_run_key(client, settings.model_name, key).version == number
     assert registry.find_version_for_run_key(client, settings.model_name, "mlops_pipeline/%") is None

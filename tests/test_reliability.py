@@ -14,9 +14,10 @@ import time
 import fault_hooks
 import pytest
 
-from ml import registry, steps
+from ml import registry, steps, tags
 from ml.airflow_runner import run_dag
 from ml.context import RunContext
+from ml.results import TransformResult
 from ml.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -199,7 +200,7 @@ def test_tracking_server_down_during_a_step(fragile_server, monkeypatch, step):
     assert assert_consistent(settings) == recovered.result("train_model")["model_version"]
 
 
-def _train_in_a_child(home: str, tracking_uri: str, transform_result: dict, run_id: str) -> None:
+def _train_in_a_child(home: str, tracking_uri: str, transform_result: TransformResult, run_id: str) -> None:
     os.environ.update({"MLOPS_HOME": home, "MLFLOW_TRACKING_URI": tracking_uri})
     steps.train(Settings.from_env(), RunContext("mlops_pipeline", run_id, 1, {}), transform_result)
 
@@ -236,9 +237,9 @@ def test_worker_killed_during_train_registers_exactly_one_version(mlops_env, kil
     matching = [
         v
         for v in registry.list_versions(client, mlops_env.model_name)
-        if v.tags.get(registry.RUN_KEY_TAG) == run.run_key
+        if v.tags.get(tags.AIRFLOW_RUN_KEY) == run.run_key
     ]
-    assert [v.version for v in matching] == [retried["model_version"]]
+    assert [v.version for v in matching] == [retried.model_version]
     assert versions(mlops_env) == 1
 
 
@@ -297,7 +298,7 @@ def test_manual_rollback_while_a_run_is_deploying(airflow_db, mlops_env, monkeyp
     assert run.result("rollback_model")["rollback_performed"] is False
     assert assert_consistent(mlops_env) == 1
     candidate = registry.get_version(registry.client_for(mlops_env), mlops_env.model_name, 3)
-    assert candidate.tags[registry.DEPLOYMENT_STATUS_TAG] == "superseded"
+    assert candidate.tags[tags.DEPLOYMENT_STATUS] == "superseded"
     events = registry.deployment_history(registry.client_for(mlops_env), mlops_env.model_name)
     assert [(e.event, e.version) for e in events] == [("promoted", 1), ("promoted", 2), ("manual_rollback", 1)]
 

@@ -1,0 +1,343 @@
+"""What each pipeline step returns: a frozen dataclass per step, and the small JSON dict it becomes in XCom.
+
+``to_xcom()`` emits the contract's keys (the seed's ``data_extracted``, ``records``, ``features``, ...) beside the
+real fields; ``from_xcom()`` reads such a dict back for the step downstream. A model version is ``model_version``
+everywhere; deploy_model's and archive_model's dicts also keep the documented key ``version``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+NO_NEW_DATA = "no new data"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Why a step had nothing to do (an earlier one found no new data), and the Production version left in place."""
+
+    reason: str
+    production_version: int | None
+
+    def fields(self) -> dict[str, Any]:
+        return {"skipped_reason": self.reason, "production_version": self.production_version}
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any] | None) -> Skip | None:
+        if not result or not result.get("skipped_reason"):
+            return None
+        return cls(str(result["skipped_reason"]), _int_or_none(result.get("production_version")))
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    records: int
+    source: str
+    snapshot_uri: str
+    digest: str
+    columns: list[str]
+    # The Production version, when it was trained on this very data (same digest).
+    trained_on_same_data: int | None = None
+    skip: Skip | None = None
+
+    def to_xcom(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "data_extracted": True,
+            "records": self.records,
+            "source": self.source,
+            "snapshot_uri": self.snapshot_uri,
+            "digest": self.digest,
+            "columns": self.columns,
+            "unchanged": self.trained_on_same_data is not None,
+        }
+        if self.trained_on_same_data is not None:
+            result["production_version"] = self.trained_on_same_data
+        return result | (self.skip.fields() if self.skip else {})
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> ExtractResult:
+        if not result.get("data_extracted"):
+            raise ValueError("Data extraction failed")
+        return cls(
+            records=int(result["records"]),
+            source=str(result["source"]),
+            snapshot_uri=str(result["snapshot_uri"]),
+            digest=str(result["digest"]),
+            columns=list(result["columns"]),
+            trained_on_same_data=_int_or_none(result.get("production_version")) if result.get("unchanged") else None,
+            skip=Skip.from_xcom(result),
+        )
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """The validated data, split: where the train and test sets are and what their columns mean."""
+
+    feature_names: list[str]
+    label_column: str
+    digest: str
+    snapshot_uri: str
+    classes: list[Any] = field(default_factory=list)
+    train_uri: str = ""
+    test_uri: str = ""
+    train_rows: int = 0
+    test_rows: int = 0
+    skip: Skip | None = None
+
+    def to_xcom(self) -> dict[str, Any]:
+        if self.skip:
+            return {
+                "data_transformed": False,
+                "features": len(self.feature_names),
+                "digest": self.digest,
+                **self.skip.fields(),
+            }
+        return {
+            "data_transformed": True,
+            "features": len(self.feature_names),
+            "feature_names": self.feature_names,
+            "label_column": self.label_column,
+            "classes": self.classes,
+            "train_uri": self.train_uri,
+            "test_uri": self.test_uri,
+            "train_rows": self.train_rows,
+            "test_rows": self.test_rows,
+            "digest": self.digest,
+            "snapshot_uri": self.snapshot_uri,
+        }
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> TransformResult:
+        skip = Skip.from_xcom(result)
+        if skip is not None:
+            return cls(feature_names=[], label_column="", digest=str(result["digest"]), snapshot_uri="", skip=skip)
+        if not result.get("data_transformed"):
+            raise ValueError("Data transformation failed")
+        return cls(
+            feature_names=list(result["feature_names"]),
+            label_column=str(result["label_column"]),
+            digest=str(result["digest"]),
+            snapshot_uri=str(result["snapshot_uri"]),
+            classes=list(result["classes"]),
+            train_uri=str(result["train_uri"]),
+            test_uri=str(result["test_uri"]),
+            train_rows=int(result["train_rows"]),
+            test_rows=int(result["test_rows"]),
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_name: str
+    model_version: int | None = None
+    accuracy: float | None = None
+    run_id: str = ""
+    model_family: str = ""
+    # drift.result_fields(): the largest PSI and its feature, whether drift is high, against which version.
+    drift: dict[str, Any] = field(default_factory=dict)
+    skip: Skip | None = None
+
+    @property
+    def drift_max_psi(self) -> float | None:
+        return self.drift.get("drift_max_psi")
+
+    def to_xcom(self) -> dict[str, Any]:
+        if self.skip:
+            return {
+                "model_trained": False,
+                "accuracy": None,
+                "model_name": self.model_name,
+                "model_version": None,
+                **self.skip.fields(),
+            }
+        return {
+            "model_trained": True,
+            "accuracy": self.accuracy,
+            "run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_uri": f"models:/{self.model_name}/{self.model_version}",
+            "model_family": self.model_family,
+            **self.drift,
+        }
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> TrainResult:
+        skip = Skip.from_xcom(result)
+        if skip is not None:
+            return cls(model_name=str(result["model_name"]), skip=skip)
+        if not result.get("model_trained"):
+            raise ValueError("Model training failed")
+        return cls(
+            model_name=str(result["model_name"]),
+            model_version=int(result["model_version"]),
+            accuracy=float(result["accuracy"]),
+            run_id=str(result.get("run_id") or ""),
+            model_family=str(result["model_family"]),
+            drift={key: value for key, value in result.items() if key.startswith("drift_")},
+        )
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    model_name: str
+    model_version: int | None
+    passed: bool
+    accuracy: float | None
+    reasons: list[str]
+    threshold: float | None = None
+    champion_version: int | None = None
+    champion_accuracy: float | None = None
+    run_id: str = ""
+    drift: dict[str, Any] = field(default_factory=dict)
+    drift_margin_required: float | None = None
+    skip: Skip | None = None
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.skip else "passed" if self.passed else "failed"
+
+    def to_xcom(self) -> dict[str, Any]:
+        if self.skip:
+            return {
+                "validation": self.status,
+                "accuracy": None,
+                "reasons": self.reasons,
+                "model_version": None,
+                **self.skip.fields(),
+            }
+        return {
+            "validation": self.status,
+            "accuracy": self.accuracy,
+            "threshold": self.threshold,
+            "champion_version": self.champion_version,
+            "champion_accuracy": self.champion_accuracy,
+            "reasons": self.reasons,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "run_id": self.run_id,
+            **self.drift,
+            "drift_margin_required": self.drift_margin_required,
+        }
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> ValidateResult:
+        skip = Skip.from_xcom(result)
+        common = {"reasons": list(result.get("reasons") or []), "skip": skip}
+        if skip is not None:
+            return cls(model_name="", model_version=None, passed=False, accuracy=None, **common)
+        return cls(
+            model_name=str(result["model_name"]),
+            model_version=int(result["model_version"]),
+            passed=result["validation"] == "passed",
+            accuracy=float(result["accuracy"]),
+            threshold=result.get("threshold"),
+            champion_version=_int_or_none(result.get("champion_version")),
+            champion_accuracy=result.get("champion_accuracy"),
+            run_id=str(result.get("run_id") or ""),
+            drift={
+                key: value
+                for key, value in result.items()
+                if key.startswith("drift_") and key != "drift_margin_required"
+            },
+            drift_margin_required=result.get("drift_margin_required"),
+            **common,
+        )
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    deployed: bool
+    model_name: str
+    model_version: int | None
+    previous_version: int | None
+    promoted: bool
+    health_check: str
+    reason: str
+    skip: Skip | None = None
+
+    def to_xcom(self) -> dict[str, Any]:
+        return {
+            "deployed": self.deployed,
+            "version": self.model_version,
+            "model_version": self.model_version,
+            "model_name": self.model_name,
+            "previous_version": self.previous_version,
+            "promoted": self.promoted,
+            "health_check": self.health_check,
+            "reason": self.reason,
+        } | (self.skip.fields() if self.skip else {})
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> DeployResult:
+        return cls(
+            deployed=bool(result["deployed"]),
+            model_name=str(result["model_name"]),
+            model_version=_int_or_none(result.get("model_version", result.get("version"))),
+            previous_version=_int_or_none(result.get("previous_version")),
+            promoted=bool(result.get("promoted")),
+            health_check=str(result.get("health_check") or "not_run"),
+            reason=str(result.get("reason") or ""),
+            skip=Skip.from_xcom(result),
+        )
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    archived: bool
+    model_version: int | None
+    record: dict[str, Any] = field(default_factory=dict)
+    skip: Skip | None = None
+
+    def to_xcom(self) -> dict[str, Any]:
+        return {
+            "archived": self.archived,
+            "version": self.model_version,
+            "model_version": self.model_version,
+            "record": self.record,
+        } | (self.skip.fields() if self.skip else {})
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    rollback_performed: bool
+    production_version: int | None
+    reason: str
+    restored_version: int | None = None
+    rolled_back_version: int | None = None
+    skip: Skip | None = None
+
+    def to_xcom(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "rollback_performed": self.rollback_performed,
+            "restored_version": self.restored_version,
+            "reason": self.reason,
+        }
+        if self.skip:
+            result["skipped_reason"] = self.skip.reason
+        if self.rollback_performed:
+            result["rolled_back_version"] = self.rolled_back_version
+        return result | {"production_version": self.production_version}
+
+
+@dataclass(frozen=True)
+class ManualRollbackResult:
+    replaced_version: int | None
+    production_version: int
+    reason: str
+
+    def to_xcom(self) -> dict[str, Any]:
+        return {
+            "rollback_performed": True,
+            "replaced_version": self.replaced_version,
+            "production_version": self.production_version,
+            "reason": self.reason,
+        }
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    return int(value)

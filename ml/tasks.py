@@ -1,0 +1,170 @@
+"""The Airflow boundary: the one module of ``ml`` that knows what an Airflow task context and XCom are.
+
+Each function is the body of one DAG task: it turns the task context into settings and a run, turns the upstream
+XCom dicts into typed results, calls the step in ``ml.steps`` and returns the step's result as a small JSON dict.
+The DAG files import this module inside their task bodies and make one call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, Protocol, TypeVar
+
+from ml import data, registry, steps
+from ml.context import RunContext
+from ml.hooks import call_hook
+from ml.results import DeployResult, ExtractResult, TrainResult, TransformResult, ValidateResult
+from ml.settings import ConfigurationError, Settings
+
+# Errors a retry cannot cure: the task fails at once instead of waiting out retry_delay.
+PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError)
+
+log = logging.getLogger(__name__)
+
+
+class StepResult(Protocol):
+    def to_xcom(self) -> dict[str, Any]: ...
+
+
+Result = TypeVar("Result", bound=StepResult)
+
+
+def run_context(context: Mapping[str, Any]) -> RunContext:
+    """The run behind an Airflow task context (or any mapping with the same keys, as tests pass)."""
+    dag = context.get("dag")
+    ti = context.get("ti")
+    return RunContext(
+        dag_id=getattr(dag, "dag_id", None) or str(context.get("dag_id", "manual")),
+        run_id=str(context.get("run_id") or "manual"),
+        try_number=int(getattr(ti, "try_number", None) or context.get("try_number") or 1),
+        params=dict(context.get("params") or {}),
+        declared_params=frozenset(getattr(dag, "params", None) or ()),
+    )
+
+
+def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
+    run = run_context(context)
+    return Settings.from_env().for_run(run.params, run.declared_params), run
+
+
+def upstream_result(context: Mapping[str, Any], task_id: str) -> dict[str, Any] | None:
+    """The dict an earlier task of this DAG run returned, or None if it returned nothing (it failed, say).
+
+    Read from XCom by task id, not passed as a TaskFlow argument: an argument would add a graph edge the pipeline's
+    contract does not have, or (for rollback_model) fail the task when the upstream task failed.
+    """
+    ti = context.get("ti")
+    return ti.xcom_pull(task_ids=task_id) if ti is not None else context.get(f"{task_id}_result")
+
+
+def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, RunContext], Result]) -> dict[str, Any]:
+    """Run one step for an Airflow task and return its result as the task's XCom.
+
+    Errors that a retry cannot cure (bad settings, bad data, a refused registry change) fail the task at once instead
+    of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries.
+    """
+    try:
+        settings, run = resolve(context)
+        if settings.step_hook:
+            call_hook(settings.step_hook, step=name, run_key=run.run_key, try_number=run.try_number)
+        return step(settings, run).to_xcom()
+    except PERMANENT_ERRORS as error:
+        _fail_without_retry(name, error)
+
+
+def _fail_without_retry(name: str, error: Exception) -> NoReturn:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    log.error("%s failed and will not be retried: %s", name, error)
+    raise AirflowFailException(f"{type(error).__name__}: {error}") from error
+
+
+def _split(context: Mapping[str, Any]) -> TransformResult:
+    return TransformResult.from_xcom(upstream_result(context, "transform_data") or {})
+
+
+def extract_data(context: Mapping[str, Any]) -> dict[str, Any]:
+    return run_step("extract_data", context, steps.extract)
+
+
+def transform_data(extract_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    return run_step(
+        "transform_data",
+        context,
+        lambda settings, run: steps.transform(settings, run, ExtractResult.from_xcom(extract_result)),
+    )
+
+
+def train_model(transform_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    return run_step(
+        "train_model",
+        context,
+        lambda settings, run: steps.train(settings, run, TransformResult.from_xcom(transform_result)),
+    )
+
+
+def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    return run_step(
+        "validate_model",
+        context,
+        lambda settings, run: steps.validate(settings, run, TrainResult.from_xcom(train_result), _split(context)),
+    )
+
+
+def deploy_model(validation_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    return run_step(
+        "deploy_model",
+        context,
+        lambda settings, run: steps.deploy(settings, run, ValidateResult.from_xcom(validation_result), _split(context)),
+    )
+
+
+def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    return run_step(
+        "archive_model",
+        context,
+        lambda settings, run: steps.archive(settings, run, DeployResult.from_xcom(deploy_result)),
+    )
+
+
+def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs whatever happened upstream, so it reads deploy_model's result itself: a failed deploy_model leaves none."""
+    deploy_result = upstream_result(context, "deploy_model")
+    deployed = DeployResult.from_xcom(deploy_result) if deploy_result else None
+    return run_step("rollback_model", context, lambda settings, run: steps.rollback(settings, run, deployed))
+
+
+def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:
+    """The mlops_rollback DAG's one task: put a chosen version back in Production."""
+    return run_step("rollback_production", context, steps.manual_rollback)
+
+
+def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
+    """The mlops_ingest DAG's one task: land a batch, describe it on the asset event, or skip if there is none."""
+    from ml import ingest
+
+    run = run_context(context)
+    params = run.params
+    try:
+        result = ingest.land(
+            Settings.from_env().for_run(params, run.declared_params),
+            batch=params.get("batch"),
+            shift=params.get("shift") or {},
+            file_format=str(params.get("file_format") or "csv"),
+            run_key=run.run_key,
+        )
+    except ConfigurationError as error:
+        # A bundled data set as target, a bad batch number or shift: a retry would fail the same way.
+        _fail_without_retry("land_batch", error)
+    if not result["landed"]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        # A skipped task emits no asset event, so mlops_pipeline is not triggered for nothing.
+        raise AirflowSkipException(result["reason"])
+    outlet_events = context.get("outlet_events")
+    if asset is not None and outlet_events is not None:
+        outlet_events[asset].extra = {
+            key: result[key] for key in ("batch", "rows", "digest", "location", "shift", "landed_at") if key in result
+        }
+    return result
