@@ -115,7 +115,12 @@ class MlflowServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
+        try:
+            wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
+        except (TimeoutError, RuntimeError):
+            # A server that never answered would otherwise outlive the test and load the machine for the next ones.
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.process is None:
