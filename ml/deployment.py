@@ -56,7 +56,14 @@ def check_deployment(settings: Settings, version: int, split: TransformResult, v
             problems.append(f"{model_uri} scores {served_accuracy:.4f}, validated {validated_accuracy:.4f}")
         elif settings.serving_url:
             problems.extend(
-                check_model_server(settings.serving_url, version, features, predictions, settings.serving_timeout)
+                check_model_server(
+                    settings.serving_url,
+                    version,
+                    features,
+                    predictions,
+                    settings.serving_timeout,
+                    settings.serving_token,
+                )
             )
     except Exception as error:
         problems.append(f"{model_uri} does not serve: {type(error).__name__}: {error}")
@@ -65,16 +72,21 @@ def check_deployment(settings: Settings, version: int, split: TransformResult, v
     return problems
 
 
-def check_model_server(url: str, version: int, features: Any, expected: Any, timeout: float) -> list[str]:
-    """Wait for the model server to follow Production to ``version``, then check it answers as the model does."""
+def check_model_server(
+    url: str, version: int, features: Any, expected: Any, timeout: float, token: str = ""
+) -> list[str]:
+    """Wait for the model server to follow Production to ``version``, then check it answers as the model does.
+
+    ``token`` is the server's bearer token (``MLOPS_SERVING_TOKEN``), sent when set."""
     import httpx
 
     base = url.rstrip("/")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout
     serving = None
     while time.monotonic() < deadline:
         try:
-            serving = httpx.get(f"{base}/version", timeout=5).json().get("version")
+            serving = httpx.get(f"{base}/version", headers=headers, timeout=5).json().get("version")
         except (httpx.HTTPError, ValueError):
             serving = None
         if serving == version:
@@ -84,7 +96,10 @@ def check_model_server(url: str, version: int, features: Any, expected: Any, tim
         return [f"model server {base} still serves version {serving} {timeout:.0f} s after the promotion"]
     sample = features.head(20)
     response = httpx.post(
-        f"{base}/invocations", json={"dataframe_split": sample.to_dict(orient="split", index=False)}, timeout=30
+        f"{base}/invocations",
+        json={"dataframe_split": sample.to_dict(orient="split", index=False)},
+        headers=headers,
+        timeout=30,
     )
     answered_by = response.headers.get("X-Model-Version")
     if response.status_code != 200 or answered_by != str(version):

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PRODUCTION_STAGE = "Production"
 ARCHIVED_STAGE = "Archived"
+# "skipped": the operator switched the post-deploy check off (MLOPS_POST_DEPLOY_CHECK=false).
+HEALTHY_CHECKS = frozenset({"passed", "skipped"})
 
 
 class RegistryError(RuntimeError):
@@ -305,6 +307,7 @@ def promote(
             version,
             {
                 tags.DEPLOYMENT_STATUS: "production",
+                tags.DEPLOYMENT_EVENT: event,
                 tags.DEPLOYMENT_PROMOTED_AT: at,
                 tags.DEPLOYMENT_PROMOTED_BY: actor,
                 tags.DEPLOYMENT_REASON: reason,
@@ -344,6 +347,7 @@ def restore(
                     restore_to,
                     {
                         tags.DEPLOYMENT_STATUS: "production",
+                        tags.DEPLOYMENT_EVENT: "restored",
                         tags.DEPLOYMENT_RESTORED_AT: at,
                         tags.DEPLOYMENT_RESTORED_BY: actor,
                     },
@@ -357,29 +361,123 @@ def restore(
         return current_number
 
 
-def reconcile_production(settings: Settings) -> int | None:
-    """Make stage and alias agree after an interrupted move: the aliased version alone is Production.
+@dataclass(frozen=True)
+class Repair:
+    """What :func:`repair_production` found and did: the Production version afterwards, and one line per change."""
 
-    A version that has the stage but no alias (promoted by hand in the MLflow UI) gets the alias.
+    production_version: int | None
+    actions: tuple[str, ...]
+
+
+def repair_production(settings: Settings, *, actor: str, thorough: bool = False) -> Repair:
+    """Bring Production back to a state the invariant allows, whatever interrupted or tampered with it.
+
+    Production may only be a version that passed validation, that a move of ours put there (its deployment status
+    is ``production``), and whose post-deploy check passed if it got there by promotion (a manual rollback or a
+    restore puts back a version an operator or the history vouches for). Anything else holding the Production stage
+    or alias (an interrupted deploy, an alias moved by hand, a second version in the stage) is demoted and tagged
+    why, and the newest version the deployment history vouches for is restored (or none); the repair is recorded in
+    the history. Stage and alias are made to agree.
+
+    A healthy registry costs a handful of requests, whatever its size. ``thorough`` also lists every version, to find
+    an older version put in the stage by hand beside the Production one, which nothing else reveals.
     """
     client = registry_client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     with production_lock(settings):
         aliased = aliased_version(client, name, alias)
-        in_stage = [v for v in list_versions(client, name) if v.stage == PRODUCTION_STAGE]
-        if aliased is None and in_stage:
-            aliased = in_stage[-1]
-            log.warning(
-                "version %s had stage Production without the %r alias; adding the alias", aliased.version, alias
-            )
-            _writes(client).set_registered_model_alias(name, alias, str(aliased.version))
-        for info in in_stage:
-            if aliased is not None and info.version != aliased.version:
-                log.warning("version %s had stage Production without the %r alias; archiving it", info.version, alias)
-                _transition(client, name, info.version, ARCHIVED_STAGE)
-        if aliased is not None and aliased.stage != PRODUCTION_STAGE:
-            _move_production(client, name, alias, aliased.version)
-        return aliased.version if aliased else None
+        in_stage = _versions_in_production_stage(client, name, alias, thorough)
+        current = aliased.version if aliased else (in_stage[-1] if in_stage else None)
+        if current is None:  # no markers: a version our moves left in Production lost them by hand
+            tagged = versions_tagged(client, name, tags.DEPLOYMENT_STATUS, "production")
+            current = tagged[-1].version if tagged else None
+        problem = _production_problem(get_version(client, name, current)) if current is not None else None
+        target = current if problem is None else _last_vouched_version(client, name, exclude=current)
+
+        at, actions = utc_now(), []
+        for stray in in_stage:
+            if stray not in {current, target}:
+                why = _production_problem(get_version(client, name, stray)) or f"version {current} has the alias"
+                _demote(client, name, stray, at, f"held the Production stage beside version {current}: {why}")
+                actions.append(f"version {stray} held the Production stage beside version {current} ({why}); archived")
+        if problem is not None:
+            _demote(client, name, current, at, problem)
+            restored = f"version {target} restored" if target is not None else "Production is now none"
+            actions.append(f"version {current} was Production but {problem}; demoted, {restored}")
+        if target is None:
+            if aliased is not None:
+                _writes(client).delete_registered_model_alias(name, alias)
+        elif aliased is None or aliased.version != target or target not in in_stage:
+            if problem is None:
+                actions.append(f"the stage and alias of version {target} disagreed; both name it now")
+            _move_production(client, name, alias, target)
+            if problem is not None:
+                set_version_tags(
+                    client, name, target, {tags.DEPLOYMENT_STATUS: "production", tags.DEPLOYMENT_EVENT: "restored"}
+                )
+        if problem is not None:
+            record_history(client, name, HistoryEvent(at, "rolled_back", current, target, actor, f"repair: {problem}"))
+        for action in actions:
+            log.warning("%s: %s", name, action)
+        return Repair(target, tuple(actions))
+
+
+def _versions_in_production_stage(client: Client, name: str, alias: str, thorough: bool) -> list[int]:
+    if thorough:
+        return [info.version for info in list_versions(client, name) if info.stage == PRODUCTION_STAGE]
+    candidates = _production_stage_candidates(client, name, alias)
+    return sorted(v for v in candidates if get_version(client, name, v).stage == PRODUCTION_STAGE)
+
+
+def _production_problem(info: VersionInfo) -> str | None:
+    """Why the version may not be Production; None when it may."""
+    validation = info.tags.get(tags.VALIDATION_STATUS, "none")
+    if validation != "passed":
+        return f"it never passed validation (validation status: {validation})"
+    if info.tags.get(tags.DEPLOYMENT_STATUS) != "production":
+        return "no deployment record puts it there"
+    return _unhealthy(info, info.tags.get(tags.DEPLOYMENT_EVENT, "promoted"))
+
+
+def _unhealthy(info: VersionInfo, event: str) -> str | None:
+    if event == "promoted" and info.tags.get(tags.DEPLOYMENT_HEALTH_CHECK) not in HEALTHY_CHECKS:
+        return "its post-deploy check never passed (the deploy was interrupted)"
+    return None
+
+
+def _last_vouched_version(client: Client, name: str, exclude: int) -> int | None:
+    """The newest version the deployment history put in Production that may be Production again (not ``exclude``)."""
+    for event in reversed(deployment_history(client, name)):
+        candidate = production_after(event)
+        if candidate is None or candidate == exclude:
+            continue
+        try:
+            info = get_version(client, name, candidate)
+        except RegistryError:
+            continue
+        if info.tags.get(tags.VALIDATION_STATUS) == "passed" and _unhealthy(info, event.event) is None:
+            return candidate
+    return None
+
+
+def production_after(event: HistoryEvent) -> int | None:
+    """The version a history event left in Production."""
+    return event.previous_version if event.event == "rolled_back" else event.version
+
+
+def _demote(client: Client, name: str, version: int, at: str, reason: str) -> None:
+    if get_version(client, name, version).stage == PRODUCTION_STAGE:
+        _transition(client, name, version, ARCHIVED_STAGE)
+    set_version_tags(
+        client,
+        name,
+        version,
+        {
+            tags.DEPLOYMENT_STATUS: "demoted",
+            tags.DEPLOYMENT_DEMOTED_AT: at,
+            tags.DEPLOYMENT_DEMOTED_REASON: reason,
+        },
+    )
 
 
 def mark_rolled_back_if_demoted(settings: Settings, version: int, reason: str) -> bool:
@@ -426,7 +524,7 @@ def _production_stage_candidates(client: Client, name: str, alias: str) -> set[i
 
     Moves made here leave Production on the aliased version, on versions tagged ``production`` (until a move tags
     them ``archived``), and, mid-move, on the newest version in the stage. A version put in the stage by hand beside
-    another is found by :func:`reconcile_production`, which lists them all.
+    another is found by a thorough :func:`repair_production`, which lists them all.
     """
     found = {info.version for info in versions_tagged(client, name, tags.DEPLOYMENT_STATUS, "production")}
     for info in (aliased_version(client, name, alias), latest_in_production_stage(client, name)):

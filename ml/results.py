@@ -38,6 +38,8 @@ class ExtractResult:
     snapshot_uri: str
     digest: str
     columns: list[str]
+    # What the registry repair at the start of the run changed, one line each (empty when nothing was wrong).
+    repaired: list[str]
     # The Production version, when it was trained on this very data (same digest).
     trained_on_same_data: int | None = None
     skip: Skip | None = None
@@ -50,6 +52,7 @@ class ExtractResult:
             "snapshot_uri": self.snapshot_uri,
             "digest": self.digest,
             "columns": self.columns,
+            "repaired": self.repaired,
             "unchanged": self.trained_on_same_data is not None,
         }
         if self.trained_on_same_data is not None:
@@ -66,6 +69,7 @@ class ExtractResult:
             snapshot_uri=str(result["snapshot_uri"]),
             digest=str(result["digest"]),
             columns=list(result["columns"]),
+            repaired=list(result.get("repaired") or []),
             trained_on_same_data=_int_or_none(result.get("production_version")) if result.get("unchanged") else None,
             skip=Skip.from_xcom(result),
         )

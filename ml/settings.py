@@ -111,9 +111,6 @@ def tracking_uri_problem(uri: str) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The service's settings; each field declared with :func:`setting`. (A docstring also spares the dataclass
-    machinery from rendering the 40-field signature as one, which DAG parsing would pay for.)"""
-
     home: Path = setting(
         Path(".mlops"), "MLOPS_HOME", "Folder for the embedded stores (Airflow, MLflow, data snapshots)."
     )

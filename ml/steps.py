@@ -47,6 +47,8 @@ def check_configuration(settings: Settings) -> None:
 def extract(settings: Settings, run: RunContext) -> ExtractResult:
     """Read the data source and write a content-addressed snapshot; note whether Production was trained on it."""
     check_configuration(settings)
+    # Before anything else, no-op runs included: an interrupted deploy or a hand in the registry is undone here.
+    repair = registry.repair_production(settings, actor=run.actor)
     source = data.describe_source(settings.data_source, settings.data_query)
     log.info("extracting data from %s", source)
     frame = data.load_source(settings.data_source, settings.data_query, settings.label_column)
@@ -59,6 +61,7 @@ def extract(settings: Settings, run: RunContext) -> ExtractResult:
         snapshot_uri=snapshot.uri,
         digest=snapshot.digest,
         columns=snapshot.columns,
+        repaired=list(repair.actions),
         trained_on_same_data=trained_on_it,
         skip=Skip(NO_NEW_DATA, trained_on_it) if trained_on_it is not None and not settings.force_retrain else None,
     )
@@ -379,11 +382,14 @@ def deploy(settings: Settings, run: RunContext, validated: ValidateResult, split
             _record_refusal(client, name, version, "superseded", str(error))
             return not_deployed(str(error))
     problems = deployment.check_deployment(settings, version, split, validated.accuracy)
+    # Recorded at once: a version promoted without a passed check is rolled back by the next run's repair.
+    outcome = "failed" if problems else ("passed" if settings.post_deploy_check else "skipped")
+    registry.set_version_tags(client, name, version, {tags.DEPLOYMENT_HEALTH_CHECK: outcome})
     if problems:
         log.error("post-deploy check of version %s failed: %s", version, "; ".join(problems))
         return not_deployed("post-deploy check failed: " + "; ".join(problems), promoted=True, health_check="failed")
     log.info("version %s is Production and serves as validated", version)
-    return DeployResult(True, name, version, previous, True, "passed", reason)
+    return DeployResult(True, name, version, previous, True, outcome, reason)
 
 
 def _record_refusal(client: Any, name: str, version: int, status: str, reason: str) -> None:
@@ -435,7 +441,7 @@ def rollback(settings: Settings, run: RunContext, deployed: DeployResult | None)
             "this run registered no version" if candidate is None else f"version {candidate} never became Production"
         )
         log.info("no rollback needed: %s; Production stays %s", reason, current_number)
-        registry.reconcile_production(settings)
+        registry.repair_production(settings, actor=run.actor, thorough=True)
         if candidate is not None:
             registry.mark_rolled_back_if_demoted(settings, candidate, f"left Production before this run ended: {why}")
         return RollbackResult(False, current_number, reason)

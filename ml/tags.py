@@ -38,6 +38,10 @@ VALIDATION_VALIDATED_AT = "mlops.validation.validated_at"
 
 # Where the version stands in deployment, and the record of its moves.
 DEPLOYMENT_STATUS = "mlops.deployment.status"
+# How the version got into Production: "promoted", "manual_rollback" or "restored" (by a rollback or a repair).
+DEPLOYMENT_EVENT = "mlops.deployment.event"
+DEPLOYMENT_DEMOTED_AT = "mlops.deployment.demoted_at"
+DEPLOYMENT_DEMOTED_REASON = "mlops.deployment.demoted_reason"
 DEPLOYMENT_REASON = "mlops.deployment.reason"
 DEPLOYMENT_PROMOTED_AT = "mlops.deployment.promoted_at"
 DEPLOYMENT_PROMOTED_BY = "mlops.deployment.promoted_by"

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from ml import data, interruption, registry, steps
+from ml import data, registry, steps
 from ml.context import RunContext
 from ml.hooks import call_hook
 from ml.results import DeployResult, ExtractResult, TrainResult, TransformResult, ValidateResult
@@ -62,10 +62,8 @@ def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, Ru
     """Run one step for an Airflow task and return its result as the task's XCom.
 
     Errors that a retry cannot cure (bad settings, bad data, a refused registry change) fail the task at once instead
-    of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries. After
-    ``mlops run`` was asked to stop, only rollback_model still runs (:mod:`ml.interruption`).
+    of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries.
     """
-    interruption.raise_if_requested(name)
     try:
         settings, run = resolve(context)
         if settings.step_hook:

@@ -181,34 +181,3 @@ def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_na
         assert candidates == [], "stopped before training: nothing registered"
     else:
         assert [v.tags.get(tags.DEPLOYMENT_STATUS) for v in candidates] == ["rolled_back"]
-
-
-def test_a_signal_between_tasks_stops_every_later_task_but_rollback(monkeypatch):
-    import signal
-
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from ml import interruption, tasks
-
-    monkeypatch.setattr(interruption, "_requested", [])
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        interruption.install()
-        os.kill(os.getpid(), signal.SIGINT)  # outside any task: remembered, nothing raised here
-        assert interruption.requested() == signal.SIGINT
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    ran = []
-
-    class Done:
-        def to_xcom(self) -> dict[str, str]:
-            return {"ran": "yes"}
-
-    def step(settings, run):
-        ran.append(run.run_id)
-        return Done()
-
-    with pytest.raises(AirflowFailException, match="validate_model stopped by SIGINT; not retried"):
-        tasks.run_step("validate_model", {"run_id": "interrupted"}, step)
-    assert ran == []
-    assert tasks.run_step("rollback_model", {"run_id": "interrupted"}, step) == {"ran": "yes"}

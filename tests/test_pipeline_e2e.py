@@ -214,6 +214,7 @@ def test_deploy_checks_that_the_model_server_follows(settings, monkeypatch, tmp_
     from test_serving import answering_version, model_server
 
     monkeypatch.setenv("MLOPS_FORCE_RETRAIN", "true")
+    monkeypatch.setenv("MLOPS_SERVING_TOKEN", "a-token-the-server-and-the-check-share")  # the server requires it
     with model_server(settings, tmp_path) as server:
         monkeypatch.setenv("MLOPS_SERVING_URL", server.url)
         run = run_dag()

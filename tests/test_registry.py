@@ -123,19 +123,141 @@ def test_manual_rollback_without_history_is_refused(registered):
         registry.manual_rollback(settings, "previous", actor="cli", reason="x")
 
 
-def test_reconcile_makes_stage_agree_with_alias(registered):
+def deployed(settings, client, version: int) -> None:
+    """Promote ``version`` as a deploy that ran to the end does: its post-deploy check passed."""
+    current = registry.production_version(client, settings.model_name, settings.production_alias)
+    registry.promote(
+        settings, version, expected_current=current.version if current else None, actor="run", reason="deploy"
+    )
+    registry.set_version_tags(client, settings.model_name, version, {tags.DEPLOYMENT_HEALTH_CHECK: "passed"})
+
+
+def deployment_status(client, settings, version: int) -> tuple[str, str]:
+    found = registry.get_version(client, settings.model_name, version).tags
+    return found.get(tags.DEPLOYMENT_STATUS, ""), found.get(tags.DEPLOYMENT_DEMOTED_REASON, "")
+
+
+def test_repair_leaves_a_healthy_registry_alone(registered):
     settings, client = registered
-    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    deployed(settings, client, 1)
+    deployed(settings, client, 2)
+    history = registry.deployment_history(client, settings.model_name)
+    assert registry.repair_production(settings, actor="test") == registry.Repair(2, ())
+    assert production_markers(settings, client) == (2, [2])
+    assert registry.deployment_history(client, settings.model_name) == history
+
+
+def test_repair_makes_stage_agree_with_alias(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
     client.transition_model_version_stage(settings.model_name, "2", "Production")
-    assert registry.reconcile_production(settings) == 1
+    repair = registry.repair_production(settings, actor="test")
+    assert repair.production_version == 1 and "version 2 held the Production stage" in repair.actions[0]
+    assert production_markers(settings, client) == (1, [1])
+    assert deployment_status(client, settings, 2)[0] == "demoted"
+
+
+def test_repair_finishes_a_move_interrupted_between_stage_and_alias(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    client.transition_model_version_stage(settings.model_name, "1", "Archived")  # killed before the alias moved
+    client.transition_model_version_stage(settings.model_name, "2", "Production")
+    assert registry.repair_production(settings, actor="test").production_version == 1
     assert production_markers(settings, client) == (1, [1])
 
 
-def test_reconcile_adopts_a_version_promoted_by_stage_alone(registered):
+def test_repair_does_not_crown_a_version_promoted_by_stage_alone(registered):
     settings, client = registered
     client.transition_model_version_stage(settings.model_name, "2", "Production")
-    assert registry.reconcile_production(settings) == 2
+    repair = registry.repair_production(settings, actor="test")
+    assert repair.production_version is None
+    assert "no deployment record puts it there" in repair.actions[0]
+    assert production_markers(settings, client) == (None, [])
+    assert deployment_status(client, settings, 2) == ("demoted", "no deployment record puts it there")
+
+
+def test_repair_demotes_an_alias_moved_by_hand_to_a_failed_version(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    client.set_registered_model_alias(settings.model_name, settings.production_alias, "3")
+    client.transition_model_version_stage(settings.model_name, "3", "Production", archive_existing_versions=True)
+    repair = registry.repair_production(settings, actor="test")
+    assert repair.production_version == 1
+    assert "version 3 was Production but it never passed validation (validation status: failed)" in repair.actions[0]
+    assert production_markers(settings, client) == (1, [1])
+    assert deployment_status(client, settings, 3)[0] == "demoted"
+    last = registry.deployment_history(client, settings.model_name)[-1]
+    assert (last.event, last.version, last.previous_version, last.actor) == ("rolled_back", 3, 1, "test")
+
+
+def test_repair_demotes_a_failed_version_sharing_the_stage_without_the_alias(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    client.transition_model_version_stage(settings.model_name, "3", "Production")
+    repair = registry.repair_production(settings, actor="test")
+    assert repair.production_version == 1
+    assert production_markers(settings, client) == (1, [1])
+    assert deployment_status(client, settings, 3) == (
+        "demoted",
+        "held the Production stage beside version 1: it never passed validation (validation status: failed)",
+    )
+
+
+def test_a_thorough_repair_also_finds_an_older_version_put_back_in_the_stage(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    deployed(settings, client, 2)
+    client.transition_model_version_stage(settings.model_name, "1", "Production")
+    # Each run's quick repair asks only where our moves and the newest staged version could be: not here.
+    assert registry.repair_production(settings, actor="test") == registry.Repair(2, ())
+    repair = registry.repair_production(settings, actor="test", thorough=True)
+    assert (
+        repair.production_version == 2 and "version 1 held the Production stage beside version 2" in repair.actions[0]
+    )
     assert production_markers(settings, client) == (2, [2])
+
+
+def test_repair_demotes_a_validated_version_moved_in_without_a_record(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    client.set_registered_model_alias(settings.model_name, settings.production_alias, "2")
+    client.transition_model_version_stage(settings.model_name, "2", "Production", archive_existing_versions=True)
+    assert registry.repair_production(settings, actor="test").production_version == 1
+    assert production_markers(settings, client) == (1, [1])
+
+
+def test_repair_rolls_back_a_deploy_killed_before_its_post_deploy_check(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    registry.promote(settings, 2, expected_current=1, actor="run-2", reason="passed validation")  # then killed
+    repair = registry.repair_production(settings, actor="test")
+    assert repair.production_version == 1
+    assert "its post-deploy check never passed" in repair.actions[0]
+    assert production_markers(settings, client) == (1, [1])
+    assert deployment_status(client, settings, 2)[0] == "demoted"
+    assert registry.repair_production(settings, actor="test") == registry.Repair(1, ())
+
+
+def test_repair_of_a_first_deploy_killed_before_its_check_leaves_no_production(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="run-1", reason="first")
+    assert registry.repair_production(settings, actor="test") == registry.Repair(
+        None,
+        (
+            "version 1 was Production but its post-deploy check never passed (the deploy was interrupted); "
+            "demoted, Production is now none",
+        ),
+    )
+    assert production_markers(settings, client) == (None, [])
+
+
+def test_repair_puts_back_markers_removed_by_hand(registered):
+    settings, client = registered
+    deployed(settings, client, 1)
+    client.delete_registered_model_alias(settings.model_name, settings.production_alias)
+    client.transition_model_version_stage(settings.model_name, "1", "Archived")
+    assert registry.repair_production(settings, actor="test").production_version == 1
+    assert production_markers(settings, client) == (1, [1])
 
 
 def test_a_run_key_finds_its_own_version_among_look_alikes(registered):
