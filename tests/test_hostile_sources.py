@@ -244,3 +244,25 @@ def test_data_source_credentials_are_masked_in_the_parameters_logged_to_mlflow()
     settings = Settings.from_env({"MLOPS_DATA_SOURCE": "https://reader:hunter2-secret@files.example/cases.csv"})
     assert settings.run_parameters()["data_source"] == "https://reader:***@files.example/cases.csv"
     assert settings.data_source.endswith("hunter2-secret@files.example/cases.csv"), "the source itself still reads"
+
+
+@pytest.mark.slow
+def test_a_run_on_a_source_url_with_credentials_stores_and_logs_them_masked(
+    airflow_db, mlops_env, file_server, cancer, tmp_path, monkeypatch, capfd
+):
+    from ml import registry
+    from ml.airflow_runner import run_dag
+
+    url, requested = file_server
+    cancer.to_csv(tmp_path / "www" / "cases.csv", index=False)
+    monkeypatch.setenv("MLOPS_DATA_SOURCE", url.replace("://", "://reader:hunter2-run-secret@") + "/cases.csv")
+    run = run_dag()
+    assert run.state == "success"
+    assert set(requested) == {"/cases.csv"}, "the source was read, credentials and all"
+    extracted = run.result("extract_data")
+    assert extracted["source"] == url.replace("://", "://reader:***@") + "/cases.csv"
+    trained = registry.client_for(mlops_env).get_run(run.result("train_model")["run_id"])
+    assert trained.data.params["data_source"] == extracted["source"]
+    stored = [str(run.result(task)) for task in run.tasks] + [str(trained.data.params), str(trained.data.tags)]
+    assert all("hunter2-run-secret" not in text for text in stored)
+    assert "hunter2-run-secret" not in "".join(capfd.readouterr())
