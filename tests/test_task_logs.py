@@ -1,0 +1,81 @@
+"""Task logs keep the project's lines and real problems: no skops scan flood, no MLflow progress as ERROR."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+# Loads Airflow's deprecated-import shims, as a task process has, then imports skops and counts the warnings.
+COUNT_WARNINGS = """
+import sys, warnings
+import airflow.utils.timezone, airflow.utils.trigger_rule, airflow.utils.operator_resources
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if sys.argv[1] == "quietly":
+        from ml.task_logs import import_skops_quietly
+        import_skops_quietly()
+    else:
+        import skops.io
+    import skops.io
+print(sum(type(w.message).__name__ == "DeprecatedImportWarning" for w in caught), len(caught))
+"""
+
+
+def _warnings_on_import(how: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", COUNT_WARNINGS, how], capture_output=True, text=True, check=True)
+    deprecated, total = out.stdout.split()
+    return int(deprecated), int(total)
+
+
+def test_skops_import_in_an_airflow_process_floods_unless_quieted():
+    deprecated_plain, _ = _warnings_on_import("plain")
+    assert deprecated_plain > 100, "the flood this guards against no longer happens; the guard may be dropped"
+    assert _warnings_on_import("quietly") == (0, 0)
+
+
+def test_mlflow_registry_progress_is_logged_at_info_not_printed(mlops_env, caplog, capfd):
+    from sklearn.dummy import DummyClassifier
+
+    import mlflow
+    from ml.task_logs import import_skops_quietly, mlflow_progress_as_info
+
+    import_skops_quietly()
+    mlflow.set_tracking_uri(mlops_env.tracking_uri)
+    model = DummyClassifier().fit([[0.0], [1.0]], [0, 1])
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="ml.mlflow"), mlflow_progress_as_info():
+        mlflow.register_model(info.model_uri, "quiet_model")
+        mlflow.register_model(info.model_uri, "quiet_model")
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "ml.mlflow"]
+    assert (logging.INFO, "Successfully registered model 'quiet_model'.") in messages
+    assert any("already exists" in text for _, text in messages)
+    assert (logging.INFO, "Created version '2' of model 'quiet_model'.") in messages
+    assert "quiet_model" not in capfd.readouterr().err
+
+
+def test_mlflow_progress_outside_the_block_still_reaches_stderr(capfd):
+    from mlflow.utils.logging_utils import eprint
+
+    from ml.task_logs import mlflow_progress_as_info
+
+    with mlflow_progress_as_info():
+        pass
+    eprint("printed after the block")
+    assert "printed after the block" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["partial line without newline", "two\nlines\n"])
+def test_every_line_becomes_one_record(text, caplog):
+    from mlflow.utils.logging_utils import eprint
+
+    from ml.task_logs import mlflow_progress_as_info
+
+    with caplog.at_level(logging.INFO, logger="ml.mlflow"), mlflow_progress_as_info():
+        eprint(text, end="")
+    assert [r.getMessage() for r in caplog.records] == [line for line in text.split("\n") if line]

@@ -1,0 +1,185 @@
+"""The two UIs a user opens, as real processes on a temporary home: ``airflow standalone`` and ``mlflow ui``.
+
+The same commands as ``make airflow-ui`` and ``make mlflow-ui``, on free ports, so the browser test sees what a user
+of ``make run`` sees. Airflow runs with its LocalExecutor (``standalone`` forces it), so a run triggered in the UI is
+executed by the scheduler exactly as on a developer's machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+# Flags that let Debian's Chromium run headless as root in a container, without reaching for the network.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ADMIN = "admin"
+
+
+def chromium_path() -> str | None:
+    for name in CHROMIUM_CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {process.returncode}; see {log}:\n{_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s; see {log}:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class UiStack:
+    """``airflow standalone`` and ``mlflow ui`` sharing one MLOPS_HOME, as ``make airflow-ui``/``make mlflow-ui``."""
+
+    root: Path
+    airflow_port: int = field(default_factory=free_port)
+    mlflow_port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.airflow_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "mlops"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def env(self) -> dict[str, str]:
+        keep = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+        env = {key: os.environ[key] for key in keep if key in os.environ}
+        env.update(
+            {
+                # `airflow standalone` starts its components by running `airflow` from PATH.
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "MLOPS_HOME": str(self.home),
+                "AIRFLOW_HOME": str(self.airflow_home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "MLFLOW_TRACKING_URI": f"sqlite:///{self.home / 'mlflow.db'}",
+                "MLOPS_MLFLOW_UI_URL": self.mlflow_url,
+                "AIRFLOW__API__PORT": str(self.airflow_port),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__BASE_URL": self.airflow_url,
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
+                "AIRFLOW__CORE__PARALLELISM": "2",
+                # Unpausing would otherwise start today's @daily run beside the one the test triggers.
+                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "MLOPS_RETRY_DELAY_SECONDS": "5",
+                "MLFLOW_ENABLE_TELEMETRY": "false",
+                "DO_NOT_TRACK": "true",
+            }
+        )
+        return env
+
+    def start(self) -> None:
+        self.airflow_home.mkdir(parents=True, exist_ok=True)
+        env = self.env()
+        self._spawn("airflow", [str(BIN / "airflow"), "standalone"], env)
+        self._spawn(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "ui",
+                "--backend-store-uri",
+                env["MLFLOW_TRACKING_URI"],
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+            ],
+            env,
+        )
+        wait_for_http(f"{self.mlflow_url}/health", 120, self.processes["mlflow"], self.log("mlflow"))
+        wait_for_http(f"{self.airflow_url}/api/v2/monitor/health", 240, self.processes["airflow"], self.log("airflow"))
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        with self.log(name).open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                argv, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def admin_password(self) -> str:
+        passwords = self.airflow_home / "simple_auth_manager_passwords.json.generated"
+        deadline = time.monotonic() + 60
+        while not passwords.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return json.loads(passwords.read_text())[ADMIN]
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            _signal_group(process, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait(timeout=10)
+        self.processes.clear()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
