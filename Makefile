@@ -7,7 +7,7 @@ UV_VERSION := 0.13.8
 UV := $(BIN)/uv --system-certs
 LOCAL_ENV = eval "$$($(BIN)/mlops env)" && PATH="$(BIN):$$PATH"
 
-.PHONY: setup run test test-fast lint format bench airflow-ui mlflow-ui serve status lock clean
+.PHONY: setup browser run test test-fast screenshots lint format bench airflow-ui mlflow-ui serve status lock clean
 
 setup: $(VENV)/.installed
 
@@ -19,14 +19,26 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not used). Installed when missing
+# and we are root; otherwise the browser tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "NO BROWSER: apt-get could not install chromium; the browser tests will skip"; \
+	else echo "NO BROWSER: chromium is missing and cannot be installed here (needs root and apt-get); the browser tests will skip"; fi
+
 run: setup  ## the main job: one full pipeline run through Airflow on embedded defaults
 	$(BIN)/mlops run
 
-test: setup  ## the whole test suite, as CI runs it
+test: setup browser  ## the whole test suite, as CI runs it
 	$(BIN)/pytest
 
 test-fast: setup  ## everything but the end-to-end and stack tests
 	$(BIN)/pytest -m "not slow and not stack"
+
+screenshots: setup browser  ## the browser test, saving a PNG of every page it visits in .mlops/screenshots/
+	MLOPS_SCREENSHOTS=$(CURDIR)/.mlops/screenshots $(BIN)/pytest tests/test_browser.py
 
 lint: setup
 	$(BIN)/ruff check .

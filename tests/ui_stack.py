@@ -169,17 +169,28 @@ class UiStack:
         return json.loads(passwords.read_text())[ADMIN]
 
     def stop(self) -> None:
+        """Stop each process group (standalone's scheduler, API server, ... included) and wait until it is gone."""
         for process in self.processes.values():
             _signal_group(process, signal.SIGTERM)
         for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            if not _group_gone(process, timeout=30):
                 _signal_group(process, signal.SIGKILL)
-                process.wait(timeout=10)
+                _group_gone(process, timeout=10)
         self.processes.clear()
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signum)
+
+
+def _group_gone(process: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False

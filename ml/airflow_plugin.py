@@ -1,0 +1,53 @@
+"""An Airflow plugin that gives each finished ``mlops_pipeline`` run its note ("v3 promoted, accuracy 0.97", ...).
+
+Tasks cannot write a DAG run's note: in Airflow 3 they have no access to the metadata database, and the Task SDK has
+no call for it. So the task that knows the outcome (rollback_model, which runs last, whatever happened) pushes the note
+as an XCom under :data:`RUN_NOTE_KEY`, and this listener, called by the scheduler (or by ``dag.test()``) in the
+transaction that ends the run, copies it onto the run. A note someone already wrote by hand is left alone.
+
+Registered through the ``airflow.plugins`` entry point (pyproject.toml), so every Airflow process of this environment
+loads it; it imports nothing beyond Airflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.listeners import hookimpl
+from airflow.plugins_manager import AirflowPlugin
+
+RUN_NOTE_KEY = "run_note"
+
+log = logging.getLogger(__name__)
+
+
+def copy_run_note(dag_run: Any) -> str | None:
+    """Set ``dag_run.note`` from the run's :data:`RUN_NOTE_KEY` XCom; returns the note, or None if there was none."""
+    from airflow.models.xcom import XComModel
+    from sqlalchemy.orm import object_session
+
+    session = object_session(dag_run)
+    if session is None or dag_run.note:
+        return None
+    rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=RUN_NOTE_KEY)).all()
+    notes = [XComModel.deserialize_value(row) for row in rows]
+    note = next((n for n in notes if isinstance(n, str) and n.strip()), None)
+    if note is not None:
+        dag_run.note = note
+    return note
+
+
+class RunNoteListener:
+    @hookimpl
+    def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
+        copy_run_note(dag_run)
+
+    @hookimpl
+    def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
+        copy_run_note(dag_run)
+
+
+class MlopsPlugin(AirflowPlugin):
+    name = "mlops"
+    listeners = [RunNoteListener()]

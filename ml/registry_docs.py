@@ -1,0 +1,151 @@
+"""The registry's story as markdown, for the descriptions MLflow's UI shows on a registered model and its versions.
+
+The tags stay the record machines read; these descriptions are derived from them alone (see
+:func:`ml.registry.refresh_descriptions`), so they can always be written again and never disagree with the tags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+NONE = "–"
+DEPLOYMENT = "mlops.deployment."
+VALIDATION = "mlops.validation."
+
+EVENT_WORDS = {"promoted": "promoted", "rolled_back": "rolled back", "manual_rollback": "manual rollback"}
+
+
+def when(stamp: str | None) -> str:
+    """An ISO timestamp as ``2026-11-24 18:46 UTC``; anything unreadable as it is."""
+    if not stamp:
+        return NONE
+    try:
+        return datetime.fromisoformat(stamp).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return stamp
+
+
+def _number(value: str | None, digits: int = 4) -> str:
+    try:
+        return f"{float(value):.{digits}f}" if value not in (None, "", "none") else NONE
+    except ValueError:
+        return str(value)
+
+
+def _cell(text: object) -> str:
+    """Table cells may not hold a pipe or a line break."""
+    return str(text).replace("|", "\\|").replace("\n", " ").strip() or NONE
+
+
+def _airflow_link(tags: Mapping[str, str]) -> str:
+    url = tags.get("mlops.airflow.url")
+    run = tags.get("mlops.airflow.run_key") or tags.get("mlops.airflow.run_id")
+    if url and run:
+        return f"[{run}]({url})"
+    return run or NONE
+
+
+def version_status(stage: str, tags: Mapping[str, str]) -> str:
+    """One sentence: where this version stands and why, from its stage and tags."""
+    status = tags.get(DEPLOYMENT + "status", "")
+    reason = tags.get(DEPLOYMENT + "reason", "")
+    if stage == "Production" or status == "production":
+        if tags.get(DEPLOYMENT + "restored_at"):
+            return f"**In Production** again since {when(tags[DEPLOYMENT + 'restored_at'])}, restored by a rollback."
+        return f"**In Production** since {when(tags.get(DEPLOYMENT + 'promoted_at'))}: {reason or 'promoted'}."
+    if status == "rolled_back":
+        restored = tags.get(DEPLOYMENT + "restored_version", "none")
+        back_to = f"Production went back to version {restored}" if restored != "none" else "no version was restored"
+        return (
+            f"**Rolled back** on {when(tags.get(DEPLOYMENT + 'rolled_back_at'))}: "
+            f"{tags.get(DEPLOYMENT + 'rollback_reason', 'no reason recorded')}; {back_to}."
+        )
+    if status == "archived":
+        return (
+            f"**Superseded** by version {tags.get(DEPLOYMENT + 'replaced_by', '?')} on "
+            f"{when(tags.get(DEPLOYMENT + 'archived_at'))}; it was in Production from "
+            f"{when(tags.get(DEPLOYMENT + 'promoted_at'))}."
+        )
+    if status == "rejected":
+        return f"**Rejected**, never deployed: {reason or 'validation failed'}."
+    if status == "superseded":
+        return f"**Not deployed**: {reason or 'Production moved while this run was deciding'}."
+    validation = tags.get(VALIDATION + "status")
+    if validation == "passed":
+        return "**Passed validation**, not deployed (yet)."
+    if validation == "failed":
+        return f"**Failed validation**: {tags.get(VALIDATION + 'reasons', 'no reason recorded')}."
+    return "**Registered**, not validated yet."
+
+
+def version_description(version: int, stage: str, tags: Mapping[str, str]) -> str:
+    champion = tags.get(VALIDATION + "champion_version", "none")
+    against = (
+        f"version {champion}, accuracy {_number(tags.get(VALIDATION + 'champion_accuracy'))}"
+        if champion not in ("", "none")
+        else "none (first version, or comparison off)"
+    )
+    digest = tags.get("mlops.data.digest", "")
+    rows = [
+        ("held-out accuracy", _number(tags.get(VALIDATION + "accuracy"))),
+        ("threshold", _number(tags.get(VALIDATION + "threshold"), 2)),
+        ("Production when validated", against),
+        ("validation", tags.get(VALIDATION + "reasons", NONE)),
+        ("model family", tags.get("mlops.model_family", NONE)),
+        ("data digest", f"`{digest[:16]}`" if digest else NONE),
+        ("trained by Airflow run", _airflow_link(tags)),
+        ("code", f"`{tags['mlops.code.revision']}`" if tags.get("mlops.code.revision") else NONE),
+    ]
+    table = "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in rows)
+    return f"{version_status(stage, tags)}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def model_description(
+    production: tuple[int, Mapping[str, str]] | None,
+    history: Iterable[Mapping[str, object]],
+    airflow_url_of: Mapping[str, str],
+) -> str:
+    """The registered model's page: what is in Production now and every move of Production, newest first.
+
+    ``history`` holds the deployment history's events as dicts (``at``, ``event``, ``version``, ``previous_version``,
+    ``actor``, ``reason``); ``airflow_url_of`` maps an actor (``airflow:<dag>/<run>``) to its Airflow run's URL.
+    """
+    if production is None:
+        now = "**Production: none.** No version has been promoted, or the only one was rolled back."
+    else:
+        version, tags = production
+        now = (
+            f"**Production: version {version}**, held-out accuracy {_number(tags.get(VALIDATION + 'accuracy'))}, "
+            f"since {when(tags.get(DEPLOYMENT + 'restored_at') or tags.get(DEPLOYMENT + 'promoted_at'))}."
+        )
+    rows = []
+    for event in sorted(history, key=lambda e: str(e.get("at")), reverse=True):
+        actor = str(event.get("actor") or "")
+        url = airflow_url_of.get(actor)
+        by = f"[{actor.removeprefix('airflow:')}]({url})" if url else actor or NONE
+        previous = event.get("previous_version")
+        rows.append(
+            "| "
+            + " | ".join(
+                _cell(cell)
+                for cell in (
+                    when(str(event.get("at"))),
+                    EVENT_WORDS.get(str(event.get("event")), event.get("event")),
+                    f"v{event.get('version')}",
+                    f"v{previous}" if previous is not None else NONE,
+                    by,
+                    event.get("reason") or NONE,
+                )
+            )
+            + " |"
+        )
+    history_table = (
+        "| when | event | version | before | by | why |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+        if rows
+        else "No deployments yet."
+    )
+    return (
+        "Trained, validated and promoted by the `mlops_pipeline` Airflow DAG; each version's description says why it "
+        f"was promoted, rejected, superseded or rolled back.\n\n{now}\n\n### Deployment history\n\n{history_table}\n"
+    )
