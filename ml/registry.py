@@ -36,6 +36,16 @@ PRODUCTION_STAGE = "Production"
 ARCHIVED_STAGE = "Archived"
 # "skipped": the operator switched the post-deploy check off (MLOPS_POST_DEPLOY_CHECK=false).
 HEALTHY_CHECKS = frozenset({"passed", "skipped"})
+# Tags that say a version left Production; a version back in Production must not keep them (its history stays in
+# the registered model's deployment history).
+LEFT_PRODUCTION_TAGS = (
+    tags.DEPLOYMENT_ARCHIVED_AT,
+    tags.DEPLOYMENT_REPLACED_BY,
+    tags.DEPLOYMENT_ROLLED_BACK_AT,
+    tags.DEPLOYMENT_ROLLBACK_REASON,
+    tags.DEPLOYMENT_RESTORED_VERSION,
+)
+RESTORED_TAGS = (tags.DEPLOYMENT_RESTORED_AT, tags.DEPLOYMENT_RESTORED_BY)
 
 
 class RegistryError(RuntimeError):
@@ -55,6 +65,7 @@ class VersionInfo:
     source: str
     created_at: datetime
     tags: dict[str, str]
+    description: str = ""
 
     @classmethod
     def from_model_version(cls, model_version: ModelVersion) -> VersionInfo:
@@ -66,6 +77,7 @@ class VersionInfo:
             source=model_version.source,
             created_at=datetime.fromtimestamp(model_version.creation_timestamp / 1000, UTC),
             tags=dict(model_version.tags or {}),
+            description=model_version.description or "",
         )
 
 
@@ -246,6 +258,13 @@ def register_version(settings: Settings, model_uri: str, version_tags: dict[str,
     return int(registered.version)
 
 
+def drop_version_tags(client: MlflowClient, name: str, version: int, keys: tuple[str, ...]) -> None:
+    present = get_version(client, name, version).tags
+    for key in keys:
+        if key in present:
+            client.delete_model_version_tag(name, str(version), key)
+
+
 @contextmanager
 def production_lock(settings: Settings) -> Iterator[None]:
     """Serialise moves of Production among the processes that share this machine's MLOPS_HOME.
@@ -314,6 +333,7 @@ def promote(
                 tags.DEPLOYMENT_REPLACED_VERSION: current_number if current_number is not None else "none",
             },
         )
+        drop_version_tags(client, name, version, (*LEFT_PRODUCTION_TAGS, *RESTORED_TAGS))
         record_history(client, name, HistoryEvent(at, event, version, current_number, actor, reason))
         log.info("Production of %s: version %s -> %s (%s)", name, current_number, version, reason)
         return current
@@ -352,6 +372,7 @@ def restore(
                         tags.DEPLOYMENT_RESTORED_BY: actor,
                     },
                 )
+                drop_version_tags(client, name, restore_to, LEFT_PRODUCTION_TAGS)
             else:
                 _clear_production(client, name, alias, failed_version)
             record_history(client, name, HistoryEvent(at, "rolled_back", failed_version, restore_to, actor, reason))
@@ -629,6 +650,7 @@ def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason
     if resolved == current_number:
         raise RegistryError(f"version {resolved} of {name!r} is already in Production")
     promote(settings, resolved, expected_current=current_number, actor=actor, reason=reason, event="manual_rollback")
+    refresh_descriptions(settings)
     return current_number, resolved
 
 
@@ -646,3 +668,35 @@ def _tag_value(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
+
+
+def refresh_descriptions(settings: Settings) -> None:
+    """Write the markdown descriptions of the registered model and of each version whose story changed.
+
+    Derived from the tags and the deployment history alone (:mod:`ml.registry_docs`), so calling this again, or after
+    a change made elsewhere, always converges on the same text.
+    """
+    from ml import registry_docs
+
+    client = client_for(settings)
+    name = settings.model_name
+    versions = list_versions(client, name)
+    if not versions:
+        return
+    for info in versions:
+        text = registry_docs.version_description(info.version, info.stage, info.tags)
+        if text != info.description:
+            client.update_model_version(name, str(info.version), description=text)
+    current = production_version(client, name, settings.production_alias)
+    urls = {
+        f"airflow:{v.tags[tags.AIRFLOW_RUN_KEY]}": v.tags[tags.AIRFLOW_URL]
+        for v in versions
+        if v.tags.get(tags.AIRFLOW_RUN_KEY) and v.tags.get(tags.AIRFLOW_URL)
+    }
+    text = registry_docs.model_description(
+        (current.version, current.tags) if current else None,
+        [event.as_dict() for event in deployment_history(client, name)],
+        urls,
+    )
+    if text != (client.get_registered_model(name).description or ""):
+        client.update_registered_model(name, description=text)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-NONE = "–"
-DEPLOYMENT = "mlops.deployment."
-VALIDATION = "mlops.validation."
+from ml import tags as t
+
+NONE = "\u2013"  # an en dash: an empty table cell
 
 EVENT_WORDS = {"promoted": "promoted", "rolled_back": "rolled back", "manual_rollback": "manual rollback"}
 
@@ -39,8 +39,8 @@ def _cell(text: object) -> str:
 
 
 def _airflow_link(tags: Mapping[str, str]) -> str:
-    url = tags.get("mlops.airflow.url")
-    run = tags.get("mlops.airflow.run_key") or tags.get("mlops.airflow.run_id")
+    url = tags.get(t.AIRFLOW_URL)
+    run = tags.get(t.AIRFLOW_RUN_KEY) or tags.get(t.AIRFLOW_RUN_ID)
     if url and run:
         return f"[{run}]({url})"
     return run or NONE
@@ -48,54 +48,54 @@ def _airflow_link(tags: Mapping[str, str]) -> str:
 
 def version_status(stage: str, tags: Mapping[str, str]) -> str:
     """One sentence: where this version stands and why, from its stage and tags."""
-    status = tags.get(DEPLOYMENT + "status", "")
-    reason = tags.get(DEPLOYMENT + "reason", "")
+    status = tags.get(t.DEPLOYMENT_STATUS, "")
+    reason = tags.get(t.DEPLOYMENT_REASON, "")
     if stage == "Production" or status == "production":
-        if tags.get(DEPLOYMENT + "restored_at"):
-            return f"**In Production** again since {when(tags[DEPLOYMENT + 'restored_at'])}, restored by a rollback."
-        return f"**In Production** since {when(tags.get(DEPLOYMENT + 'promoted_at'))}: {reason or 'promoted'}."
+        if tags.get(t.DEPLOYMENT_RESTORED_AT):
+            return f"**In Production** again since {when(tags[t.DEPLOYMENT_RESTORED_AT])}, restored by a rollback."
+        return f"**In Production** since {when(tags.get(t.DEPLOYMENT_PROMOTED_AT))}: {reason or 'promoted'}."
     if status == "rolled_back":
-        restored = tags.get(DEPLOYMENT + "restored_version", "none")
+        restored = tags.get(t.DEPLOYMENT_RESTORED_VERSION, "none")
         back_to = f"Production went back to version {restored}" if restored != "none" else "no version was restored"
         return (
-            f"**Rolled back** on {when(tags.get(DEPLOYMENT + 'rolled_back_at'))}: "
-            f"{tags.get(DEPLOYMENT + 'rollback_reason', 'no reason recorded')}; {back_to}."
+            f"**Rolled back** on {when(tags.get(t.DEPLOYMENT_ROLLED_BACK_AT))}: "
+            f"{tags.get(t.DEPLOYMENT_ROLLBACK_REASON, 'no reason recorded')}; {back_to}."
         )
     if status == "archived":
         return (
-            f"**Superseded** by version {tags.get(DEPLOYMENT + 'replaced_by', '?')} on "
-            f"{when(tags.get(DEPLOYMENT + 'archived_at'))}; it was in Production from "
-            f"{when(tags.get(DEPLOYMENT + 'promoted_at'))}."
+            f"**Superseded** by version {tags.get(t.DEPLOYMENT_REPLACED_BY, '?')} on "
+            f"{when(tags.get(t.DEPLOYMENT_ARCHIVED_AT))}; it was in Production from "
+            f"{when(tags.get(t.DEPLOYMENT_PROMOTED_AT))}."
         )
     if status == "rejected":
         return f"**Rejected**, never deployed: {reason or 'validation failed'}."
     if status == "superseded":
         return f"**Not deployed**: {reason or 'Production moved while this run was deciding'}."
-    validation = tags.get(VALIDATION + "status")
+    validation = tags.get(t.VALIDATION_STATUS)
     if validation == "passed":
         return "**Passed validation**, not deployed (yet)."
     if validation == "failed":
-        return f"**Failed validation**: {tags.get(VALIDATION + 'reasons', 'no reason recorded')}."
+        return f"**Failed validation**: {tags.get(t.VALIDATION_REASONS, 'no reason recorded')}."
     return "**Registered**, not validated yet."
 
 
 def version_description(version: int, stage: str, tags: Mapping[str, str]) -> str:
-    champion = tags.get(VALIDATION + "champion_version", "none")
+    champion = tags.get(t.VALIDATION_CHAMPION_VERSION, "none")
     against = (
-        f"version {champion}, accuracy {_number(tags.get(VALIDATION + 'champion_accuracy'))}"
+        f"version {champion}, accuracy {_number(tags.get(t.VALIDATION_CHAMPION_ACCURACY))}"
         if champion not in ("", "none")
         else "none (first version, or comparison off)"
     )
-    digest = tags.get("mlops.data.digest", "")
+    digest = tags.get(t.DATA_DIGEST, "")
     rows = [
-        ("held-out accuracy", _number(tags.get(VALIDATION + "accuracy"))),
-        ("threshold", _number(tags.get(VALIDATION + "threshold"), 2)),
+        ("held-out accuracy", _number(tags.get(t.VALIDATION_ACCURACY))),
+        ("threshold", _number(tags.get(t.VALIDATION_THRESHOLD), 2)),
         ("Production when validated", against),
-        ("validation", tags.get(VALIDATION + "reasons", NONE)),
-        ("model family", tags.get("mlops.model_family", NONE)),
+        ("validation", tags.get(t.VALIDATION_REASONS, NONE)),
+        ("model family", tags.get(t.MODEL_FAMILY, NONE)),
         ("data digest", f"`{digest[:16]}`" if digest else NONE),
         ("trained by Airflow run", _airflow_link(tags)),
-        ("code", f"`{tags['mlops.code.revision']}`" if tags.get("mlops.code.revision") else NONE),
+        ("code", f"`{tags[t.CODE_REVISION]}`" if tags.get(t.CODE_REVISION) else NONE),
     ]
     table = "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in rows)
     return f"{version_status(stage, tags)}\n\n| | |\n|---|---|\n{table}\n"
@@ -116,8 +116,8 @@ def model_description(
     else:
         version, tags = production
         now = (
-            f"**Production: version {version}**, held-out accuracy {_number(tags.get(VALIDATION + 'accuracy'))}, "
-            f"since {when(tags.get(DEPLOYMENT + 'restored_at') or tags.get(DEPLOYMENT + 'promoted_at'))}."
+            f"**Production: version {version}**, held-out accuracy {_number(tags.get(t.VALIDATION_ACCURACY))}, "
+            f"since {when(tags.get(DEPLOYMENT + 'restored_at') or tags.get(t.DEPLOYMENT_PROMOTED_AT))}."
         )
     rows = []
     for event in sorted(history, key=lambda e: str(e.get("at")), reverse=True):
