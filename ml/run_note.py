@@ -1,0 +1,96 @@
+"""The note on an Airflow DAG run, in markdown: what the run did, in one line, with links into MLflow.
+
+"**v3 promoted**, accuracy 0.9737 ...", "**no new data** ...", "**v4 rejected**: ...", "**v5 rolled back**: ...".
+Composed from the run's task results (the XCom dicts of the pipeline's contract) by rollback_model, the task that runs
+last whatever happened; :mod:`ml.airflow_plugin` puts it on the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+Result = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class MlflowLinks:
+    """Where the MLflow UI shows a run and a registered version."""
+
+    ui_url: str
+    model_name: str
+    experiment_id: str | None = None
+
+    def run(self, run_id: str) -> str | None:
+        if not (self.experiment_id and run_id):
+            return None
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def version(self, version: int) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/models/{quote(self.model_name)}/versions/{version}"
+
+
+def _accuracy(value: Any) -> str:
+    return f"{float(value):.4f}" if value is not None else "?"
+
+
+def _links(links: MlflowLinks, version: int | None, run_id: str) -> str:
+    parts = []
+    if run_url := links.run(run_id):
+        parts.append(f"[MLflow run]({run_url})")
+    if version is not None:
+        parts.append(f"[{links.model_name} v{version}]({links.version(version)})")
+    return " · ".join(parts)
+
+
+def _with_links(text: str, links: MlflowLinks, version: int | None, run_id: str) -> str:
+    linked = _links(links, version, run_id)
+    return f"{text}\n\n{linked}" if linked else text
+
+
+def compose(
+    *,
+    extract: Result,
+    train: Result,
+    validation: Result,
+    deploy: Result,
+    rollback: Mapping[str, Any],
+    links: MlflowLinks,
+) -> str:
+    production = rollback.get("production_version")
+    stays = f"Production stays v{production}." if production is not None else "There is no Production version."
+    if extract and extract.get("skipped_reason"):
+        digest = str(extract.get("digest") or "")[:12]
+        text = (
+            f"**{extract['skipped_reason']}**: Production v{production} was trained on this snapshot "
+            f"(digest `{digest}`); nothing was trained."
+        )
+        return _with_links(text, links, production, "")
+    run_id = str((train or {}).get("run_id") or "")
+    version = (deploy or {}).get("version") or (train or {}).get("model_version") or rollback.get("rolled_back_version")
+    if rollback.get("rollback_performed"):
+        restored = rollback.get("restored_version")
+        back = f"Production is back to v{restored}." if restored is not None else "No version is in Production."
+        text = f"**v{rollback.get('rolled_back_version')} rolled back**: {rollback.get('reason')}. {back}"
+        return _with_links(text, links, rollback.get("rolled_back_version"), run_id)
+    if deploy and deploy.get("deployed"):
+        validated = validation or {}
+        compared = ""
+        if validated.get("champion_accuracy") is not None:
+            compared = f", Production v{validated['champion_version']} had {_accuracy(validated['champion_accuracy'])}"
+        threshold = validated.get("threshold")
+        limit = f" (threshold {float(threshold):.2f}{compared})" if threshold is not None else ""
+        text = f"**v{version} promoted**, accuracy {_accuracy(validated.get('accuracy'))}{limit}."
+        return _with_links(text, links, version, run_id)
+    if deploy and (validation or {}).get("validation") == "failed":
+        reasons = "; ".join(validation.get("reasons") or []) or "validation failed"
+        return _with_links(f"**v{version} rejected**: {reasons}. {stays}", links, version, run_id)
+    if deploy:
+        return _with_links(f"**v{version} not deployed**: {deploy.get('reason')}. {stays}", links, version, run_id)
+    if version is not None:
+        return _with_links(
+            f"**v{version} not deployed**: the run failed before deployment. {stays}", links, version, run_id
+        )
+    return f"**failed** before a version was registered. {stays}"

@@ -1,0 +1,84 @@
+"""The DAG-run note says what a run did in one line, with links into MLflow."""
+
+from __future__ import annotations
+
+from ml.run_note import MlflowLinks, compose
+
+LINKS = MlflowLinks(ui_url="http://mlflow.example:5000/", model_name="clf", experiment_id="7")
+HEALTHY = {
+    "rollback_performed": False,
+    "restored_version": None,
+    "production_version": 3,
+    "reason": "deployment healthy",
+}
+
+
+def test_a_promotion_names_version_accuracy_threshold_and_links():
+    note = compose(
+        extract={"digest": "ab" * 32},
+        train={"run_id": "r123", "model_version": 3},
+        validation={
+            "validation": "passed",
+            "accuracy": 0.97368,
+            "threshold": 0.8,
+            "champion_version": 2,
+            "champion_accuracy": 0.9649,
+        },
+        deploy={"deployed": True, "version": 3},
+        rollback=HEALTHY,
+        links=LINKS,
+    )
+    assert note.startswith("**v3 promoted**, accuracy 0.9737 (threshold 0.80, Production v2 had 0.9649).")
+    assert "[MLflow run](http://mlflow.example:5000/#/experiments/7/runs/r123)" in note
+    assert "[clf v3](http://mlflow.example:5000/#/models/clf/versions/3)" in note
+
+
+def test_no_new_data():
+    note = compose(
+        extract={"digest": "853b528d22f0521e", "skipped_reason": "no new data", "production_version": 1},
+        train=None,
+        validation=None,
+        deploy=None,
+        rollback={**HEALTHY, "production_version": 1, "skipped_reason": "no new data"},
+        links=LINKS,
+    )
+    assert note.startswith("**no new data**: Production v1 was trained on this snapshot (digest `853b528d22f0`)")
+    assert "MLflow run" not in note and "[clf v1](" in note
+
+
+def test_a_rejection_gives_the_reasons():
+    note = compose(
+        extract={},
+        train={"run_id": "r4", "model_version": 4},
+        validation={"validation": "failed", "reasons": ["accuracy 0.6000 is below the threshold 0.8000"]},
+        deploy={"deployed": False, "version": 4, "reason": "validation failed: ..."},
+        rollback=HEALTHY,
+        links=LINKS,
+    )
+    assert note.startswith("**v4 rejected**: accuracy 0.6000 is below the threshold 0.8000. Production stays v3.")
+
+
+def test_a_rollback_says_why_and_what_is_back():
+    note = compose(
+        extract={},
+        train={"run_id": "r5", "model_version": 5},
+        validation={"validation": "passed", "accuracy": 0.99},
+        deploy=None,
+        rollback={
+            "rollback_performed": True,
+            "rolled_back_version": 5,
+            "restored_version": 4,
+            "production_version": 4,
+            "reason": "post-deploy check failed: model server answered HTTP 500",
+        },
+        links=LINKS,
+    )
+    assert note.startswith(
+        "**v5 rolled back**: post-deploy check failed: model server answered HTTP 500. Production is back to v4."
+    )
+    assert "[clf v5](" in note
+
+
+def test_a_run_that_failed_early():
+    note = compose(extract=None, train=None, validation=None, deploy=None, rollback=HEALTHY, links=LINKS)
+    assert note == "**failed** before a version was registered. Production stays v3."
