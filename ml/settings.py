@@ -290,6 +290,13 @@ class Settings:
             )
         },
     )
+    mlflow_ui_url: str = setting(
+        "",
+        "MLOPS_MLFLOW_UI_URL",
+        "Base URL of the MLflow UI, for the links on Airflow runs; default: the tracking server when it is one, "
+        "else http://localhost:5000 (make mlflow-ui).",
+        logged=False,
+    )
     data_asset_uri: str = setting(
         "", "MLOPS_DATA_ASSET_URI", "URI of the training-data asset, when not derived from the data source."
     )
@@ -329,6 +336,25 @@ class Settings:
         problems = [problem for spec in declarations().values() if (problem := spec.problem(getattr(self, spec.name)))]
         if problems:
             raise ConfigurationError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def mlflow_ui(self) -> str:
+        """Where a person opens MLflow: the configured UI, else the tracking server, else ``make mlflow-ui``'s."""
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url.rstrip("/")
+        if url_scheme(self.tracking_uri) in {"http", "https"}:
+            parts = urllib.parse.urlsplit(self.tracking_uri)
+            # Never a password in a link: keep the host and port only.
+            return urllib.parse.urlunsplit(
+                (
+                    parts.scheme,
+                    parts.hostname + (f":{parts.port}" if parts.port else ""),
+                    parts.path.rstrip("/"),
+                    "",
+                    "",
+                )
+            )
+        return "http://localhost:5000"
 
     @classmethod
     def from_env_or_embedded(cls) -> Settings:
