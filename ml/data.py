@@ -187,6 +187,16 @@ def _load_bundled(name: str, label: str) -> pd.DataFrame:
     return frame.rename(columns={"target": label}) if label != "target" else frame
 
 
+def class_names(source: str) -> dict[str, str]:
+    """Label value (as text) -> class name, for the bundled data sets that have names ({"0": "malignant", ...})."""
+    if not source.startswith("sklearn:") or source.removeprefix("sklearn:") not in BUNDLED_DATASETS:
+        return {}
+    from sklearn import datasets
+
+    names = getattr(datasets, f"load_{source.removeprefix('sklearn:')}")().target_names
+    return {str(value): str(name) for value, name in enumerate(names)}
+
+
 def _load_sql(url: str, query: str) -> pd.DataFrame:
     """Run one query in a read-only transaction that is always rolled back: reading never changes the database."""
     import sqlalchemy

@@ -34,6 +34,8 @@ SAMPLING_ERROR = (
 EMPTY_BIN_SHARE = 1e-4
 REPORT_TABLE = "drift/report.json"
 REPORT_FIGURE = "drift/psi_top_features.png"
+# Below this largest PSI the data did not move at all (the same snapshot, say): nothing worth a chart.
+NO_DRIFT_PSI = 1e-9
 REPORT_SUMMARY = "drift/summary.json"
 
 
@@ -309,11 +311,15 @@ def log_report(mlflow: Any, report: DriftReport, threshold: float, reference_ver
 
     mlflow.log_table(data=pd.DataFrame(report.table()), artifact_file=REPORT_TABLE)
     mlflow.log_dict({**report.summary(threshold), "reference_version": reference_version}, REPORT_SUMMARY)
-    figure = psi_figure(report, threshold, title=f"PSI against Production version {reference_version}: top features")
-    try:
-        mlflow.log_figure(figure, REPORT_FIGURE)
-    finally:
-        plt.close(figure)
+    # Identical distributions give a chart of empty bars; the table and the summary already say "no drift".
+    if report.max_psi > NO_DRIFT_PSI:
+        figure = psi_figure(
+            report, threshold, title=f"PSI against Production version {reference_version}: top features"
+        )
+        try:
+            mlflow.log_figure(figure, REPORT_FIGURE)
+        finally:
+            plt.close(figure)
     mlflow.log_metrics(
         {
             "drift_max_psi": report.max_psi,

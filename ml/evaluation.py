@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,10 @@ def judge(
     return Verdict(passed=not reasons, reasons=reasons)
 
 
-def confusion_matrix_figure(predictions: Any, truth: pd.Series, title: str):
+def confusion_matrix_figure(
+    predictions: Any, truth: pd.Series, title: str, class_names: Mapping[str, str] | None = None
+):
+    """The held-out confusion matrix; axes show ``class_names`` (label value -> name) where the data set has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,8 +78,9 @@ def confusion_matrix_figure(predictions: Any, truth: pd.Series, title: str):
 
     labels = sorted(set(truth.astype(str)) | set(np.asarray(predictions).astype(str)))
     matrix = metrics.confusion_matrix(truth.astype(str), np.asarray(predictions).astype(str), labels=labels)
+    names = [f"{class_names[label]} ({label})" if class_names and label in class_names else label for label in labels]
     figure, axes = plt.subplots(figsize=(4.5, 4))
-    metrics.ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=axes, colorbar=False)
+    metrics.ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=axes, colorbar=False)
     axes.set_title(title)
     figure.tight_layout()
     return figure

@@ -177,3 +177,37 @@ def test_a_side_sampled_beforehand_reports_its_full_size():
     frame = pd.DataFrame({"x": np.arange(1000.0), "target": [0, 1] * 500})
     report = drift.compare(frame, frame.head(100), label="target", current_rows=5000)
     assert report.current_rows == 5000 and report.sampled_rows == drift.SAMPLE_ROWS
+
+
+def test_no_psi_chart_when_nothing_moved(rng, mlops_env):
+    import mlflow
+
+    reference, current = _frames(rng, shift=1.0)
+    mlflow.set_tracking_uri(mlops_env.tracking_uri)
+    for name, report in (
+        ("same", drift.compare(reference, reference, label="target")),
+        ("moved", drift.compare(reference, current, label="target")),
+    ):
+        with mlflow.start_run(run_name=name) as run:
+            drift.log_report(mlflow, report, threshold=0.2, reference_version=1)
+        client = mlflow.MlflowClient()
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "drift")}
+        assert drift.REPORT_TABLE in logged and drift.REPORT_SUMMARY in logged
+        assert (drift.REPORT_FIGURE in logged) is (name == "moved"), (name, logged)
+
+
+def test_confusion_matrix_names_the_classes_of_a_bundled_data_set():
+    import matplotlib.pyplot as plt
+
+    from ml import data
+
+    names = data.class_names("sklearn:breast_cancer")
+    assert names == {"0": "malignant", "1": "benign"}
+    assert data.class_names("/data/file.csv") == {}
+    figure = evaluation.confusion_matrix_figure([0, 1, 1], pd.Series([0, 1, 0]), "held-out", names)
+    try:
+        axes = figure.axes[0]
+        assert [t.get_text() for t in axes.get_xticklabels()] == ["malignant (0)", "benign (1)"]
+        assert [t.get_text() for t in axes.get_yticklabels()] == ["malignant (0)", "benign (1)"]
+    finally:
+        plt.close(figure)
