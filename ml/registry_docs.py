@@ -117,7 +117,7 @@ def model_description(
         version, tags = production
         now = (
             f"**Production: version {version}**, held-out accuracy {_number(tags.get(t.VALIDATION_ACCURACY))}, "
-            f"since {when(tags.get(DEPLOYMENT + 'restored_at') or tags.get(t.DEPLOYMENT_PROMOTED_AT))}."
+            f"since {when(tags.get(t.DEPLOYMENT_RESTORED_AT) or tags.get(t.DEPLOYMENT_PROMOTED_AT))}."
         )
     rows = []
     for event in sorted(history, key=lambda e: str(e.get("at")), reverse=True):

@@ -101,7 +101,7 @@ def _wait_for_run(stack: UiStack, token: str, run_id: str) -> str:
     raise TimeoutError(f"run {run_id} still {state} after {RUN_TIMEOUT_SECONDS} s; see {stack.log('airflow')}")
 
 
-def _task_log_lines(stack: UiStack, token: str, run_id: str, task_id: str) -> list[str]:
+def _task_log_entries(stack: UiStack, token: str, run_id: str, task_id: str) -> list[dict]:
     import httpx
 
     response = httpx.get(
@@ -110,21 +110,11 @@ def _task_log_lines(stack: UiStack, token: str, run_id: str, task_id: str) -> li
         timeout=30,
     )
     response.raise_for_status()
-    content = response.json()["content"]
-    return [entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content]
+    return [entry if isinstance(entry, dict) else {"event": str(entry)} for entry in response.json()["content"]]
 
 
-def _xcom(stack: UiStack, token: str, run_id: str, task_id: str) -> dict:
-    import httpx
-
-    response = httpx.get(
-        f"{stack.airflow_url}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
-        headers={"Authorization": f"Bearer {token}"},
-        params={"deserialize": "true"},
-        timeout=30,
-    )
-    response.raise_for_status()
-    return response.json()["value"]
+def _task_log_lines(stack: UiStack, token: str, run_id: str, task_id: str) -> list[str]:
+    return [str(entry.get("event", "")) for entry in _task_log_entries(stack, token, run_id, task_id)]
 
 
 def _task_states(page) -> dict[str, str]:
@@ -139,6 +129,32 @@ def _task_states(page) -> dict[str, str]:
     return states
 
 
+def _trigger_with_defaults(tab: Pages, stack: UiStack, name: str) -> str:
+    """Open the trigger form, submit it untouched, and return the new run's id."""
+    from urllib.parse import unquote
+
+    page = tab.page
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}")
+    page.get_by_test_id("trigger-dag-button").click()
+    form = page.get_by_role("dialog")
+    form.get_by_text("SQL query or table").wait_for()
+    tab.shot(name)
+    submit = form.get_by_role("button", name="Trigger", exact=True)
+    assert submit.is_enabled(), "the trigger form cannot be submitted with its defaults"
+    submit.click()
+    page.wait_for_url(re.compile(rf".*/dags/{DAG_ID}/runs/.+"))
+    return unquote(page.url.split("/runs/", 1)[1].split("/")[0])
+
+
+def _open_run(tab: Pages, stack: UiStack, run_id: str, note: str, name: str) -> dict[str, str]:
+    page = tab.page
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
+    page.get_by_text("7 Task Instances").wait_for()
+    page.get_by_text(note).first.wait_for()
+    tab.shot(name)
+    return _task_states(page)
+
+
 def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stack, browser, screenshots):
     password = stack.admin_password()
     context = browser.new_context(viewport={"width": 1400, "height": 900})
@@ -146,38 +162,18 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     tab = Pages(context.new_page(), screenshots)
     page = tab.page
 
-    # Log in.
     page.goto(f"{stack.airflow_url}/")
     page.get_by_label("Username").fill(ADMIN)
     page.get_by_label("Password").fill(password)
     tab.shot("airflow-login")
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{stack.airflow_url}/")
-
-    # The trigger form submits with its defaults.
-    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}")
-    page.get_by_test_id("trigger-dag-button").click()
-    form = page.get_by_role("dialog")
-    form.get_by_text("SQL query or table").wait_for()
-    tab.shot("airflow-trigger-form")
-    submit = form.get_by_role("button", name="Trigger", exact=True)
-    assert submit.is_enabled(), "the trigger form cannot be submitted with its defaults"
-    submit.click()
-    page.wait_for_url(re.compile(rf".*/dags/{DAG_ID}/runs/.+"))
-    run_id = page.url.split("/runs/", 1)[1].split("/")[0]
-    from urllib.parse import unquote
-
-    run_id = unquote(run_id)
-
     token = _api_token(stack, password)
-    assert _wait_for_run(stack, token, run_id) == "success"
 
-    # The grid and the task table of the run.
-    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
-    page.get_by_text("7 Task Instances").wait_for()
-    page.get_by_test_id(f"grid-{run_id}-archive_model").wait_for()
-    tab.shot("airflow-run")
-    states = _task_states(page)
+    # A first run on a fresh home trains, validates and promotes version 1; nothing is rolled back.
+    run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-form")
+    assert _wait_for_run(stack, token, run_id) == "success"
+    states = _open_run(tab, stack, run_id, "v1 promoted", "airflow-run")
     assert states == {
         "extract_data": "success",
         "transform_data": "success",
@@ -185,27 +181,66 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
         "validate_model": "success",
         "deploy_model": "success",
         "archive_model": "success",
-        "rollback_model": "success",
+        "rollback_model": "skipped",
     }, states
+    note = page.get_by_text("v1 promoted").first
+    assert re.search(r"accuracy 0\.9\d{3} \(threshold 0\.80\)", note.locator("xpath=..").inner_text())
 
-    # train_model's log: the project's lines, no flood.
+    # train_model's log: the project's own lines, no flood, no ERROR from MLflow's progress messages.
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}/tasks/train_model")
     page.get_by_text("registered breast_cancer_classifier version 1").wait_for()
     tab.shot("airflow-train-model-log")
-    shown = page.inner_text("body")
-    assert "DeprecatedImportWarning" not in shown
+    assert "DeprecatedImportWarning" not in page.inner_text("body")
     lines = _task_log_lines(stack, token, run_id, "train_model")
     assert len(lines) < 100, f"train_model logged {len(lines)} lines"
     assert not any("DeprecatedImportWarning" in line for line in lines)
-    assert not any("already exists. Creating a new version" in line for line in lines if "ERROR" in line)
+    errors = [e for e in _task_log_entries(stack, token, run_id, "train_model") if e.get("level") == "error"]
+    assert errors == []
 
-    # MLflow: the run, in the model-training view.
-    train = _xcom(stack, token, run_id, "train_model")
-    page.goto(f"{stack.mlflow_url}/#/experiments")
-    page.goto(f"{stack.mlflow_url}/#/models/{train['model_name']}")
-    page.get_by_text(f"Version {train['model_version']}").first.wait_for()
+    # The note links to the MLflow run, which links back to this Airflow run.
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
+    mlflow_run_url = page.get_by_role("link", name="MLflow run").first.get_attribute("href")
+    version_url = page.get_by_role("link", name="breast_cancer_classifier v1").first.get_attribute("href")
+    assert mlflow_run_url.startswith(stack.mlflow_url) and version_url.startswith(stack.mlflow_url)
+    page.goto(mlflow_run_url)
+    page.get_by_text("v1 · logistic_regression ·").first.wait_for()
+    back = page.get_by_role("link", name=re.compile(re.escape(run_id))).first
+    assert back.get_attribute("href") == f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}"
+    tab.shot("mlflow-run", full_page=True)
+
+    # The experiment opens on its training runs, not on the GenAI overview.
+    experiment_id = mlflow_run_url.split("/experiments/", 1)[1].split("/")[0]
+    page.goto(f"{stack.mlflow_url}/#/experiments/{experiment_id}")
+    page.get_by_text("v1 · logistic_regression ·").first.wait_for()
+    assert "genai" not in page.url
+    tab.shot("mlflow-experiment")
+
+    # The registered model: Production and the deployment history, as text.
+    page.goto(f"{stack.mlflow_url}/#/models/breast_cancer_classifier")
+    page.get_by_text("Deployment history").first.wait_for()
+    text = page.inner_text("body")
+    assert "Production: version 1" in text and "passed validation with accuracy" in text
     tab.shot("mlflow-registered-model", full_page=True)
-    page.goto(f"{stack.mlflow_url}/#/models/{train['model_name']}/versions/{train['model_version']}")
-    page.get_by_text("Production").first.wait_for()
+
+    # The version: why it is in Production, accuracy against the threshold, its data and its Airflow run.
+    page.goto(version_url)
+    page.get_by_text("In Production").first.wait_for()
+    text = page.inner_text("body")
+    assert "held-out accuracy" in text and "threshold" in text and "data digest" in text
+    assert page.get_by_role("link", name=f"{DAG_ID}/{run_id}").count() >= 1
     tab.shot("mlflow-model-version", full_page=True)
+
+    # The same data again: the run says "no new data" and everything after extract_data is skipped.
+    run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-again")
+    assert _wait_for_run(stack, token, run_id) == "success"
+    states = _open_run(tab, stack, run_id, "no new data", "airflow-run-no-new-data")
+    assert states == {
+        "extract_data": "success",
+        "transform_data": "skipped",
+        "train_model": "skipped",
+        "validate_model": "skipped",
+        "deploy_model": "skipped",
+        "archive_model": "skipped",
+        "rollback_model": "skipped",
+    }, states
     context.close()
