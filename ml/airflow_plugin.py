@@ -17,18 +17,35 @@ from typing import Any
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
-RUN_NOTE_KEY = "run_note"
+from ml.run_note import RUN_NOTE_KEY
 
 log = logging.getLogger(__name__)
 
 
 def copy_run_note(dag_run: Any) -> str | None:
-    """Set ``dag_run.note`` from the run's :data:`RUN_NOTE_KEY` XCom; returns the note, or None if there was none."""
-    from airflow.models.xcom import XComModel
+    """Set the run's note from its :data:`RUN_NOTE_KEY` XCom; returns the note, or None if none was set.
+
+    The scheduler passes a run bound to its own session, which commits the note with the run's new state;
+    ``dag.test()`` passes a detached one, so the note is written in a session of its own.
+    """
     from sqlalchemy.orm import object_session
 
     session = object_session(dag_run)
-    if session is None or dag_run.note:
+    if session is not None:
+        return _copy_note(session, dag_run)
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as own:
+        bound = own.scalar(select(DagRun).where(DagRun.dag_id == dag_run.dag_id, DagRun.run_id == dag_run.run_id))
+        return _copy_note(own, bound) if bound is not None else None
+
+
+def _copy_note(session: Any, dag_run: Any) -> str | None:
+    from airflow.models.xcom import XComModel
+
+    if dag_run.note:
         return None
     rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=RUN_NOTE_KEY)).all()
     notes = [XComModel.deserialize_value(row) for row in rows]

@@ -32,6 +32,7 @@ class PipelineRun:
     run_id: str
     state: str
     tasks: dict[str, TaskOutcome] = field(default_factory=dict)
+    note: str = ""
 
     @property
     def run_key(self) -> str:
@@ -102,4 +103,4 @@ def collect(dag_id: str, run_id: str) -> PipelineRun:
             ti.task_id: TaskOutcome(state=str(ti.state), result=values.get(ti.task_id), try_number=ti.try_number)
             for ti in instances
         }
-        return PipelineRun(dag_id=dag_id, run_id=run_id, state=str(dag_run.state), tasks=tasks)
+        return PipelineRun(dag_id=dag_id, run_id=run_id, state=str(dag_run.state), tasks=tasks, note=dag_run.note or "")

@@ -210,6 +210,8 @@ def format_run_summary(run: Any, interrupted_by: int | None = None) -> str:
             f"  data                      : {extracted['skipped_reason']} (the data Production "
             f"v{extracted.get('production_version')} was trained on); nothing trained; force_retrain=true retrains",
         )
+    if run.note:
+        lines.append(f"  run note                  : {run.note.splitlines()[0]}")
     if failed:
         lines.append(f"  failed tasks              : {', '.join(failed)} (see the task logs in the Airflow UI)")
     if interrupted_by:

@@ -28,6 +28,7 @@ from mlflow.tracking._model_registry.client import ModelRegistryClient
 
 from ml import tags
 from ml.settings import Settings
+from ml.task_logs import mlflow_progress_as_info
 from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def register_version(settings: Settings, model_uri: str, version_tags: dict[str,
     mlflow.set_tracking_uri(settings.tracking_uri)
     if settings.registry_uri:
         mlflow.set_registry_uri(settings.registry_uri)
-    registered = mlflow.register_model(model_uri, settings.model_name, tags=version_tags)
+    with mlflow_progress_as_info():
+        registered = mlflow.register_model(model_uri, settings.model_name, tags=version_tags)
     log.info("registered %s version %s from %s", settings.model_name, registered.version, model_uri)
     return int(registered.version)
 

@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import quote
 
 Result = Mapping[str, Any] | None
+# The XCom key under which rollback_model leaves the note for ml.airflow_plugin.
+RUN_NOTE_KEY = "run_note"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ in ``ml.tracking``, checking a deployment in ``ml.deployment`` and every change 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from ml import data, deployment, drift, evaluation, registry, tags, tracking
@@ -179,7 +180,12 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
         tags.RANDOM_SEED: str(settings.random_seed),
         tags.MODEL_FAMILY: settings.model_family,
     }
-    with mlflow.start_run(run_name=f"{run.run_id} try {run.try_number}", tags=lineage) as active:
+    started = datetime.now(UTC)
+    with mlflow.start_run(
+        run_name=tracking.run_name(settings.model_family, started),
+        tags=lineage,
+        description=tracking.run_description(run, settings, split.digest),
+    ) as active:
         mlflow.log_params(
             {
                 **settings.run_parameters(),
@@ -205,15 +211,20 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
         train_metrics = evaluation.score(pipeline.predict(train_frame[features]), train_frame[label])
         mlflow.log_metrics({**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}})
         figure = evaluation.confusion_matrix_figure(
-            predictions, test_frame[label], f"{settings.model_family}: held-out set"
+            predictions,
+            test_frame[label],
+            f"{settings.model_family}: held-out set",
+            data.class_names(settings.data_source),
         )
         tracking.log_figure(mlflow, figure, "evaluation/confusion_matrix.png")
         if drift_report is not None:
             drift.log_report(mlflow, drift_report, settings.drift_threshold, drift_reference)
         mlflow.set_tags(drift_tags)
-        model_uri = tracking.log_model(mlflow, pipeline, train_frame[features])
+        model_uri = tracking.log_model(mlflow, pipeline, train_frame[features], settings.model_name)
         version = registry.register_version(settings, model_uri, {**lineage, **drift_tags})
         run_id = active.info.run_id
+        # The version number exists only now: the run's name gets it, so that runs are told apart at a glance.
+        mlflow.set_tag(tracking.RUN_NAME_TAG, tracking.run_name(settings.model_family, started, version))
     log.info("registered %s version %s with accuracy %.4f", settings.model_name, version, metrics["accuracy"])
     return TrainResult(
         model_name=settings.model_name,

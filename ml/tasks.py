@@ -11,14 +11,24 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from ml import data, registry, steps
+from ml import data, registry, run_note, steps
 from ml.context import RunContext
 from ml.hooks import call_hook
-from ml.results import DeployResult, ExtractResult, TrainResult, TransformResult, ValidateResult
+from ml.results import (
+    ArchiveResult,
+    DeployResult,
+    ExtractResult,
+    RollbackResult,
+    TrainResult,
+    TransformResult,
+    ValidateResult,
+)
 from ml.settings import ConfigurationError, Settings
 
 # Errors a retry cannot cure: the task fails at once instead of waiting out retry_delay.
 PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError)
+# Steps that change what the registry says about a version; the registry's descriptions follow each of them.
+REGISTRY_STEPS = frozenset({"validate_model", "deploy_model", "archive_model", "rollback_model"})
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +73,84 @@ def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, Ru
 
     Errors that a retry cannot cure (bad settings, bad data, a refused registry change) fail the task at once instead
     of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries.
+
+    A step that had nothing to do (no new data, nothing deployed to archive, nothing to roll back) ends its task as
+    *skipped*, so that the grid shows what a run did; its result is still this task's XCom, as the contract says.
     """
     try:
         settings, run = resolve(context)
         if settings.step_hook:
             call_hook(settings.step_hook, step=name, run_key=run.run_key, try_number=run.try_number)
-        return step(settings, run).to_xcom()
+        result = step(settings, run)
     except PERMANENT_ERRORS as error:
         _fail_without_retry(name, error)
+    if name in REGISTRY_STEPS and getattr(result, "skip", None) is None:
+        _refresh_registry_descriptions(settings)
+    xcom = result.to_xcom()
+    idle = nothing_done(result)
+    ti = context.get("ti")
+    if idle is not None and ti is not None:
+        from airflow.sdk.exceptions import AirflowSkipException
 
+        ti.xcom_push(key="return_value", value=xcom)
+        raise AirflowSkipException(idle)
+    return xcom
+
+
+def nothing_done(result: StepResult) -> str | None:
+    """Why a step's task did nothing and should show as skipped, or None when it did its work."""
+    if isinstance(result, ExtractResult):
+        return None  # finding the data unchanged is extract_data's work; the steps after it have nothing to do
+    skip = getattr(result, "skip", None)
+    if skip is not None:
+        return str(skip.reason)
+    if isinstance(result, ArchiveResult) and not result.archived:
+        return f"version {result.model_version} was not deployed; nothing to archive"
+    if isinstance(result, RollbackResult) and not result.rollback_performed:
+        return f"no rollback: {result.reason}"
+    return None
+
+
+def _refresh_registry_descriptions(settings: Settings) -> None:
+    # The descriptions repeat what the tags already record; failing to write them must not fail (and retry) a step
+    # that changed the registry. The next step writes them again.
+    try:
+        registry.refresh_descriptions(settings)
+    except Exception as error:
+        log.warning("the registry's descriptions were not updated: %s", error)
+
+
+def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: RollbackResult) -> None:
+    """Compose the DAG run's note from the run's results; ml.airflow_plugin puts it on the run when it ends."""
+    ti = context.get("ti")
+    if ti is None:
+        return
+    trained = upstream_result(context, "train_model") or {}
+    links = run_note.MlflowLinks(
+        settings.mlflow_ui, settings.model_name, _experiment_id(settings, str(trained.get("run_id") or ""))
+    )
+    note = run_note.compose(
+        extract=upstream_result(context, "extract_data"),
+        train=trained,
+        validation=upstream_result(context, "validate_model"),
+        deploy=upstream_result(context, "deploy_model"),
+        rollback=rolled.to_xcom(),
+        links=links,
+    )
+    log.info("run note: %s", note.splitlines()[0])
+    ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
+
+
+def _experiment_id(settings: Settings, run_id: str) -> str | None:
+    try:
+        client = registry.client_for(settings)
+        if run_id:
+            return str(client.get_run(run_id).info.experiment_id)
+        experiment = client.get_experiment_by_name(settings.experiment_name)
+        return str(experiment.experiment_id) if experiment else None
+    except Exception as error:
+        log.warning("no link to the MLflow experiment in the run note: %s", error)
+        return None
 
 def _fail_without_retry(name: str, error: Exception) -> NoReturn:
     from airflow.sdk.exceptions import AirflowFailException
@@ -112,11 +191,14 @@ def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) 
     )
 
 
-def deploy_model(validation_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+def deploy_model(validation_result: Mapping[str, Any] | None, context: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs when validate_model was skipped too (its trigger rule is none_failed): then transform_data's result, which
+    says why the run had nothing to do, stands in for the verdict."""
+    verdict = validation_result or upstream_result(context, "transform_data") or {}
     return run_step(
         "deploy_model",
         context,
-        lambda settings, run: steps.deploy(settings, run, ValidateResult.from_xcom(validation_result), _split(context)),
+        lambda settings, run: steps.deploy(settings, run, ValidateResult.from_xcom(verdict), _split(context)),
     )
 
 
@@ -132,7 +214,13 @@ def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
     """Runs whatever happened upstream, so it reads deploy_model's result itself: a failed deploy_model leaves none."""
     deploy_result = upstream_result(context, "deploy_model")
     deployed = DeployResult.from_xcom(deploy_result) if deploy_result else None
-    return run_step("rollback_model", context, lambda settings, run: steps.rollback(settings, run, deployed))
+
+    def rollback_and_note(settings: Settings, run: RunContext) -> RollbackResult:
+        rolled = steps.rollback(settings, run, deployed)
+        _push_run_note(context, settings, rolled)
+        return rolled
+
+    return run_step("rollback_model", context, rollback_and_note)
 
 
 def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,38 +4,80 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ml.context import RunContext
 from ml.settings import Settings
+from ml.task_logs import import_skops_quietly
 
 # MLflow saves scikit-learn models with skops, which refuses to load types it was not told to trust;
 # the imputer keeps the dtype it was fitted on.
 SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
 # Pinned explicitly: inferring a model's requirements costs MLflow about 8 s in a subprocess.
 MODEL_REQUIREMENTS = ("mlflow-skinny", "scikit-learn", "pandas", "numpy", "scipy")
+# MLflow's own tags: the experiment's kind (without it the UI opens on its GenAI view) and descriptions.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
+RUN_NAME_TAG = "mlflow.runName"
 
 
 def connect(settings: Settings) -> ModuleType:
     """The mlflow module, pointed at the configured stores, with the experiment created if need be and active."""
     import mlflow
 
+    import_skops_quietly()
     mlflow.set_tracking_uri(settings.tracking_uri)
     if settings.registry_uri:
         mlflow.set_registry_uri(settings.registry_uri)
-    if mlflow.get_experiment_by_name(settings.experiment_name) is None:
+    described = experiment_tags(settings)
+    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
         location = None
         if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
             location = as_uri(settings.artifact_root)
         try:
-            mlflow.create_experiment(settings.experiment_name, artifact_location=location)
+            mlflow.create_experiment(settings.experiment_name, artifact_location=location, tags=described)
         except mlflow.exceptions.MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+    elif experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        # An experiment made before the kind tag existed would still open on MLflow's GenAI view.
+        for key, value in described.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(settings.experiment_name)
     return mlflow
+
+
+def experiment_tags(settings: Settings) -> dict[str, str]:
+    """The experiment's kind (MLflow opens a model-training experiment on its runs) and its description."""
+    description = (
+        f"Training runs of the `mlops_pipeline` Airflow DAG. Each run trains a scikit-learn pipeline on a snapshot of "
+        f"the configured data, logs its parameters, metrics, datasets, confusion matrix and drift report, and "
+        f"registers a new version of `{settings.model_name}`; runs are named `v<version> · <model family> · "
+        f"<UTC time>` and their description links to the Airflow run. Which version is in Production, and why, is on "
+        f"the registered model's page."
+    )
+    return {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, NOTE_TAG: description}
+
+
+def run_name(model_family: str, started: datetime, version: int | None = None) -> str:
+    """Short and distinct in MLflow's run list: ``v3 · logistic_regression · 2026-11-24 18:46``."""
+    stamp = started.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+    return " · ".join(([f"v{version}"] if version is not None else []) + [model_family, stamp])
+
+
+def run_description(run: RunContext, settings: Settings, digest: str) -> str:
+    """Markdown: the Airflow run that trained this model (a link MLflow's UI can follow) and the data it used."""
+    return (
+        f"Trained by the Airflow DAG run [{run.run_key}]({run.airflow_url}) (try {run.try_number}), "
+        f"model family `{settings.model_family}`, on the snapshot with digest `{digest[:16]}` of "
+        f"`{settings.data_source}`. The registered version's page says whether it reached Production."
+    )
 
 
 def as_uri(location: str) -> str:
@@ -62,15 +104,18 @@ def log_figure(mlflow: ModuleType, figure: Any, artifact_file: str) -> None:
         plt.close(figure)
 
 
-def log_model(mlflow: ModuleType, pipeline: Any, features: Any) -> str:
-    """Log the fitted pipeline with its signature and an input example; returns the model's URI."""
+def log_model(mlflow: ModuleType, pipeline: Any, features: Any, name: str) -> str:
+    """Log the fitted pipeline, named after the registered model, with its signature and an input example.
+
+    Returns the model's URI.
+    """
     from mlflow.models import infer_signature
 
     requirements = [f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS]
     example = features.head(3)
     info = mlflow.sklearn.log_model(
         pipeline,
-        name="model",
+        name=name,
         signature=infer_signature(example, pipeline.predict(example)),
         input_example=example,
         pip_requirements=requirements,

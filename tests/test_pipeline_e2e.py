@@ -61,6 +61,13 @@ def test_first_run_promotes_version_1_with_full_lineage(baseline):
     assert run.result("deploy_model") | {"deployed": True, "previous_version": None} == run.result("deploy_model")
     assert run.result("archive_model")["archived"] is True
     assert run.result("rollback_model")["rollback_performed"] is False
+    # Nothing was rolled back, and the grid says so; the run's note says what happened, with links into MLflow.
+    assert {task: outcome.state for task, outcome in run.tasks.items() if outcome.state != "success"} == {
+        "rollback_model": "skipped"
+    }
+    assert run.note.startswith("**v1 promoted**, accuracy 0.9"), run.note
+    assert "[MLflow run](http://localhost:5000/#/experiments/" in run.note
+    assert f"[{settings.model_name} v1](http://localhost:5000/#/models/{settings.model_name}/versions/1)" in run.note
 
     client = registry.client_for(settings)
     version = registry.get_version(client, settings.model_name, 1)
@@ -103,6 +110,9 @@ def test_failed_validation_leaves_production_and_records_why(settings):
     assert run.result("deploy_model")["previous_version"] == before[0]
     assert run.result("archive_model")["archived"] is False
     assert run.result("rollback_model")["rollback_performed"] is False
+    assert (run.state_of("archive_model"), run.state_of("rollback_model")) == ("skipped", "skipped")
+    assert run.note.startswith(f"**v{candidate} rejected**: accuracy "), run.note
+    assert "is below the threshold 1.0000" in run.note
     tags = registry.get_version(registry.client_for(settings), settings.model_name, candidate).tags
     assert tags["mlops.validation.status"] == "failed"
     assert "below the threshold 1.0000" in tags["mlops.validation.reasons"]
@@ -131,6 +141,9 @@ def test_failed_post_deploy_check_restores_the_prior_version(settings, monkeypat
     rollback = run.result("rollback_model")
     assert rollback["rollback_performed"] is True
     assert rollback["restored_version"] == rollback["production_version"] == before[0]
+    assert (run.state_of("archive_model"), run.state_of("rollback_model")) == ("skipped", "success")
+    assert run.note.startswith(f"**v{candidate} rolled back**: post-deploy check failed: "), run.note
+    assert f"Production is back to v{before[0]}." in run.note
     assert production(settings) == before
     client = registry.client_for(settings)
     demoted = registry.get_version(client, settings.model_name, candidate)
@@ -193,7 +206,7 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     assert message in output
     assert str(path) in output, "the error names the file"
     assert run.state_of("train_model") == "upstream_failed"
-    assert run.state_of("rollback_model") == "success"
+    assert run.state_of("rollback_model") == "skipped", "nothing was rolled back"
     assert version_count(settings) == count
     assert production(settings) == before
 
