@@ -48,8 +48,9 @@ def _links(links: MlflowLinks, version: int | None, run_id: str) -> str:
 
 
 def _with_links(text: str, links: MlflowLinks, version: int | None, run_id: str) -> str:
+    # One line: the run page shows a note's first line in its header.
     linked = _links(links, version, run_id)
-    return f"{text}\n\n{linked}" if linked else text
+    return f"{text} · {linked}" if linked else text
 
 
 def compose(

@@ -94,7 +94,10 @@ def _wait_for_run(stack: UiStack, token: str, run_id: str) -> str:
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     state = "unknown"
     while time.monotonic() < deadline:
-        state = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["state"]
+        try:
+            state = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["state"]
+        except httpx.HTTPError:
+            state = "unknown (the API server did not answer in time)"
         if state in {"success", "failed"}:
             return state
         time.sleep(2)
@@ -188,7 +191,7 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
 
     # train_model's log: the project's own lines, no flood, no ERROR from MLflow's progress messages.
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}/tasks/train_model")
-    page.get_by_text("registered breast_cancer_classifier version 1").wait_for()
+    page.get_by_text("registered breast_cancer_classifier version 1").first.wait_for()
     tab.shot("airflow-train-model-log")
     assert "DeprecatedImportWarning" not in page.inner_text("body")
     lines = _task_log_lines(stack, token, run_id, "train_model")
