@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import quote
 
 Result = Mapping[str, Any] | None
+# MLflow 3's UI opens in its GenAI view (no Model registry in the sidebar) unless the link asks for model training.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 # The XCom key under which rollback_model leaves the note for ml.airflow_plugin.
 RUN_NOTE_KEY = "run_note"
 
@@ -28,10 +30,10 @@ class MlflowLinks:
     def run(self, run_id: str) -> str | None:
         if not (self.experiment_id and run_id):
             return None
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}{MODEL_TRAINING_VIEW}"
 
     def version(self, version: int) -> str:
-        return f"{self.ui_url.rstrip('/')}/#/models/{quote(self.model_name)}/versions/{version}"
+        return f"{self.ui_url.rstrip('/')}/#/models/{quote(self.model_name)}/versions/{version}{MODEL_TRAINING_VIEW}"
 
 
 def _accuracy(value: Any) -> str:

@@ -225,7 +225,7 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
         run_id = active.info.run_id
         # The version number exists only now: the run's name gets it, so that runs are told apart at a glance.
         mlflow.set_tag(tracking.RUN_NAME_TAG, tracking.run_name(settings.model_family, started, version))
-    log.info("registered %s version %s with accuracy %.4f", settings.model_name, version, metrics["accuracy"])
+    log.info("version %s scores %.4f on the held-out set", version, metrics["accuracy"])
     return TrainResult(
         model_name=settings.model_name,
         model_version=version,
@@ -481,5 +481,4 @@ def manual_rollback(settings: Settings, run: RunContext) -> ManualRollbackResult
     target = str(run.params.get("target_version") or "previous")
     reason = str(run.params.get("reason") or "manual rollback from the Airflow UI")
     replaced, restored = registry.manual_rollback(settings, target, actor=run.actor, reason=reason)
-    log.info("Production of %s: version %s -> %s (%s)", settings.model_name, replaced, restored, reason)
     return ManualRollbackResult(replaced_version=replaced, production_version=restored, reason=reason)

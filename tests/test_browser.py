@@ -132,6 +132,11 @@ def _task_states(page) -> dict[str, str]:
     return states
 
 
+def _visible(page, text: str):
+    """The first visible element with ``text``: MLflow's single-page app keeps earlier pages in the DOM, hidden."""
+    return page.get_by_text(text).locator("visible=true").first
+
+
 def _trigger_with_defaults(tab: Pages, stack: UiStack, name: str) -> str:
     """Open the trigger form, submit it untouched, and return the new run's id."""
     from urllib.parse import unquote
@@ -206,28 +211,29 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     version_url = page.get_by_role("link", name="breast_cancer_classifier v1").first.get_attribute("href")
     assert mlflow_run_url.startswith(stack.mlflow_url) and version_url.startswith(stack.mlflow_url)
     page.goto(mlflow_run_url)
-    page.get_by_text("v1 · logistic_regression ·").first.wait_for()
-    back = page.get_by_role("link", name=re.compile(re.escape(run_id))).first
+    _visible(page, "v1 · logistic_regression ·").wait_for()
+    back = page.get_by_role("link", name=f"{DAG_ID}/{run_id}").first
     assert back.get_attribute("href") == f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}"
     tab.shot("mlflow-run", full_page=True)
 
-    # The experiment opens on its training runs, not on the GenAI overview.
-    experiment_id = mlflow_run_url.split("/experiments/", 1)[1].split("/")[0]
-    page.goto(f"{stack.mlflow_url}/#/experiments/{experiment_id}")
-    page.get_by_text("v1 · logistic_regression ·").first.wait_for()
+    # The experiment opens on its training runs, with the Model registry in the sidebar.
+    page.get_by_role("link", name="mlops_pipeline").first.click()
+    _visible(page, "Training runs of the `mlops_pipeline` Airflow DAG".replace("`", "")).wait_for()
+    _visible(page, "v1 · logistic_regression ·").wait_for()
     assert "genai" not in page.url
     tab.shot("mlflow-experiment")
 
     # The registered model: Production and the deployment history, as text.
-    page.goto(f"{stack.mlflow_url}/#/models/breast_cancer_classifier")
-    page.get_by_text("Deployment history").first.wait_for()
+    page.get_by_role("link", name="Model registry").first.click()
+    page.get_by_role("link", name="breast_cancer_classifier").first.click()
+    _visible(page, "Deployment history").wait_for()
     text = page.inner_text("body")
     assert "Production: version 1" in text and "passed validation with accuracy" in text
     tab.shot("mlflow-registered-model", full_page=True)
 
     # The version: why it is in Production, accuracy against the threshold, its data and its Airflow run.
     page.goto(version_url)
-    page.get_by_text("In Production").first.wait_for()
+    _visible(page, "In Production").wait_for()
     text = page.inner_text("body")
     assert "held-out accuracy" in text and "threshold" in text and "data digest" in text
     assert page.get_by_role("link", name=f"{DAG_ID}/{run_id}").count() >= 1

@@ -67,7 +67,7 @@ def test_first_run_promotes_version_1_with_full_lineage(baseline):
     }
     assert run.note.startswith("**v1 promoted**, accuracy 0.9"), run.note
     assert "[MLflow run](http://localhost:5000/#/experiments/" in run.note
-    assert f"[{settings.model_name} v1](http://localhost:5000/#/models/{settings.model_name}/versions/1)" in run.note
+    assert f"[{settings.model_name} v1](http://localhost:5000/#/models/{settings.model_name}/versions/1?" in run.note
 
     client = registry.client_for(settings)
     version = registry.get_version(client, settings.model_name, 1)

@@ -29,8 +29,8 @@ def test_a_promotion_names_version_accuracy_threshold_and_links():
         links=LINKS,
     )
     assert note.startswith("**v3 promoted**, accuracy 0.9737 (threshold 0.80, Production v2 had 0.9649).")
-    assert "[MLflow run](http://mlflow.example:5000/#/experiments/7/runs/r123)" in note
-    assert "[clf v3](http://mlflow.example:5000/#/models/clf/versions/3)" in note
+    assert "[MLflow run](http://mlflow.example:5000/#/experiments/7/runs/r123?workflowType=machine_learning)" in note
+    assert "[clf v3](http://mlflow.example:5000/#/models/clf/versions/3?workflowType=machine_learning)" in note
 
 
 def test_no_new_data():
