@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
@@ -87,12 +88,28 @@ def as_uri(location: str) -> str:
 def log_datasets(
     mlflow: ModuleType, train_frame: Any, test_frame: Any, *, train_uri: str, test_uri: str, digest: str, label: str
 ) -> None:
-    """Record the train and test sets as the run's inputs, named after the snapshot they were split from."""
+    """Record the train and test sets as the run's inputs, named after the snapshot they were split from.
+
+    MLflow shows its own digest of each split beside the name; the tags say which digest is which, since the
+    snapshot's (the one on the model version) covers the whole extracted data set.
+    """
     for frame, context, uri in ((train_frame, "training", train_uri), (test_frame, "evaluation", test_uri)):
-        dataset = mlflow.data.from_pandas(
-            frame, source=as_uri(uri), targets=label, name=f"snapshot-{digest[:12]}-{context}"
+        with warnings.catch_warnings():
+            # The label is an integer class, validated to have no missing values: MLflow's hint does not apply.
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            # MLflow registers its local-file source class twice and then warns that a path is ambiguous.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            dataset = mlflow.data.from_pandas(
+                frame, source=as_uri(uri), targets=label, name=f"{context} split of snapshot {digest[:12]}"
+            )
+        mlflow.log_input(
+            dataset,
+            context=context,
+            tags={
+                "snapshot sha256 (whole data set, as on the model version)": digest,
+                "dataset digest (shown by MLflow)": f"{dataset.digest}: MLflow's hash of this {context} split",
+            },
         )
-        mlflow.log_input(dataset, context=context, tags={"snapshot_digest": digest})
 
 
 def log_figure(mlflow: ModuleType, figure: Any, artifact_file: str) -> None:
