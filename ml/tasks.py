@@ -152,6 +152,7 @@ def _experiment_id(settings: Settings, run_id: str) -> str | None:
         log.warning("no link to the MLflow experiment in the run note: %s", error)
         return None
 
+
 def _fail_without_retry(name: str, error: Exception) -> NoReturn:
     from airflow.sdk.exceptions import AirflowFailException
 
