@@ -54,10 +54,16 @@ Each task is stopped after `MLOPS_TASK_TIMEOUT_SECONDS` (one hour by default).
 #### Data-aware
 Runs daily **or** when the training-data asset is updated (see the asset's page for the events and the runs they
 triggered). If the extracted data has the same digest as the data the Production version was trained on, the run is
-a no-op: every task returns `"skipped_reason": "no new data"`, nothing is registered and Production is untouched;
+a no-op: the tasks after extract_data are skipped, nothing is registered and Production is untouched;
 `force_retrain` retrains anyway. Each training run measures drift (PSI and a KS test per feature, label balance)
 against the Production version's data and logs it to MLflow (`drift/`); above `drift_threshold` the candidate must
 beat Production by `drift_margin` instead of being within the tolerance.
+
+#### Reading a run
+The grid uses Airflow's states: a task that had nothing to do is *skipped* (archive_model when nothing was deployed,
+rollback_model when nothing was rolled back), so a green rollback_model means a rollback happened. Each run's note
+says what it did ("v3 promoted, accuracy ...", "no new data", "v4 rejected: ...", "v5 rolled back: ...") and links to
+the MLflow run and the registered version.
 """
 
 
