@@ -89,9 +89,14 @@ def test_first_run_promotes_version_1_with_full_lineage(baseline):
     assert mlflow_run.data.params["model_family"] == "logistic_regression"
     assert mlflow_run.data.metrics["accuracy"] > 0.9
     assert mlflow_run.data.tags["mlops.airflow.url"].endswith(f"/dags/mlops_pipeline/runs/{run.run_id}")
-    inputs = {d.tags[0].value if d.tags else None: d.dataset for d in mlflow_run.inputs.dataset_inputs}
+    tagged = [({t.key: t.value for t in d.tags}, d.dataset) for d in mlflow_run.inputs.dataset_inputs]
+    inputs = {tags_of.get("mlflow.data.context"): dataset for tags_of, dataset in tagged}
     assert {"training", "evaluation"} <= set(inputs)
     assert all(digest[:12] in dataset.name for dataset in inputs.values())
+    # Which digest is which: the snapshot's (as on the version) and MLflow's own hash of each split.
+    for tags_of, dataset in tagged:
+        assert tags_of["snapshot sha256 (whole data set, as on the model version)"] == digest
+        assert tags_of["dataset digest (shown by MLflow)"].startswith(f"{dataset.digest}: MLflow's hash of this")
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts
     model_info = mlflow.models.get_model_info(f"models:/{settings.model_name}/1")
