@@ -60,7 +60,7 @@ def fill_registry(tracking_uri: str, versions: int, history: int) -> None:
         recorded = connection.execute(
             select(func.count())
             .select_from(model_tags)
-            .where(model_tags.c.name == MODEL_NAME, model_tags.c.key.like(f"{registry.HISTORY_PREFIX}%"))
+            .where(model_tags.c.name == MODEL_NAME, model_tags.c.key.like(f"{tags.HISTORY_PREFIX}%"))
         ).scalar_one()
         start = datetime(2024, 1, 1, tzinfo=UTC)
         new_versions = range(last + 1, versions + 1)
