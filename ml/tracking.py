@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from ml.context import RunContext
+from ml.redaction import mask_credentials
 from ml.settings import Settings
 from ml.task_logs import import_skops_quietly
 
@@ -77,7 +78,7 @@ def run_description(run: RunContext, settings: Settings, digest: str) -> str:
     return (
         f"Trained by the Airflow DAG run [{run.run_key}]({run.airflow_url}) (try {run.try_number}), "
         f"model family `{settings.model_family}`, on the snapshot with digest `{digest[:16]}` of "
-        f"`{settings.data_source}`. The registered version's page says whether it reached Production."
+        f"`{mask_credentials(settings.data_source)}`. The registered version's page says whether it reached Production."
     )
 
 
