@@ -103,14 +103,14 @@ def log_datasets(
             dataset = mlflow.data.from_pandas(
                 frame, source=as_uri(uri), targets=label, name=f"{context} split of snapshot {digest[:12]}"
             )
-        mlflow.log_input(
-            dataset,
-            context=context,
-            tags={
-                "snapshot sha256 (whole data set, as on the model version)": digest,
-                "dataset digest (shown by MLflow)": f"{dataset.digest}: MLflow's hash of this {context} split",
-            },
-        )
+            mlflow.log_input(
+                dataset,
+                context=context,
+                tags={
+                    "snapshot sha256 (whole data set, as on the model version)": digest,
+                    "dataset digest (shown by MLflow)": f"{dataset.digest}: MLflow's hash of this {context} split",
+                },
+            )
 
 
 def log_figure(mlflow: ModuleType, figure: Any, artifact_file: str) -> None:
