@@ -495,11 +495,17 @@ def split_frame(
 ) -> SplitData:
     """Stratified, seeded split; both halves are written to the data store."""
     check_split_sizes(len(frame), frame[label].nunique(), test_size)
-    model_input = frame[[*features, label]].copy()
+    columns = [*features, label]
+    # The split copies the rows anyway: a copy beforehand would hold the whole data set twice at once.
+    model_input = frame if [str(c) for c in frame.columns] == columns else frame[columns]
     # Integer columns cannot hold missing values in an MLflow signature; serving clients do send them.
-    for column in features:
-        if pd.api.types.is_bool_dtype(model_input[column]) or pd.api.types.is_integer_dtype(model_input[column]):
-            model_input[column] = model_input[column].astype(np.float64)
+    widened = {
+        column: np.float64
+        for column in features
+        if pd.api.types.is_bool_dtype(model_input[column]) or pd.api.types.is_integer_dtype(model_input[column])
+    }
+    if widened:
+        model_input = model_input.astype(widened)
     train, test = train_test_split(model_input, test_size=test_size, random_state=seed, stratify=model_input[label])
     train_uri = store_uri(data_store, "runs", run_folder, "train.parquet")
     test_uri = store_uri(data_store, "runs", run_folder, "test.parquet")
