@@ -30,7 +30,7 @@ CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
 
 # What the pipeline's tasks import, found by diffing sys.modules around a run against an MLflow server.
 TASK_MODULES = (
-    "ml.steps",
+    "ml.tasks",
     "ml.training",
     "mlflow.sklearn",
     "mlflow.pyfunc.scoring_server",

@@ -229,6 +229,18 @@ def sample(frame: pd.DataFrame, rows: int = SAMPLE_ROWS, seed: int = 0) -> pd.Da
     return frame.sample(n=rows, random_state=seed)
 
 
+def sample_of_parts(parts: list[pd.DataFrame], rows: int = SAMPLE_ROWS) -> pd.DataFrame:
+    """At most ``rows`` rows of the parts taken together, each part sampled in proportion to its size.
+
+    Stands for a data set already split in memory (train and test) without concatenating the whole of it first.
+    """
+    total = sum(len(part) for part in parts)
+    if total <= rows:
+        return pd.concat(parts, ignore_index=True)
+    shares = [round(rows * len(part) / total) for part in parts]
+    return pd.concat([sample(part, share) for part, share in zip(parts, shares, strict=True)], ignore_index=True)
+
+
 def _numeric(series: pd.Series) -> bool:
     return bool(pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series))
 

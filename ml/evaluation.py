@@ -10,11 +10,20 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
+# The training-set metrics are there to show over-fitting; a seeded sample of this many rows shows it as well as every
+# row would (accuracy within about 0.003 at 95 %), and predicting 800,000 rows would not be free.
+TRAIN_SCORE_ROWS = 100_000
+
 
 @dataclass(frozen=True)
 class Verdict:
     passed: bool
     reasons: list[str]
+
+
+def training_score_sample(train_frame: pd.DataFrame, seed: int, rows: int = TRAIN_SCORE_ROWS) -> pd.DataFrame:
+    """The training rows the training-set metrics are computed on: every row up to ``rows``, else a seeded sample."""
+    return train_frame if len(train_frame) <= rows else train_frame.sample(n=rows, random_state=seed)
 
 
 def score(predictions: Any, truth: pd.Series) -> dict[str, float]:

@@ -13,6 +13,7 @@ import fcntl
 import functools
 import json
 import logging
+import re
 import sqlite3
 import warnings
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ LEFT_PRODUCTION_TAGS = (
     tags.DEPLOYMENT_RESTORED_VERSION,
 )
 RESTORED_TAGS = (tags.DEPLOYMENT_RESTORED_AT, tags.DEPLOYMENT_RESTORED_BY)
+LOGGED_MODEL_URI = re.compile(r"models:/m-[0-9a-f]+")
 
 
 class RegistryError(RuntimeError):
@@ -248,14 +250,18 @@ def set_version_tags(client: Client, name: str, version: int, values: dict[str, 
 
 
 def register_version(settings: Settings, model_uri: str, version_tags: dict[str, str]) -> int:
-    """Register a logged model as a new version of the configured registered model; returns its number."""
-    import mlflow
+    """Register a logged model (``models:/<model id>``, what ``log_model`` returns) as a new version of the
+    configured registered model, which must exist; returns its number.
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    if settings.registry_uri:
-        mlflow.set_registry_uri(settings.registry_uri)
+    ``mlflow.register_model`` would first try to create the registered model, and the store answers "already exists"
+    only after reading the whole model: every version and every history tag.
+    """
+    if not LOGGED_MODEL_URI.fullmatch(model_uri):
+        raise RegistryError(f"{model_uri!r} is not the URI of a logged model (models:/<model id>)")
     with mlflow_progress_as_info():
-        registered = mlflow.register_model(model_uri, settings.model_name, tags=version_tags)
+        registered = registry_client_for(settings).create_model_version(
+            settings.model_name, source=model_uri, tags=version_tags, model_id=model_uri.removeprefix("models:/")
+        )
     log.info("registered %s version %s from %s", settings.model_name, registered.version, model_uri)
     return int(registered.version)
 

@@ -170,7 +170,7 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
     hyperparameters = training.resolve_hyperparameters(settings.model_family, settings.hyperparameters)
     pipeline = training.build_pipeline(settings.model_family, settings.hyperparameters, settings.random_seed)
 
-    drift_report, drift_reference = _drift_against_production(settings, client, split)
+    drift_report, drift_reference = _drift_against_production(settings, client, train_frame, test_frame)
     drift_tags = drift.version_tags(drift_report, settings.drift_threshold, drift_reference)
     mlflow = tracking.connect(settings)
     lineage = {
@@ -202,13 +202,14 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
             train_uri=split.train_uri,
             test_uri=split.test_uri,
             digest=split.digest,
-            label=label,
         )
         log.info("fitting %s on %d rows", settings.model_family, len(train_frame))
         pipeline.fit(train_frame[features], train_frame[label])
         predictions = pipeline.predict(test_frame[features])
         metrics = evaluation.score(predictions, test_frame[label])
-        train_metrics = evaluation.score(pipeline.predict(train_frame[features]), train_frame[label])
+        scored = evaluation.training_score_sample(train_frame, settings.random_seed)
+        train_metrics = evaluation.score(pipeline.predict(scored[features]), scored[label])
+        mlflow.log_param("train_metrics_rows", len(scored))
         mlflow.log_metrics({**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}})
         figure = evaluation.confusion_matrix_figure(
             predictions,
@@ -237,9 +238,13 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
 
 
 def _drift_against_production(
-    settings: Settings, client: Any, split: TransformResult
+    settings: Settings, client: Any, train_frame: Any, test_frame: Any
 ) -> tuple[drift.DriftReport | None, int | None]:
-    """Compare this run's data with the snapshot the Production version was trained on (none: nothing to compare)."""
+    """Compare this run's data with the snapshot the Production version was trained on (none: nothing to compare).
+
+    This run's side is a sample of the train and test sets already in memory, which together hold the snapshot's
+    rows: reading the snapshot again would cost a full read for a bounded sample.
+    """
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
     reference_uri = champion.tags.get(tags.DATA_SNAPSHOT_URI) if champion else None
     if champion is None or not reference_uri:
@@ -250,7 +255,12 @@ def _drift_against_production(
     except data.DataSourceError as error:
         log.warning("cannot measure drift against Production version %s: %s", champion.version, error)
         return None, None
-    report = drift.compare(reference, data.read_frame(split.snapshot_uri), label=settings.label_column)
+    report = drift.compare(
+        reference,
+        drift.sample_of_parts([train_frame, test_frame]),
+        label=settings.label_column,
+        current_rows=len(train_frame) + len(test_frame),
+    )
     log.info(
         "drift against Production version %s: largest PSI %.4f (%s), smallest KS p-value %.3g",
         champion.version,

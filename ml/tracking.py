@@ -86,29 +86,42 @@ def as_uri(location: str) -> str:
     return location if "://" in location else Path(location).expanduser().resolve().as_uri()
 
 
+# Rows the datasets' schema is read from: column names and types are in the first rows as much as in all of them.
+SCHEMA_ROWS = 1000
+
+
 def log_datasets(
-    mlflow: ModuleType, train_frame: Any, test_frame: Any, *, train_uri: str, test_uri: str, digest: str, label: str
+    mlflow: ModuleType, train_frame: Any, test_frame: Any, *, train_uri: str, test_uri: str, digest: str
 ) -> None:
     """Record the train and test sets as the run's inputs, named after the snapshot they were split from.
 
-    MLflow shows its own digest of each split beside the name; the tags say which digest is which, since the
-    snapshot's (the one on the model version) covers the whole extracted data set.
+    Lineage by address, digest and schema: ``mlflow.data.from_pandas`` would hash and infer a schema from every row
+    (tens of seconds on a million rows) to describe data the snapshot's digest already names. The tags say which
+    digest is which: the snapshot's sha256 (the one on the model version) covers the whole extracted data set.
     """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.models import infer_signature
+
     for frame, context, uri in ((train_frame, "training", train_uri), (test_frame, "evaluation", test_uri)):
         with warnings.catch_warnings():
             # The label is an integer class, validated to have no missing values: MLflow's hint does not apply.
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
             # MLflow registers its local-file source class twice and then warns that a path is ambiguous.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
-            dataset = mlflow.data.from_pandas(
-                frame, source=as_uri(uri), targets=label, name=f"{context} split of snapshot {digest[:12]}"
+            dataset = MetaDataset(
+                source=resolve_dataset_source(as_uri(uri)),
+                name=f"{context} split of snapshot {digest[:12]}",
+                digest=digest[:8],
+                schema=infer_signature(frame.head(SCHEMA_ROWS)).inputs,
             )
             mlflow.log_input(
                 dataset,
                 context=context,
                 tags={
                     "snapshot sha256 (whole data set, as on the model version)": digest,
-                    "dataset digest (shown by MLflow)": f"{dataset.digest}: MLflow's hash of this {context} split",
+                    "dataset digest (shown by MLflow)": f"{dataset.digest}: the first characters of the snapshot's "
+                    "sha256",
                 },
             )
 

@@ -12,7 +12,7 @@ import sys
 PROBE = """
 import json, sys, threading
 import ml.celery_worker as worker
-heavy = ("mlflow", "sklearn", "pandas", "ml.steps")
+heavy = ("mlflow", "sklearn", "pandas", "ml.tasks")
 before = [name for name in heavy if name in sys.modules]
 worker.preload_task_modules()
 after = [name for name in heavy if name in sys.modules]
@@ -27,7 +27,7 @@ def test_importing_the_config_is_cheap_and_the_preload_starts_no_threads():
     found = json.loads(out.stdout.strip().splitlines()[-1])
     # The scheduler imports the config too: it must not pay for the pipeline's libraries.
     assert found["before"] == []
-    assert found["after"] == ["mlflow", "sklearn", "pandas", "ml.steps"]
+    assert found["after"] == ["mlflow", "sklearn", "pandas", "ml.tasks"]
     assert found["missing"] == []
     # A thread in the parent would not exist in the forked tasks, and whatever it held would be shared half-done.
     assert found["threads"] == ["MainThread"]
