@@ -89,11 +89,11 @@ def fill_registry(tracking_uri: str, versions: int, history: int) -> None:
                     for number in new_versions
                     for key, value in {
                         tags.AIRFLOW_RUN_KEY: f"mlops_pipeline/filler__{number}",
-                        "mlops.airflow.run_id": f"filler__{number}",
+                        tags.AIRFLOW_RUN_ID: f"filler__{number}",
                         tags.VALIDATION_STATUS: "passed",
-                        "mlops.validation.accuracy": "0.950000",
+                        tags.VALIDATION_ACCURACY: "0.950000",
                         tags.DEPLOYMENT_STATUS: "archived",
-                        "mlops.data.digest": f"{number:064x}",
+                        tags.DATA_DIGEST: f"{number:064x}",
                     }.items()
                 ],
             )
