@@ -40,9 +40,10 @@ test-fast: setup  ## everything but the end-to-end and stack tests
 screenshots: setup browser  ## the browser test, saving a PNG of every page it visits in .mlops/screenshots/
 	MLOPS_SCREENSHOTS=$(CURDIR)/.mlops/screenshots $(BIN)/pytest tests/test_browser.py
 
-lint: setup
+lint: setup  ## style, format and types (mypy on ml/, configured in pyproject.toml), as CI runs them
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .

@@ -26,11 +26,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
 import httpx
-from mlflow.models import infer_signature
 from sklearn.datasets import load_breast_cancer
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -38,7 +36,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 import mlflow
-from ml import registry
+from ml import registry, tracking
 from ml.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -68,7 +66,6 @@ def train_and_register(settings: Settings) -> None:
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_experiment("serving_bench")
     features, labels = load_breast_cancer(return_X_y=True, as_frame=True)
-    requirements = [f"{name}=={metadata.version(name)}" for name in ("mlflow-skinny", "scikit-learn", "pandas")]
     for regularisation in (1.0, 0.1):
         pipeline = Pipeline(
             [
@@ -77,17 +74,9 @@ def train_and_register(settings: Settings) -> None:
                 ("model", LogisticRegression(C=regularisation, max_iter=1000)),
             ]
         ).fit(features, labels)
-        example = features.head(3)
         with mlflow.start_run():
-            info = mlflow.sklearn.log_model(
-                pipeline,
-                name="model",
-                signature=infer_signature(example, pipeline.predict(example)),
-                input_example=example,
-                pip_requirements=requirements,
-                skops_trusted_types=["numpy.dtype"],
-            )
-        mlflow.register_model(info.model_uri, settings.model_name)
+            model_uri = tracking.log_model(mlflow, pipeline, features)
+        registry.register_version(settings, model_uri, {})
     registry.promote(settings, 1, expected_current=None, actor="bench", reason="benchmark baseline")
 
 

@@ -12,9 +12,15 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk import DAG
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def migrate_airflow_db() -> None:
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
 
 
-def load_dag(dag_id: str):
+def load_dag(dag_id: str) -> DAG:
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(dags_folder()))
@@ -70,14 +76,14 @@ def load_dag(dag_id: str):
     return dag
 
 
-def run_dag(dag_id: str = "mlops_pipeline", conf: dict[str, Any] | None = None, dag=None) -> PipelineRun:
+def run_dag(dag_id: str = "mlops_pipeline", conf: dict[str, Any] | None = None, dag: DAG | None = None) -> PipelineRun:
     dag = dag or load_dag(dag_id)
     log.info("running %s through Airflow (dag.test) with %s", dag.dag_id, conf or "default parameters")
     dag_run = dag.test(run_conf=conf or None)
     return collect(dag.dag_id, dag_run.run_id)
 
 
-def dag_run_row(session, dag_id: str, run_id: str):
+def dag_run_row(session: Session, dag_id: str, run_id: str) -> DagRun:
     from airflow.models.dagrun import DagRun
     from sqlalchemy import select
 
@@ -95,10 +101,11 @@ def collect(dag_id: str, run_id: str) -> PipelineRun:
         instances = session.scalars(
             select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
         ).all()
-        values = {
-            row.task_id: XComModel.deserialize_value(row)
-            for row in session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="return_value")).all()
-        }
+        # get_many is typed as selecting one-column rows; scalars() unwraps them into the XCom models.
+        xcoms: Sequence[XComModel] = session.scalars(  # type: ignore[assignment]
+            XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="return_value")
+        ).all()
+        values = {row.task_id: XComModel.deserialize_value(row) for row in xcoms}
         tasks = {
             ti.task_id: TaskOutcome(state=str(ti.state), result=values.get(ti.task_id), try_number=ti.try_number)
             for ti in instances

@@ -18,7 +18,7 @@ import logging
 import re
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ml.settings import DEFAULT_DATA_SOURCE, SQL_SCHEMES, Settings, url_scheme
 
@@ -63,7 +63,7 @@ def training_data_asset(settings: Settings | None = None) -> Asset:
     from airflow.sdk import Asset
 
     settings = settings or Settings.from_env_or_embedded()
-    extra = {"model": settings.model_name, "label_column": settings.label_column}
+    extra: dict[str, Any] = {"model": settings.model_name, "label_column": settings.label_column}
     try:
         uri = settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)
         return Asset(uri=uri, extra=extra)

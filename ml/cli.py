@@ -150,7 +150,7 @@ def supervise(work: Callable[[], int]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    forwarded = []
+    forwarded: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         if not forwarded:

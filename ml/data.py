@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,8 +315,7 @@ def _reject_duplicate_csv_header(raw: bytes, shown: str) -> None:
         header = next(csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"))), [])
     except csv.Error as error:
         raise DataSourceError(f"data file {shown} is not readable CSV: {error}") from error
-    seen: set[str] = set()
-    duplicated = sorted({name for name in header if name in seen or seen.add(name)})
+    duplicated = sorted(name for name, count in Counter(header).items() if count > 1)
     if duplicated:
         names = ", ".join(_shorten(name) for name in duplicated[:10])
         raise DataValidationError(f"data file {shown} has duplicated column names: {names}")

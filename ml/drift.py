@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ml import tags
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +248,9 @@ def _numeric(series: pd.Series) -> bool:
     return bool(pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series))
 
 
-def psi_figure(report: DriftReport, threshold: float, top: int = 10, title: str = "Population stability index"):
+def psi_figure(
+    report: DriftReport, threshold: float, top: int = 10, title: str = "Population stability index"
+) -> Figure:
     """A horizontal bar chart of the ``top`` most drifted features, with the threshold marked."""
     import matplotlib
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The training-set metrics are there to show over-fitting; a seeded sample of this many rows shows it as well as every
 # row would (accuracy within about 0.003 at 95 %), and predicting 800,000 rows would not be free.
@@ -78,7 +81,7 @@ def judge(
 
 def confusion_matrix_figure(
     predictions: Any, truth: pd.Series, title: str, class_names: Mapping[str, str] | None = None
-):
+) -> Figure:
     """The held-out confusion matrix; axes show ``class_names`` (label value -> name) where the data set has them."""
     import matplotlib
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ml import data
-from ml.settings import ConfigurationError, Settings
+from ml.settings import SQL_SCHEMES, ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def target_kind(source: str) -> str:
             "a folder (e.g. .mlops/incoming/) or a SQL table (SQLAlchemy URL + MLOPS_DATA_QUERY=<table>)"
         )
     scheme = source.split("://", 1)[0].split("+", 1)[0].lower() if "://" in source else ""
-    if scheme in data.SQL_SCHEMES:
+    if scheme in SQL_SCHEMES:
         return "sql"
     if source.split("?", 1)[0].lower().endswith(tuple(data.FILE_FORMATS)):
         raise IngestError(

@@ -65,7 +65,7 @@ class VersionInfo:
     stage: str
     aliases: tuple[str, ...]
     run_id: str | None
-    source: str
+    source: str | None
     created_at: datetime
     tags: dict[str, str]
     description: str = ""

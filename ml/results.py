@@ -180,7 +180,7 @@ class TrainResult:
             accuracy=float(result["accuracy"]),
             run_id=str(result.get("run_id") or ""),
             model_family=str(result["model_family"]),
-            drift={key: value for key, value in result.items() if key.startswith("drift_")},
+            drift=_drift_fields(result),
         )
 
 
@@ -228,26 +228,22 @@ class ValidateResult:
 
     @classmethod
     def from_xcom(cls, result: Mapping[str, Any]) -> ValidateResult:
+        reasons = [str(reason) for reason in result.get("reasons") or []]
         skip = Skip.from_xcom(result)
-        common = {"reasons": list(result.get("reasons") or []), "skip": skip}
         if skip is not None:
-            return cls(model_name="", model_version=None, passed=False, accuracy=None, **common)
+            return cls(model_name="", model_version=None, passed=False, accuracy=None, reasons=reasons, skip=skip)
         return cls(
             model_name=str(result["model_name"]),
             model_version=int(result["model_version"]),
             passed=result["validation"] == "passed",
             accuracy=float(result["accuracy"]),
+            reasons=reasons,
             threshold=result.get("threshold"),
             champion_version=_int_or_none(result.get("champion_version")),
             champion_accuracy=result.get("champion_accuracy"),
             run_id=str(result.get("run_id") or ""),
-            drift={
-                key: value
-                for key, value in result.items()
-                if key.startswith("drift_") and key != "drift_margin_required"
-            },
+            drift=_drift_fields(result),
             drift_margin_required=result.get("drift_margin_required"),
-            **common,
         )
 
 
@@ -339,6 +335,11 @@ class ManualRollbackResult:
             "production_version": self.production_version,
             "reason": self.reason,
         }
+
+
+def _drift_fields(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The drift.result_fields() entries of a train or validate result (validation's own margin aside)."""
+    return {key: value for key, value in result.items() if key.startswith("drift_") and key != "drift_margin_required"}
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -526,7 +526,7 @@ def _number(bound: float) -> str:
 def _field_default(item: Field[Any]) -> Any:
     if item.default is not MISSING:
         return item.default
-    return item.default_factory()  # type: ignore[misc]
+    return item.default_factory()  # type: ignore[operator]
 
 
 def _home(environ: Environ) -> Path:

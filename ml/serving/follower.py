@@ -125,9 +125,10 @@ class ProductionFollower:
         if self._previous is not None and self._previous.version == target.version:
             model = replace(self._previous, loaded_at=utc_now())
         else:
-            model = self._load(target)
-            if model is None or not self._still_production(target.version):
+            loaded = self._load(target)
+            if loaded is None or not self._still_production(target.version):
                 return
+            model = loaded
         self._previous, self.current = previous, model
         self._failures.pop(target.version, None)
         self._update(failed_version=None, load_error=None, swaps=self.status.swaps + 1)

@@ -7,13 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 import mlflow
 from ml.registry import VersionInfo, utc_now
 from ml.serving.schema import InputSchema
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def load_version(name: str, alias: str, info: VersionInfo, download_root: Path) 
     return loaded
 
 
-def _predict_function(pyfunc_model: mlflow.pyfunc.PyFuncModel) -> Callable[[pd.DataFrame], Any]:
+def _predict_function(pyfunc_model: PyFuncModel) -> Callable[[pd.DataFrame], Any]:
     flavor = pyfunc_model.metadata.flavors.get("python_function", {})
     if flavor.get("loader_module") == "mlflow.sklearn":
         # PyFuncModel.predict enforces the signature again, which costs about 1 ms a request (more than the

@@ -22,7 +22,7 @@ import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -68,8 +68,8 @@ def _bool_from_text(text: str) -> bool:
 
 
 _NULL = type(None)
-_FLOATING = frozenset({float, int, _NULL})
-_INTEGRAL = frozenset({int})
+_FLOATING: frozenset[type] = frozenset({float, int, _NULL})
+_INTEGRAL: frozenset[type] = frozenset({int})
 COLUMN_TYPES: dict[str, ColumnType] = {
     "double": ColumnType("double", np.dtype(np.float64), _FLOATING, _float_from_text),
     "float": ColumnType("float", np.dtype(np.float32), _FLOATING, _float_from_text),
@@ -101,15 +101,18 @@ class InputSchema:
             raise UnsupportedSignatureError("the model has no signature; the server needs one to check requests")
         if schema.is_tensor_spec() or not schema.has_input_names():
             raise UnsupportedSignatureError("the model's signature is not a set of named columns")
-        columns, types, optional = [], [], set()
+        columns: list[str] = []
+        types: list[ColumnType] = []
+        optional: set[str] = set()
         for spec in schema.inputs:
             column_type = COLUMN_TYPES.get(spec.type.name) if isinstance(spec.type, DataType) else None
             if column_type is None:
                 raise UnsupportedSignatureError(f"column {spec.name!r} has type {spec.type}, which is not served")
-            columns.append(spec.name)
+            name = str(spec.name)  # has_input_names() above: every input is named
+            columns.append(name)
             types.append(column_type)
             if not spec.required:
-                optional.add(spec.name)
+                optional.add(name)
         dtypes = {column_type.dtype for column_type in types}
         shared_dtype = dtypes.pop() if len(dtypes) == 1 else None
         return cls(tuple(columns), tuple(types), frozenset(optional), shared_dtype)
@@ -173,7 +176,8 @@ class InputSchema:
             if not isinstance(row, list) or len(row) != width:
                 raise InputError(f"row {index} must be a list of {width} values, got {_describe(row)}")
         if columns == self.columns:
-            return list(table.rows)
+            # Each row was just checked to be a list.
+            return cast(list[list[Any]], list(table.rows))
         position = {name: index for index, name in enumerate(columns)}
         order = [position.get(name) for name in self.columns]
         return [[None if index is None else row[index] for index in order] for row in table.rows]
