@@ -7,11 +7,16 @@ everywhere; deploy_model's and archive_model's dicts also keep the documented ke
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 NO_NEW_DATA = "no new data"
+
+Result = TypeVar("Result", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,7 @@ class ExtractResult:
     def to_xcom(self) -> dict[str, Any]:
         result: dict[str, Any] = {
             "data_extracted": True,
-            "records": self.records,
-            "source": self.source,
-            "snapshot_uri": self.snapshot_uri,
-            "digest": self.digest,
-            "columns": self.columns,
-            "repaired": self.repaired,
+            **_field_values(self, leave_out={"trained_on_same_data"}),
             "unchanged": self.trained_on_same_data is not None,
         }
         if self.trained_on_same_data is not None:
@@ -63,13 +63,9 @@ class ExtractResult:
     def from_xcom(cls, result: Mapping[str, Any]) -> ExtractResult:
         if not result.get("data_extracted"):
             raise ValueError("Data extraction failed")
-        return cls(
-            records=int(result["records"]),
-            source=str(result["source"]),
-            snapshot_uri=str(result["snapshot_uri"]),
-            digest=str(result["digest"]),
-            columns=list(result["columns"]),
-            repaired=list(result.get("repaired") or []),
+        return _from_fields(
+            cls,
+            result,
             trained_on_same_data=_int_or_none(result.get("production_version")) if result.get("unchanged") else None,
             skip=Skip.from_xcom(result),
         )
@@ -98,19 +94,7 @@ class TransformResult:
                 "digest": self.digest,
                 **self.skip.fields(),
             }
-        return {
-            "data_transformed": True,
-            "features": len(self.feature_names),
-            "feature_names": self.feature_names,
-            "label_column": self.label_column,
-            "classes": self.classes,
-            "train_uri": self.train_uri,
-            "test_uri": self.test_uri,
-            "train_rows": self.train_rows,
-            "test_rows": self.test_rows,
-            "digest": self.digest,
-            "snapshot_uri": self.snapshot_uri,
-        }
+        return {"data_transformed": True, "features": len(self.feature_names), **_field_values(self)}
 
     @classmethod
     def from_xcom(cls, result: Mapping[str, Any]) -> TransformResult:
@@ -119,17 +103,7 @@ class TransformResult:
             return cls(feature_names=[], label_column="", digest=str(result["digest"]), snapshot_uri="", skip=skip)
         if not result.get("data_transformed"):
             raise ValueError("Data transformation failed")
-        return cls(
-            feature_names=list(result["feature_names"]),
-            label_column=str(result["label_column"]),
-            digest=str(result["digest"]),
-            snapshot_uri=str(result["snapshot_uri"]),
-            classes=list(result["classes"]),
-            train_uri=str(result["train_uri"]),
-            test_uri=str(result["test_uri"]),
-            train_rows=int(result["train_rows"]),
-            test_rows=int(result["test_rows"]),
-        )
+        return _from_fields(cls, result)
 
 
 @dataclass(frozen=True)
@@ -158,12 +132,8 @@ class TrainResult:
             }
         return {
             "model_trained": True,
-            "accuracy": self.accuracy,
-            "run_id": self.run_id,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
+            **_field_values(self, leave_out={"drift"}),
             "model_uri": f"models:/{self.model_name}/{self.model_version}",
-            "model_family": self.model_family,
             **self.drift,
         }
 
@@ -174,14 +144,7 @@ class TrainResult:
             return cls(model_name=str(result["model_name"]), skip=skip)
         if not result.get("model_trained"):
             raise ValueError("Model training failed")
-        return cls(
-            model_name=str(result["model_name"]),
-            model_version=int(result["model_version"]),
-            accuracy=float(result["accuracy"]),
-            run_id=str(result.get("run_id") or ""),
-            model_family=str(result["model_family"]),
-            drift=_drift_fields(result),
-        )
+        return _from_fields(cls, result, drift=_drift_fields(result))
 
 
 @dataclass(frozen=True)
@@ -212,19 +175,7 @@ class ValidateResult:
                 "model_version": None,
                 **self.skip.fields(),
             }
-        return {
-            "validation": self.status,
-            "accuracy": self.accuracy,
-            "threshold": self.threshold,
-            "champion_version": self.champion_version,
-            "champion_accuracy": self.champion_accuracy,
-            "reasons": self.reasons,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "run_id": self.run_id,
-            **self.drift,
-            "drift_margin_required": self.drift_margin_required,
-        }
+        return {"validation": self.status, **_field_values(self, leave_out={"passed", "drift"}), **self.drift}
 
     @classmethod
     def from_xcom(cls, result: Mapping[str, Any]) -> ValidateResult:
@@ -232,18 +183,8 @@ class ValidateResult:
         skip = Skip.from_xcom(result)
         if skip is not None:
             return cls(model_name="", model_version=None, passed=False, accuracy=None, reasons=reasons, skip=skip)
-        return cls(
-            model_name=str(result["model_name"]),
-            model_version=int(result["model_version"]),
-            passed=result["validation"] == "passed",
-            accuracy=float(result["accuracy"]),
-            reasons=reasons,
-            threshold=result.get("threshold"),
-            champion_version=_int_or_none(result.get("champion_version")),
-            champion_accuracy=result.get("champion_accuracy"),
-            run_id=str(result.get("run_id") or ""),
-            drift=_drift_fields(result),
-            drift_margin_required=result.get("drift_margin_required"),
+        return _from_fields(
+            cls, result, passed=result["validation"] == "passed", reasons=reasons, drift=_drift_fields(result)
         )
 
 
@@ -259,29 +200,11 @@ class DeployResult:
     skip: Skip | None = None
 
     def to_xcom(self) -> dict[str, Any]:
-        return {
-            "deployed": self.deployed,
-            "version": self.model_version,
-            "model_version": self.model_version,
-            "model_name": self.model_name,
-            "previous_version": self.previous_version,
-            "promoted": self.promoted,
-            "health_check": self.health_check,
-            "reason": self.reason,
-        } | (self.skip.fields() if self.skip else {})
+        return {**_field_values(self), "version": self.model_version} | (self.skip.fields() if self.skip else {})
 
     @classmethod
     def from_xcom(cls, result: Mapping[str, Any]) -> DeployResult:
-        return cls(
-            deployed=bool(result["deployed"]),
-            model_name=str(result["model_name"]),
-            model_version=_int_or_none(result.get("model_version", result.get("version"))),
-            previous_version=_int_or_none(result.get("previous_version")),
-            promoted=bool(result.get("promoted")),
-            health_check=str(result.get("health_check") or "not_run"),
-            reason=str(result.get("reason") or ""),
-            skip=Skip.from_xcom(result),
-        )
+        return _from_fields(cls, result, skip=Skip.from_xcom(result))
 
 
 @dataclass(frozen=True)
@@ -292,12 +215,7 @@ class ArchiveResult:
     skip: Skip | None = None
 
     def to_xcom(self) -> dict[str, Any]:
-        return {
-            "archived": self.archived,
-            "version": self.model_version,
-            "model_version": self.model_version,
-            "record": self.record,
-        } | (self.skip.fields() if self.skip else {})
+        return {**_field_values(self), "version": self.model_version} | (self.skip.fields() if self.skip else {})
 
 
 @dataclass(frozen=True)
@@ -335,6 +253,20 @@ class ManualRollbackResult:
             "production_version": self.production_version,
             "reason": self.reason,
         }
+
+
+def _field_values(result: DataclassInstance, leave_out: Set[str] = frozenset()) -> dict[str, Any]:
+    """The result's fields under their own names, as XCom carries them (the skip is emitted as its own keys)."""
+    return {item.name: getattr(result, item.name) for item in fields(result) if item.name not in {"skip", *leave_out}}
+
+
+def _from_fields(cls: type[Result], result: Mapping[str, Any], **computed: Any) -> Result:
+    """The result ``cls`` read back from its XCom dict: each field from the key of its name, unless ``computed``.
+
+    The values went to XCom as JSON from ``to_xcom()``, so they come back with the types the fields declare.
+    """
+    named = {item.name: result[item.name] for item in fields(cls) if item.name in result and item.name not in computed}
+    return cls(**named, **computed)
 
 
 def _drift_fields(result: Mapping[str, Any]) -> dict[str, Any]:
