@@ -117,6 +117,9 @@ class MlflowServer:
             )
         try:
             wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
+            # The server opens its stores on the first API request, which on a loaded machine takes longer than the
+            # short client timeouts some tests set; pay that here, not in the test's first registry read.
+            wait_for_http(f"{self.url}/api/2.0/mlflow/registered-models/search?max_results=1", timeout=90)
         except (TimeoutError, RuntimeError):
             # A server that never answered would otherwise outlive the test and load the machine for the next ones.
             self.stop()
