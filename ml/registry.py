@@ -421,7 +421,8 @@ def repair_production(settings: Settings, *, actor: str, thorough: bool = False)
             tagged = versions_tagged(client, name, tags.DEPLOYMENT_STATUS, "production")
             current = tagged[-1].version if tagged else None
         problem = _production_problem(get_version(client, name, current)) if current is not None else None
-        target = current if problem is None else _last_vouched_version(client, name, exclude=current)
+        # A problem is only ever found with a current version; the checks of current say so to the type checker.
+        target = current if problem is None or current is None else _last_vouched_version(client, name, exclude=current)
 
         at, actions = utc_now(), []
         for stray in in_stage:
@@ -429,7 +430,7 @@ def repair_production(settings: Settings, *, actor: str, thorough: bool = False)
                 why = _production_problem(get_version(client, name, stray)) or f"version {current} has the alias"
                 _demote(client, name, stray, at, f"held the Production stage beside version {current}: {why}")
                 actions.append(f"version {stray} held the Production stage beside version {current} ({why}); archived")
-        if problem is not None:
+        if problem is not None and current is not None:
             _demote(client, name, current, at, problem)
             restored = f"version {target} restored" if target is not None else "Production is now none"
             actions.append(f"version {current} was Production but {problem}; demoted, {restored}")
@@ -444,7 +445,7 @@ def repair_production(settings: Settings, *, actor: str, thorough: bool = False)
                 set_version_tags(
                     client, name, target, {tags.DEPLOYMENT_STATUS: "production", tags.DEPLOYMENT_EVENT: "restored"}
                 )
-        if problem is not None:
+        if problem is not None and current is not None:
             record_history(client, name, HistoryEvent(at, "rolled_back", current, target, actor, f"repair: {problem}"))
         for action in actions:
             log.warning("%s: %s", name, action)
