@@ -266,11 +266,11 @@ def register_version(settings: Settings, model_uri: str, version_tags: dict[str,
     return int(registered.version)
 
 
-def drop_version_tags(client: MlflowClient, name: str, version: int, keys: tuple[str, ...]) -> None:
+def drop_version_tags(client: Client, name: str, version: int, keys: tuple[str, ...]) -> None:
     present = get_version(client, name, version).tags
     for key in keys:
         if key in present:
-            client.delete_model_version_tag(name, str(version), key)
+            _writes(client).delete_model_version_tag(name, str(version), key)
 
 
 @contextmanager

@@ -90,7 +90,7 @@ def compose(
         text = f"**v{version} promoted**, accuracy {_accuracy(validated.get('accuracy'))}{limit}."
         return _with_links(text, links, version, run_id)
     if deploy and (validation or {}).get("validation") == "failed":
-        reasons = "; ".join(validation.get("reasons") or []) or "validation failed"
+        reasons = "; ".join((validation or {}).get("reasons") or []) or "validation failed"
         return _with_links(f"**v{version} rejected**: {reasons}. {stays}", links, version, run_id)
     if deploy:
         return _with_links(f"**v{version} not deployed**: {deploy.get('reason')}. {stays}", links, version, run_id)

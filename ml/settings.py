@@ -348,7 +348,7 @@ class Settings:
             return urllib.parse.urlunsplit(
                 (
                     parts.scheme,
-                    parts.hostname + (f":{parts.port}" if parts.port else ""),
+                    (parts.hostname or "") + (f":{parts.port}" if parts.port else ""),
                     parts.path.rstrip("/"),
                     "",
                     "",
