@@ -109,7 +109,8 @@ def log_datasets(
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
             # MLflow registers its local-file source class twice and then warns that a path is ambiguous.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
-            dataset = MetaDataset(
+            # MLflow types Dataset.profile as abstract; MetaDataset has none and is made as MLflow documents.
+            dataset = MetaDataset(  # type: ignore[abstract]
                 source=resolve_dataset_source(as_uri(uri)),
                 name=f"{context} split of snapshot {digest[:12]}",
                 digest=digest[:8],
