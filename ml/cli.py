@@ -172,6 +172,8 @@ def run_exit_code(run: Any, interrupted_by: int | None = None) -> int:
         return EXIT_ROLLED_BACK
     if run.state != "success":
         return EXIT_FAILED
+    if run.result("extract_data").get("skipped_reason"):
+        return EXIT_PROMOTED
     validated, deployed = run.result("validate_model"), run.result("deploy_model")
     if validated.get("validation") == "skipped" or deployed.get("deployed"):
         return EXIT_PROMOTED

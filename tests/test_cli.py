@@ -77,11 +77,11 @@ def test_status_against_an_unreachable_server_answers_within_seconds(tmp_path):
 
 @pytest.mark.slow
 def test_status_reads_past_a_malformed_history_tag(mlops_env):
-    from ml import registry
+    from ml import registry, tags
 
     client = registry.client_for(mlops_env)
     registry.ensure_registered_model(client, mlops_env.model_name)
-    client.set_registered_model_tag(mlops_env.model_name, f"{registry.HISTORY_PREFIX}2026-01-01T00:00:00Z.v1", "{oops")
+    client.set_registered_model_tag(mlops_env.model_name, f"{tags.HISTORY_PREFIX}2026-01-01T00:00:00Z.v1", "{oops")
     shown = mlops("status", "--json", home=mlops_env.home, MLFLOW_TRACKING_URI=mlops_env.tracking_uri)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert json.loads(shown.stdout)["history"] == []
