@@ -45,6 +45,8 @@ def test_mlflow_registry_progress_is_logged_at_info_not_printed(mlops_env, caplo
 
     import_skops_quietly()
     mlflow.set_tracking_uri(mlops_env.tracking_uri)
+    # An experiment id made active by an earlier test names nothing in this test's new store.
+    mlflow.set_experiment("registry_progress")
     model = DummyClassifier().fit([[0.0], [1.0]], [0, 1])
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
