@@ -93,6 +93,19 @@ def promote(settings: Settings, version: int) -> None:
     )
 
 
+def promote_logged_model(settings: Settings, model: Path) -> int:
+    """Log a saved model as a run's artifact through the tracking server, register it and put it in Production."""
+    client = registry.client_for(settings)
+    run = client.create_run(experiment_id="0")
+    client.log_artifacts(run.info.run_id, str(model), "model")
+    registry.ensure_registered_model(client, settings.model_name)
+    version = int(
+        client.create_model_version(settings.model_name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    )
+    promote(settings, version)
+    return version
+
+
 @dataclass(frozen=True)
 class ServerProcess:
     url: str
@@ -446,12 +459,7 @@ def test_a_version_that_cannot_load_is_not_swapped_in(mlops_env, saved_models, t
 
 @pytest.mark.slow
 def test_keeps_serving_while_the_registry_is_unreachable(mlflow_server, server_env, saved_models, tmp_path):
-    client = registry.client_for(server_env)
-    run = client.create_run(experiment_id="0")
-    client.log_artifacts(run.info.run_id, str(saved_models["real"].path), "model")
-    registry.ensure_registered_model(client, server_env.model_name)
-    version = client.create_model_version(server_env.model_name, f"runs:/{run.info.run_id}/model", run.info.run_id)
-    promote(server_env, int(version.version))
+    promote_logged_model(server_env, saved_models["real"].path)
 
     with model_server(server_env, tmp_path) as server:
         wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
@@ -589,12 +597,7 @@ def test_without_a_token_the_server_refuses_to_listen_beyond_loopback(mlops_env,
 
 @pytest.mark.slow
 def test_tracking_uri_credentials_never_show_in_responses_or_logs(mlflow_server, server_env, saved_models, tmp_path):
-    client = registry.client_for(server_env)
-    run = client.create_run(experiment_id="0")
-    client.log_artifacts(run.info.run_id, str(saved_models["real"].path), "model")
-    registry.ensure_registered_model(client, server_env.model_name)
-    version = client.create_model_version(server_env.model_name, f"runs:/{run.info.run_id}/model", run.info.run_id)
-    promote(server_env, int(version.version))
+    promote_logged_model(server_env, saved_models["real"].path)
     password = "hunter2-tracking-password"
     with_credentials = replace(server_env, tracking_uri=mlflow_server.url.replace("://", f"://ops:{password}@"))
 

@@ -13,13 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from conftest import BIN, REPO, free_port, wait_for_http
+
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 # Flags that let Debian's Chromium run headless as root in a container, without reaching for the network.
 CHROMIUM_ARGS = [
@@ -41,37 +40,6 @@ def chromium_path() -> str | None:
         if found:
             return found
     return None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {process.returncode}; see {log}:\n{_tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s; see {log}:\n{_tail(log)}")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -152,8 +120,10 @@ class UiStack:
             ],
             env,
         )
-        wait_for_http(f"{self.mlflow_url}/health", 120, self.processes["mlflow"], self.log("mlflow"))
-        wait_for_http(f"{self.airflow_url}/api/v2/monitor/health", 240, self.processes["airflow"], self.log("airflow"))
+        wait_for_http(f"{self.mlflow_url}/health", 120, self.processes["mlflow"], log=self.log("mlflow"))
+        wait_for_http(
+            f"{self.airflow_url}/api/v2/monitor/health", 240, self.processes["airflow"], log=self.log("airflow")
+        )
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         with self.log(name).open("ab") as log:
