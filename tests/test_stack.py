@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +430,10 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         stub_run = airflow.trigger("stub_pipeline")
         assert airflow.wait_for_run("stub_pipeline", stub_run, watched) == "success"
         figures["stub_2"] = time.monotonic() - t0
+        timelines = {
+            "mlops_pipeline": task_timeline(tis),
+            "stub_pipeline": task_timeline(airflow.task_instances("stub_pipeline", stub_run)),
+        }
 
         _check_serving(s)
 
@@ -441,8 +446,25 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         f"  stub_pipeline (7 empty tasks) trigger -> success: {figures['stub_1']:.1f} s, "
         f"then {figures['stub_2']:.1f} s\n"
         f"  ratio pipeline / stub: {figures['pipeline'] / baseline:.2f}x (baseline: the faster stub run)\n"
-        f"  stack start-up {startup:.0f} s; whole test {total:.0f} s"
+        f"  stack start-up {startup:.0f} s; whole test {total:.0f} s\n"
+        "  per task, seconds from the previous task's end to this one's start, then running:\n"
+        + "\n".join(f"    {dag_id:<15} {timeline}" for dag_id, timeline in timelines.items())
     )
+
+
+def task_timeline(task_instances: dict[str, dict[str, Any]]) -> str:
+    """Each task's wait (scheduling, queueing, forking) and run time, in the order the tasks started."""
+    spans = sorted(
+        (datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"]), task_id)
+        for task_id, ti in task_instances.items()
+        if ti["start_date"] and ti["end_date"]
+    )
+    parts, previous_end = [], None
+    for started, ended, task_id in spans:
+        wait = f"+{(started - previous_end).total_seconds():.1f} " if previous_end else ""
+        parts.append(f"{task_id} {wait}{(ended - started).total_seconds():.1f}")
+        previous_end = max(previous_end or ended, ended)
+    return ", ".join(parts)
 
 
 def _check_serving(s: NativeStack) -> None:
