@@ -49,6 +49,26 @@ LEFT_PRODUCTION_TAGS = (
 )
 RESTORED_TAGS = (tags.DEPLOYMENT_RESTORED_AT, tags.DEPLOYMENT_RESTORED_BY)
 LOGGED_MODEL_URI = re.compile(r"models:/m-[0-9a-f]+")
+# The registered model's page shows this many of the latest moves of Production; `mlops status --all` lists them all.
+MODEL_PAGE_MOVES = 50
+
+# How many of the most recently updated versions a repair looks at for one put in the Production stage another way
+# than by our moves (by hand, or by a move cut short); each run repairs twice, so it is the changes since the last run.
+RECENTLY_UPDATED = 50
+
+# The descriptions this process's changes made stale, until refresh_descriptions rewrites them: version pages by
+# registered model, and the registered models whose own page (Production and its history) changed. A task runs in a
+# process of its own, so each step rewrites only the pages its own changes touched, whatever the registry's size. A
+# page is derived from the store's tags alone, so rewriting one that did not need it is harmless.
+_stale_version_pages: dict[str, set[int]] = {}
+_stale_model_pages: set[str] = set()
+
+
+def _mark_stale(name: str, version: int | str | None = None, *, model_page: bool = False) -> None:
+    if version is not None:
+        _stale_version_pages.setdefault(name, set()).add(int(version))
+    if model_page:
+        _stale_model_pages.add(name)
 
 
 class RegistryError(RuntimeError):
@@ -170,6 +190,17 @@ def get_version(client: Client, name: str, version: int | str) -> VersionInfo:
         raise
 
 
+def load_uri(name: str, info: VersionInfo) -> str:
+    """The URI to load a version's model from: the logged model it was registered from, when it was.
+
+    Same files as ``models:/<name>/<version>``, but MLflow resolves that URI through MlflowClient, which first fetches
+    the whole registered model (every history tag) to rule out a prompt: a cost that grows with the registry.
+    """
+    if info.source and LOGGED_MODEL_URI.fullmatch(info.source):
+        return info.source
+    return f"models:/{name}/{info.version}"
+
+
 def list_versions(client: Client, name: str) -> list[VersionInfo]:
     versions = client.search_model_versions(f"name = {_literal(name)}")
     return sorted(_with_aliases(client, name, versions), key=lambda v: v.version)
@@ -245,6 +276,7 @@ def latest_in_production_stage(client: Client, name: str) -> VersionInfo | None:
 
 
 def set_version_tags(client: Client, name: str, version: int, values: dict[str, Any]) -> None:
+    _mark_stale(name, version)
     for key, value in values.items():
         _writes(client).set_model_version_tag(name, str(version), key, _tag_value(value))
 
@@ -263,6 +295,7 @@ def register_version(settings: Settings, model_uri: str, version_tags: dict[str,
             settings.model_name, source=model_uri, tags=version_tags, model_id=model_uri.removeprefix("models:/")
         )
     log.info("registered %s version %s from %s", settings.model_name, registered.version, model_uri)
+    _mark_stale(settings.model_name, registered.version)
     return int(registered.version)
 
 
@@ -270,6 +303,7 @@ def drop_version_tags(client: Client, name: str, version: int, keys: tuple[str, 
     present = get_version(client, name, version).tags
     for key in keys:
         if key in present:
+            _mark_stale(name, version)
             _writes(client).delete_model_version_tag(name, str(version), key)
 
 
@@ -398,7 +432,7 @@ class Repair:
     actions: tuple[str, ...]
 
 
-def repair_production(settings: Settings, *, actor: str, thorough: bool = False) -> Repair:
+def repair_production(settings: Settings, *, actor: str) -> Repair:
     """Bring Production back to a state the invariant allows, whatever interrupted or tampered with it.
 
     Production may only be a version that passed validation, that a move of ours put there (its deployment status
@@ -408,14 +442,13 @@ def repair_production(settings: Settings, *, actor: str, thorough: bool = False)
     why, and the newest version the deployment history vouches for is restored (or none); the repair is recorded in
     the history. Stage and alias are made to agree.
 
-    A healthy registry costs a handful of requests, whatever its size. ``thorough`` also lists every version, to find
-    an older version put in the stage by hand beside the Production one, which nothing else reveals.
+    A healthy registry costs a handful of requests, whatever its size.
     """
     client = registry_client_for(settings)
     name, alias = settings.model_name, settings.production_alias
     with production_lock(settings):
         aliased = aliased_version(client, name, alias)
-        in_stage = _versions_in_production_stage(client, name, alias, thorough)
+        in_stage = _versions_in_production_stage(client, name, alias)
         current = aliased.version if aliased else (in_stage[-1] if in_stage else None)
         if current is None:  # no markers: a version our moves left in Production lost them by hand
             tagged = versions_tagged(client, name, tags.DEPLOYMENT_STATUS, "production")
@@ -436,6 +469,7 @@ def repair_production(settings: Settings, *, actor: str, thorough: bool = False)
             actions.append(f"version {current} was Production but {problem}; demoted, {restored}")
         if target is None:
             if aliased is not None:
+                _mark_stale(name, aliased.version, model_page=True)
                 _writes(client).delete_registered_model_alias(name, alias)
         elif aliased is None or aliased.version != target or target not in in_stage:
             if problem is None:
@@ -452,9 +486,7 @@ def repair_production(settings: Settings, *, actor: str, thorough: bool = False)
         return Repair(target, tuple(actions))
 
 
-def _versions_in_production_stage(client: Client, name: str, alias: str, thorough: bool) -> list[int]:
-    if thorough:
-        return [info.version for info in list_versions(client, name) if info.stage == PRODUCTION_STAGE]
+def _versions_in_production_stage(client: Client, name: str, alias: str) -> list[int]:
     candidates = _production_stage_candidates(client, name, alias)
     return sorted(v for v in candidates if get_version(client, name, v).stage == PRODUCTION_STAGE)
 
@@ -546,25 +578,30 @@ def _move_production(client: Client, name: str, alias: str, version: int) -> Non
         if get_version(client, name, other).stage == PRODUCTION_STAGE:
             _transition(client, name, other, ARCHIVED_STAGE)
     _transition(client, name, version, PRODUCTION_STAGE)
+    _mark_stale(name, version, model_page=True)
     _writes(client).set_registered_model_alias(name, alias, str(version))
 
 
 def _production_stage_candidates(client: Client, name: str, alias: str) -> set[int]:
     """Every version that can have stage Production, found without listing the registry.
 
-    Moves made here leave Production on the aliased version, on versions tagged ``production`` (until a move tags
-    them ``archived``), and, mid-move, on the newest version in the stage. A version put in the stage by hand beside
-    another is found by a thorough :func:`repair_production`, which lists them all.
+    Moves made here leave Production on the aliased version and on versions tagged ``production`` (until a move tags
+    them ``archived``). Any other way into the stage, a move cut short or a hand in the MLflow UI, is a stage change,
+    which stamps the version as updated: it is among the most recently updated versions.
     """
     found = {info.version for info in versions_tagged(client, name, tags.DEPLOYMENT_STATUS, "production")}
-    for info in (aliased_version(client, name, alias), latest_in_production_stage(client, name)):
-        if info is not None:
-            found.add(info.version)
-    return found
+    aliased = aliased_version(client, name, alias)
+    if aliased is not None:
+        found.add(aliased.version)
+    recently_updated = client.search_model_versions(
+        f"name = {_literal(name)}", max_results=RECENTLY_UPDATED, order_by=["last_updated_timestamp DESC"]
+    )
+    return found | {int(v.version) for v in recently_updated if v.current_stage == PRODUCTION_STAGE}
 
 
 def _clear_production(client: Client, name: str, alias: str, version: int) -> None:
     _transition(client, name, version, ARCHIVED_STAGE)
+    _mark_stale(name, version, model_page=True)
     try:
         _writes(client).delete_registered_model_alias(name, alias)
     except MlflowException as error:
@@ -573,12 +610,14 @@ def _clear_production(client: Client, name: str, alias: str, version: int) -> No
 
 
 def _transition(client: Client, name: str, version: int, stage: str) -> None:
+    _mark_stale(name, version)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         _writes(client).transition_model_version_stage(name, str(version), stage)
 
 
 def record_history(client: Client, name: str, event: HistoryEvent) -> None:
+    _mark_stale(name, model_page=True)
     _writes(client).set_registered_model_tag(name, *history_tag(event))
 
 
@@ -596,8 +635,13 @@ def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return []
         raise
+    return history_of(name, model.tags or {})
+
+
+def history_of(name: str, model_tags: dict[str, str]) -> list[HistoryEvent]:
+    """The deployment history recorded in a registered model's tags, oldest first."""
     events = []
-    for key, value in sorted((model.tags or {}).items()):
+    for key, value in sorted(model_tags.items()):
         if not key.startswith(tags.HISTORY_PREFIX):
             continue
         try:
@@ -680,32 +724,48 @@ def _tag_value(value: Any) -> str:
 
 
 def refresh_descriptions(settings: Settings) -> None:
-    """Write the markdown descriptions of the registered model and of each version whose story changed.
+    """Write the markdown descriptions of the pages this process's changes made stale: each version it changed and,
+    when Production moved, the registered model's.
 
     Derived from the tags and the deployment history alone (:mod:`ml.registry_docs`), so calling this again, or after
-    a change made elsewhere, always converges on the same text.
+    a change made elsewhere, always converges on the same text. Costs a request per changed version, plus a few for
+    the model's page when Production moved, however many versions the registry holds.
     """
     from ml import registry_docs
 
-    client = client_for(settings)
     name = settings.model_name
-    versions = list_versions(client, name)
-    if not versions:
-        return
-    for info in versions:
+    client = client_for(settings)
+    for number in sorted(_stale_version_pages.get(name, ())):
+        try:
+            info = get_version(client, name, number)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
+            raise
         text = registry_docs.version_description(info.version, info.stage, info.tags)
         if text != info.description:
-            client.update_model_version(name, str(info.version), description=text)
+            _writes(client).update_model_version(name, str(info.version), description=text)
+    _stale_version_pages.pop(name, None)
+    if name not in _stale_model_pages:
+        return
     current = production_version(client, name, settings.production_alias)
+    model = client.get_registered_model(name)
+    history = history_of(name, model.tags or {})
+    # The latest moves' actors are the Airflow runs of recent versions; older rows keep the actor as plain text.
+    newest = client.search_model_versions(
+        f"name = {_literal(name)}", max_results=2 * MODEL_PAGE_MOVES, order_by=["version_number DESC"]
+    )
     urls = {
         f"airflow:{v.tags[tags.AIRFLOW_RUN_KEY]}": v.tags[tags.AIRFLOW_URL]
-        for v in versions
-        if v.tags.get(tags.AIRFLOW_RUN_KEY) and v.tags.get(tags.AIRFLOW_URL)
+        for v in newest
+        if (v.tags or {}).get(tags.AIRFLOW_RUN_KEY) and (v.tags or {}).get(tags.AIRFLOW_URL)
     }
     text = registry_docs.model_description(
         (current.version, current.tags) if current else None,
-        [event.as_dict() for event in deployment_history(client, name)],
+        [event.as_dict() for event in history[-MODEL_PAGE_MOVES:]],
         urls,
+        earlier_moves=max(len(history) - MODEL_PAGE_MOVES, 0),
     )
-    if text != (client.get_registered_model(name).description or ""):
-        client.update_registered_model(name, description=text)
+    if text != (model.description or ""):
+        _writes(client).update_registered_model(name, description=text)
+    _stale_model_pages.discard(name)

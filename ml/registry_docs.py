@@ -105,11 +105,13 @@ def model_description(
     production: tuple[int, Mapping[str, str]] | None,
     history: Iterable[Mapping[str, object]],
     airflow_url_of: Mapping[str, str],
+    earlier_moves: int = 0,
 ) -> str:
-    """The registered model's page: what is in Production now and every move of Production, newest first.
+    """The registered model's page: what is in Production now and the given moves of Production, newest first.
 
     ``history`` holds the deployment history's events as dicts (``at``, ``event``, ``version``, ``previous_version``,
-    ``actor``, ``reason``); ``airflow_url_of`` maps an actor (``airflow:<dag>/<run>``) to its Airflow run's URL.
+    ``actor``, ``reason``); ``airflow_url_of`` maps an actor (``airflow:<dag>/<run>``) to its Airflow run's URL;
+    ``earlier_moves`` counts the older moves left out.
     """
     if production is None:
         now = "**Production: none.** No version has been promoted, or the only one was rolled back."
@@ -145,6 +147,8 @@ def model_description(
         if rows
         else "No deployments yet."
     )
+    if earlier_moves:
+        history_table += f"\n\n{earlier_moves} earlier moves are not shown: `mlops status --all` lists every one."
     return (
         "Trained, validated and promoted by the `mlops_pipeline` Airflow DAG; each version's description says why it "
         f"was promoted, rejected, superseded or rolled back.\n\n{now}\n\n### Deployment history\n\n{history_table}\n"

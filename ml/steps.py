@@ -139,7 +139,7 @@ def production_features(settings: Settings) -> list[str] | None:
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
     if champion is None:
         return None
-    return tracking.input_names(tracking.connect(settings), f"models:/{settings.model_name}/{champion.version}")
+    return tracking.input_names(tracking.connect(settings), registry.load_uri(settings.model_name, champion))
 
 
 def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainResult:
@@ -289,13 +289,13 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
     name, version = settings.model_name, trained.model_version
     test_frame = data.read_frame(split.test_uri)
     features, label = split.feature_names, split.label_column
-    candidate = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    candidate = mlflow.pyfunc.load_model(registry.load_uri(name, registry.get_version(client, name, version)))
     accuracy = evaluation.score(candidate.predict(test_frame[features]), test_frame[label])["accuracy"]
 
     champion = registry.production_version(client, name, settings.production_alias)
     champion_accuracy = None
     if champion is not None and champion.version != version and settings.compare_with_champion:
-        champion_accuracy = _score_champion(mlflow, name, champion.version, test_frame, features, label)
+        champion_accuracy = _score_champion(mlflow, name, champion, test_frame, features, label)
     verdict = evaluation.judge(
         accuracy,
         threshold=settings.accuracy_threshold,
@@ -347,10 +347,11 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
 
 
 def _score_champion(
-    mlflow: Any, name: str, version: int, test_frame: Any, features: list[str], label: str
+    mlflow: Any, name: str, champion: registry.VersionInfo, test_frame: Any, features: list[str], label: str
 ) -> float | None:
+    version = champion.version
     try:
-        champion_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        champion_model = mlflow.pyfunc.load_model(registry.load_uri(name, champion))
         predictions = champion_model.predict(test_frame[features])
     except Exception as error:
         log.warning(
@@ -462,7 +463,7 @@ def rollback(settings: Settings, run: RunContext, deployed: DeployResult | None)
             "this run registered no version" if candidate is None else f"version {candidate} never became Production"
         )
         log.info("no rollback needed: %s; Production stays %s", reason, current_number)
-        registry.repair_production(settings, actor=run.actor, thorough=True)
+        registry.repair_production(settings, actor=run.actor)
         if candidate is not None:
             registry.mark_rolled_back_if_demoted(settings, candidate, f"left Production before this run ended: {why}")
         return RollbackResult(False, current_number, reason)

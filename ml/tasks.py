@@ -27,8 +27,6 @@ from ml.settings import ConfigurationError, Settings
 
 # Errors a retry cannot cure: the task fails at once instead of waiting out retry_delay.
 PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError)
-# Steps that change what the registry says about a version; the registry's descriptions follow each of them.
-REGISTRY_STEPS = frozenset({"validate_model", "deploy_model", "archive_model", "rollback_model"})
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +82,7 @@ def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, Ru
         result = step(settings, run)
     except PERMANENT_ERRORS as error:
         _fail_without_retry(name, error)
-    if name in REGISTRY_STEPS and getattr(result, "skip", None) is None:
-        _refresh_registry_descriptions(settings)
+    _refresh_registry_descriptions(settings)
     xcom = result.to_xcom()
     idle = nothing_done(result)
     ti = context.get("ti")
@@ -113,7 +110,7 @@ def nothing_done(result: StepResult) -> str | None:
 
 def _refresh_registry_descriptions(settings: Settings) -> None:
     # The descriptions repeat what the tags already record; failing to write them must not fail (and retry) a step
-    # that changed the registry. The next step writes them again.
+    # that changed the registry. A page left stale is rewritten by the next change to its version.
     try:
         registry.refresh_descriptions(settings)
     except Exception as error:
