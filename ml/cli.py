@@ -279,12 +279,13 @@ def command_status(args: argparse.Namespace) -> int:
     from ml.redaction import mask_credentials
 
     client = registry.registry_client_for(settings)
+    model = registry.registered_model(client, settings.model_name)
     if args.all:
-        versions = registry.list_versions(client, settings.model_name)
+        versions = registry.list_versions(client, settings.model_name, model)
     else:
-        versions = registry.recent_versions(client, settings.model_name, args.last)
+        versions = registry.recent_versions(client, settings.model_name, args.last, model)
     production = registry.production_version(client, settings.model_name, settings.production_alias)
-    history = registry.deployment_history(client, settings.model_name)
+    history = registry.history_of(settings.model_name, model.tags or {}) if model else []
     if not args.all:
         history = history[-args.last :]
     if args.json:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.tracking._model_registry.client import ModelRegistryClient
 
@@ -201,17 +201,20 @@ def load_uri(name: str, info: VersionInfo) -> str:
     return f"models:/{name}/{info.version}"
 
 
-def list_versions(client: Client, name: str) -> list[VersionInfo]:
+def list_versions(client: Client, name: str, model: RegisteredModel | None = None) -> list[VersionInfo]:
+    """Every version, oldest first, with their aliases (from ``model`` when the caller has fetched it already)."""
     versions = client.search_model_versions(f"name = {_literal(name)}")
-    return sorted(_with_aliases(client, name, versions), key=lambda v: v.version)
+    return sorted(_with_aliases(client, name, versions, model), key=lambda v: v.version)
 
 
-def _with_aliases(client: Client, name: str, versions: list[ModelVersion]) -> list[VersionInfo]:
+def _with_aliases(
+    client: Client, name: str, versions: list[ModelVersion], model: RegisteredModel | None = None
+) -> list[VersionInfo]:
     if not versions:
         return []
     # Searching versions leaves their aliases out; the registered model has them all.
     aliases_by_version: dict[int, list[str]] = {}
-    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+    for alias, version in ((model or client.get_registered_model(name)).aliases or {}).items():
         aliases_by_version.setdefault(int(version), []).append(alias)
     infos = []
     for model_version in versions:
@@ -230,12 +233,25 @@ def versions_tagged(client: Client, name: str, key: str, value: str) -> list[Ver
     return [VersionInfo.from_model_version(model_version) for model_version in found]
 
 
-def recent_versions(client: Client, name: str, limit: int) -> list[VersionInfo]:
-    """The ``limit`` newest versions, oldest first, with their aliases."""
+def recent_versions(client: Client, name: str, limit: int, model: RegisteredModel | None = None) -> list[VersionInfo]:
+    """The ``limit`` newest versions, oldest first, with their aliases (from ``model`` when given)."""
     found = client.search_model_versions(
         f"name = {_literal(name)}", max_results=limit, order_by=["version_number DESC"]
     )
-    return sorted(_with_aliases(client, name, found), key=lambda v: v.version)
+    return sorted(_with_aliases(client, name, found, model), key=lambda v: v.version)
+
+
+def registered_model(client: Client, name: str) -> RegisteredModel | None:
+    """The registered model, aliases and tags (the deployment history) included; None when there is none.
+
+    One fetch that costs as much as the registry is long: callers that need aliases and history fetch it once.
+    """
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def find_version_for_run_key(client: Client, name: str, run_key: str) -> VersionInfo | None:
@@ -629,13 +645,8 @@ def history_tag(event: HistoryEvent) -> tuple[str, str]:
 
 def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
     """Every move of Production, oldest first, read from the registered model's tags alone."""
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise
-    return history_of(name, model.tags or {})
+    model = registered_model(client, name)
+    return history_of(name, model.tags or {}) if model else []
 
 
 def history_of(name: str, model_tags: dict[str, str]) -> list[HistoryEvent]:
