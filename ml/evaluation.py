@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +29,49 @@ def training_score_sample(train_frame: pd.DataFrame, seed: int, rows: int = TRAI
     return train_frame if len(train_frame) <= rows else train_frame.sample(n=rows, random_state=seed)
 
 
+@dataclass(frozen=True)
+class Classes:
+    """Labels and predictions as codes into one sorted list of class names, a class being a value's text.
+
+    Classes are compared as text, so that a prediction of 1 and a label of "1" are the same class. Only the distinct
+    values are turned into text: converting every one of a million labels costs seconds, and scikit-learn's metrics on
+    text labels seconds more, where integer codes cost milliseconds.
+    """
+
+    expected: np.ndarray
+    predicted: np.ndarray
+    names: list[str]
+
+
+def classes_of(predictions: Any, truth: pd.Series) -> Classes:
+    """The classes of ``truth`` (as ``truth.astype(str)`` writes them) and ``predictions`` (as numpy does)."""
+    true_codes, true_names = _text_codes(truth, lambda values: pd.Series(values, dtype=truth.dtype).astype(str))
+    predicted_codes, predicted_names = _text_codes(
+        np.asarray(predictions), lambda values: np.asarray(values).astype(str)
+    )
+    names = sorted(set(true_names) | set(predicted_names))
+    position = {name: index for index, name in enumerate(names)}
+    return Classes(
+        expected=np.array([position[name] for name in true_names], dtype=np.intp)[true_codes],
+        predicted=np.array([position[name] for name in predicted_names], dtype=np.intp)[predicted_codes],
+        names=names,
+    )
+
+
+def _text_codes(values: Any, as_text: Callable[[Any], Any]) -> tuple[np.ndarray, list[str]]:
+    """Each value's code into the texts of the distinct values, ``as_text`` being how the whole column would be made
+    text (pandas and numpy write some values differently)."""
+    codes, distinct = pd.factorize(values, use_na_sentinel=False)
+    return codes, [str(text) for text in as_text(distinct)]
+
+
 def score(predictions: Any, truth: pd.Series) -> dict[str, float]:
-    predicted = np.asarray(predictions).astype(str)
-    expected = truth.astype(str).to_numpy()
-    average = "binary" if len(set(expected)) == 2 else "macro"
-    positive = sorted(set(expected))[-1]
-    extra = {"pos_label": positive} if average == "binary" else {}
+    classes = classes_of(predictions, truth)
+    expected, predicted = classes.expected, classes.predicted
+    present = np.unique(expected)
+    average = "binary" if len(present) == 2 else "macro"
+    # Codes follow the names' sorted order: the last class the labels hold is the positive one.
+    extra = {"pos_label": int(present[-1])} if average == "binary" else {}
     return {
         "accuracy": float(metrics.accuracy_score(expected, predicted)),
         "f1": float(metrics.f1_score(expected, predicted, average=average, zero_division=0, **extra)),
@@ -88,9 +125,11 @@ def confusion_matrix_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted(set(truth.astype(str)) | set(np.asarray(predictions).astype(str)))
-    matrix = metrics.confusion_matrix(truth.astype(str), np.asarray(predictions).astype(str), labels=labels)
-    names = [f"{class_names[label]} ({label})" if class_names and label in class_names else label for label in labels]
+    classes = classes_of(predictions, truth)
+    matrix = metrics.confusion_matrix(classes.expected, classes.predicted, labels=range(len(classes.names)))
+    names = [
+        f"{class_names[label]} ({label})" if class_names and label in class_names else label for label in classes.names
+    ]
     figure, axes = plt.subplots(figsize=(4.5, 4))
     metrics.ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=axes, colorbar=False)
     axes.set_title(title)

@@ -96,6 +96,47 @@ def test_ingest_refuses_non_finite_shifts(tmp_path):
     assert not (tmp_path / "incoming" / "batch-0000.csv").exists()
 
 
+AIRFLOW_DB_STATES = """
+import sqlite3, sys
+from airflow.utils.db import _REVISION_HEADS_MAP
+from ml.airflow_runner import airflow_db_is_current, migrate_airflow_db
+
+states = [airflow_db_is_current()]
+migrate_airflow_db()
+states.append(airflow_db_is_current())
+with sqlite3.connect(sys.argv[1]) as connection:  # as left by the Airflow release before the installed one
+    connection.execute("UPDATE alembic_version SET version_num = ?", (list(_REVISION_HEADS_MAP.values())[-2],))
+states.append(airflow_db_is_current())
+print(states)
+"""
+
+
+def test_the_airflow_database_is_migrated_only_when_it_is_not_current(tmp_path):
+    """A new database, one left by an older Airflow and one that cannot be read are migrated (or the migration says
+    why it cannot be); a migrated one counts as current, and ``mlops run`` then skips ``airflow db migrate``."""
+    database = tmp_path / "airflow" / "airflow.db"
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(database.parent),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{database}",
+    }
+    database.parent.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", AIRFLOW_DB_STATES, str(database)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "[False, True, False]"
+    unreadable = {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'missing' / 'airflow.db'}"}
+    checked = subprocess.run(
+        [sys.executable, "-c", "from ml.airflow_runner import airflow_db_is_current; print(airflow_db_is_current())"],
+        capture_output=True,
+        text=True,
+        env=unreadable,
+        timeout=300,
+    )
+    assert checked.stdout.splitlines()[-1:] == ["False"], checked.stderr[-3000:]
+
+
 def _production(settings) -> tuple[int | None, list[int]]:
     from ml import registry
 

@@ -6,6 +6,7 @@ are skipped where it does not answer), a real HTTP server on loopback, a real wr
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import secrets
@@ -134,6 +135,36 @@ def test_a_damaged_snapshot_is_detected_on_read_and_replaced_by_the_next_write(c
         data.read_frame(snapshot.uri)
     data.write_snapshot(cancer, store)
     pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+
+
+def test_an_intact_snapshot_is_kept_and_one_without_its_recorded_hash_is_written_again(cancer, tmp_path):
+    store = str(tmp_path / "store")
+    snapshot = data.write_snapshot(cancer, store)
+    path = Path(snapshot.uri)
+    recorded = Path(snapshot.uri + data.FILE_HASH_SUFFIX)
+    written = path.stat()
+    assert recorded.read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert data.write_snapshot(cancer.copy(), store) == snapshot
+    kept = path.stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "intact data was written again"
+
+    recorded.unlink()  # as a snapshot written before the hash was recorded
+    assert data.write_snapshot(cancer, store) == snapshot
+    assert path.stat().st_ino != written.st_ino
+    assert recorded.read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+    pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+
+
+def test_a_snapshot_changed_after_this_process_wrote_it_is_still_checked_on_read(cancer, tmp_path):
+    snapshot = data.write_snapshot(cancer, str(tmp_path / "store"))
+    path = Path(snapshot.uri)
+    pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+    replaced = tmp_path / "replaced.parquet"
+    cancer.assign(target=1 - cancer["target"]).to_parquet(replaced, index=False)
+    os.replace(replaced, path)  # same size, new content
+    with pytest.raises(data.SnapshotDigestError, match="does not hold the content its name promises"):
+        data.read_frame(snapshot.uri)
 
 
 WRITER = """

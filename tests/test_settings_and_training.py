@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ml import data, evaluation, training
@@ -128,6 +130,21 @@ def test_every_family_learns_the_data(split, family):
     pipeline = training.build_pipeline(family, {"n_estimators": 20} if family != "logistic_regression" else {}, seed=42)
     pipeline.fit(train[features], train["target"])
     assert evaluation.score(pipeline.predict(test[features]), test["target"])["accuracy"] > 0.9
+
+
+def test_scores_compare_classes_as_text():
+    truth = pd.Series([0, 1, 1, 0, 1, 1])
+    assert evaluation.score(["0", "1", "0", "0", "1", "1"], truth) == evaluation.score(
+        np.array([0.0, 1.0, 0.0, 0.0, 1.0, 1.0]).astype(int), truth.astype(str)
+    )
+    scored = evaluation.score(np.array([0, 1, 0, 0, 1, 1]), truth)
+    assert scored["accuracy"] == pytest.approx(5 / 6)
+    assert scored["recall"] == pytest.approx(3 / 4)  # class "1", the last of the labels' classes, is the positive one
+    assert scored["precision"] == 1.0
+    # "10" sorts before "9" as text: the positive class is "9".
+    assert evaluation.score(np.array([9, 9, 10]), pd.Series([9, 10, 10]))["recall"] == 1.0
+    three = evaluation.score(np.array(["a", "b", "c", "c"]), pd.Series(["a", "b", "b", "c"]))
+    assert three["accuracy"] == 0.75 and three["f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
 
 
 def test_unknown_hyperparameter_is_named():
