@@ -279,7 +279,8 @@ def production_version(client: Client, name: str, alias: str) -> VersionInfo | N
 
 
 def latest_in_production_stage(client: Client, name: str) -> VersionInfo | None:
-    """The newest version with stage Production, asked of the registry without listing every version."""
+    """The newest version with stage Production. MLflow's SQL store reads every version to answer: only asked when
+    the Production alias is missing."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -759,17 +760,19 @@ def refresh_descriptions(settings: Settings) -> None:
     _stale_version_pages.pop(name, None)
     if name not in _stale_model_pages:
         return
+    model = registered_model(client, name)
+    if model is None:
+        return
     current = production_version(client, name, settings.production_alias)
-    model = client.get_registered_model(name)
     history = history_of(name, model.tags or {})
     # The latest moves' actors are the Airflow runs of recent versions; older rows keep the actor as plain text.
     newest = client.search_model_versions(
         f"name = {_literal(name)}", max_results=2 * MODEL_PAGE_MOVES, order_by=["version_number DESC"]
     )
     urls = {
-        f"airflow:{v.tags[tags.AIRFLOW_RUN_KEY]}": v.tags[tags.AIRFLOW_URL]
-        for v in newest
-        if (v.tags or {}).get(tags.AIRFLOW_RUN_KEY) and (v.tags or {}).get(tags.AIRFLOW_URL)
+        f"airflow:{run_key}": url
+        for run_key, url in ((v.tags.get(tags.AIRFLOW_RUN_KEY), v.tags.get(tags.AIRFLOW_URL)) for v in newest)
+        if run_key and url
     }
     text = registry_docs.model_description(
         (current.version, current.tags) if current else None,
