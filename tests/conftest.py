@@ -37,6 +37,20 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 
+PIPELINE_TASKS = (
+    "extract_data",
+    "transform_data",
+    "train_model",
+    "validate_model",
+    "deploy_model",
+    "archive_model",
+    "rollback_model",
+)
+# The grid of a run that promoted a healthy version: rollback_model found nothing to roll back and ended skipped.
+PROMOTED_RUN_STATES = {task: "success" for task in PIPELINE_TASKS} | {"rollback_model": "skipped"}
+# The grid of a run on unchanged data: extract_data found no new data and every task after it had nothing to do.
+NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {"extract_data": "success"}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import NO_NEW_DATA_RUN_STATES, PROMOTED_RUN_STATES
 from ui_stack import ADMIN, CHROMIUM_ARGS, UiStack, chromium_path
 
 pytestmark = pytest.mark.slow
@@ -182,15 +183,7 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-form")
     assert _wait_for_run(stack, token, run_id) == "success"
     states = _open_run(tab, stack, run_id, "v1 promoted", "airflow-run")
-    assert states == {
-        "extract_data": "success",
-        "transform_data": "success",
-        "train_model": "success",
-        "validate_model": "success",
-        "deploy_model": "success",
-        "archive_model": "success",
-        "rollback_model": "skipped",
-    }, states
+    assert states == PROMOTED_RUN_STATES, states
     note = page.get_by_text("v1 promoted").first
     assert re.search(r"accuracy 0\.9\d{3} \(threshold 0\.80\)", note.locator("xpath=..").inner_text())
 
@@ -250,13 +243,5 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-again")
     assert _wait_for_run(stack, token, run_id) == "success"
     states = _open_run(tab, stack, run_id, "no new data", "airflow-run-no-new-data")
-    assert states == {
-        "extract_data": "success",
-        "transform_data": "skipped",
-        "train_model": "skipped",
-        "validate_model": "skipped",
-        "deploy_model": "skipped",
-        "archive_model": "skipped",
-        "rollback_model": "skipped",
-    }, states
+    assert states == NO_NEW_DATA_RUN_STATES, states
     context.close()
