@@ -13,6 +13,7 @@ import time
 
 import fault_hooks
 import pytest
+from conftest import PIPELINE_TASKS
 
 from ml import registry, steps, tags
 from ml.airflow_runner import run_dag
@@ -21,16 +22,6 @@ from ml.results import TransformResult
 from ml.settings import Settings
 
 pytestmark = pytest.mark.slow
-
-PIPELINE_TASKS = [
-    "extract_data",
-    "transform_data",
-    "train_model",
-    "validate_model",
-    "deploy_model",
-    "archive_model",
-    "rollback_model",
-]
 
 
 def markers(settings: Settings) -> tuple[int | None, list[int]]:
