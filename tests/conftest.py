@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,21 @@ PIPELINE_TASKS = (
 PROMOTED_RUN_STATES = {task: "success" for task in PIPELINE_TASKS} | {"rollback_model": "skipped"}
 # The grid of a run on unchanged data: extract_data found no new data and every task after it had nothing to do.
 NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {"extract_data": "success"}
+
+
+def production_markers(settings: Any, *, alias_only: bool = False) -> tuple[int | None, list[int]]:
+    """(the Production version, the versions whose stage is Production).
+
+    The version is the one the pipeline reads: the alias's, or the stage's when there is no alias; ``alias_only``
+    reads the raw alias, for tests of what a repair does to it.
+    """
+    from ml import registry
+
+    client = registry.client_for(settings)
+    find = registry.aliased_version if alias_only else registry.production_version
+    named = find(client, settings.model_name, settings.production_alias)
+    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
+    return (named.version if named else None), staged
 
 
 def free_port() -> int:

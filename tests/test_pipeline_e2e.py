@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import production_markers
 
 import mlflow
 from ml import registry
@@ -18,13 +19,6 @@ from ml.airflow_runner import run_dag
 from ml.settings import Settings
 
 pytestmark = pytest.mark.slow
-
-
-def production(settings: Settings) -> tuple[int | None, list[int]]:
-    client = registry.client_for(settings)
-    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
-    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
-    return (aliased.version if aliased else None), staged
 
 
 def version_count(settings: Settings) -> int:
@@ -54,7 +48,7 @@ def settings(baseline, monkeypatch) -> Settings:
 def test_first_run_promotes_version_1_with_full_lineage(baseline):
     settings, run = baseline
     assert run.state == "success", run.tasks
-    assert production(settings) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     assert run.result("extract_data")["records"] == 569 and run.result("extract_data")["data_extracted"] is True
     assert run.result("transform_data")["features"] == 30
     assert run.result("validate_model")["validation"] == "passed"
@@ -111,11 +105,11 @@ def test_first_run_promotes_version_1_with_full_lineage(baseline):
 
 
 def test_failed_validation_leaves_production_and_records_why(settings):
-    before, count = production(settings), version_count(settings)
+    before, count = production_markers(settings), version_count(settings)
     run = run_dag(conf={"accuracy_threshold": 1.0})
     candidate = run.result("train_model")["model_version"]
     assert candidate == count + 1
-    assert production(settings) == before
+    assert production_markers(settings) == before
     assert run.result("validate_model")["validation"] == "failed"
     assert run.result("deploy_model")["deployed"] is False
     assert run.result("deploy_model")["previous_version"] == before[0]
@@ -131,18 +125,18 @@ def test_failed_validation_leaves_production_and_records_why(settings):
 
 
 def test_candidate_worse_than_production_is_not_promoted(settings):
-    before = production(settings)
+    before = production_markers(settings)
     weak = {"accuracy_threshold": 0.5, "hyperparameters": {"C": 0.0001}}
     run = run_dag(conf=weak)
     result = run.result("validate_model")
     assert result["validation"] == "failed", result
     assert result["champion_version"] == before[0]
     assert any("worse than Production" in reason for reason in result["reasons"])
-    assert production(settings) == before
+    assert production_markers(settings) == before
 
 
 def test_failed_post_deploy_check_restores_the_prior_version(settings, monkeypatch):
-    before = production(settings)
+    before = production_markers(settings)
     monkeypatch.setenv("MLOPS_DEPLOY_CHECK_HOOK", "deploy_hooks:refuse")
     run = run_dag()
     candidate = run.result("train_model")["model_version"]
@@ -155,7 +149,7 @@ def test_failed_post_deploy_check_restores_the_prior_version(settings, monkeypat
     assert (run.state_of("archive_model"), run.state_of("rollback_model")) == ("skipped", "success")
     assert run.note.startswith(f"**v{candidate} rolled back**: post-deploy check failed: "), run.note
     assert f"Production is back to v{before[0]}." in run.note
-    assert production(settings) == before
+    assert production_markers(settings) == before
     client = registry.client_for(settings)
     demoted = registry.get_version(client, settings.model_name, candidate)
     assert demoted.stage == "Archived"
@@ -208,7 +202,7 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     suffix, make, message = BAD_DATA[case]
     path = tmp_path / f"cases.{suffix}"
     path.write_bytes(make())
-    before, count = production(settings), version_count(settings)
+    before, count = production_markers(settings), version_count(settings)
     run = run_dag(conf={"data_source": str(path)})
     assert run.state == "failed"
     failed = [task for task, outcome in run.tasks.items() if outcome.state == "failed"]
@@ -219,17 +213,17 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     assert run.state_of("train_model") == "upstream_failed"
     assert run.state_of("rollback_model") == "skipped", "nothing was rolled back"
     assert version_count(settings) == count
-    assert production(settings) == before
+    assert production_markers(settings) == before
 
 
 def test_pipeline_over_a_real_mlflow_server(airflow_db, server_env, mlflow_server):
     run = run_dag()
     assert run.state == "success", run.tasks
-    assert production(server_env) == (1, [1])
+    assert production_markers(server_env) == (1, [1])
     assert Path(mlflow_server.root / "artifacts").exists()
     failing = run_dag(conf={"accuracy_threshold": 1.0})
     assert failing.result("validate_model")["validation"] == "failed"
-    assert production(server_env) == (1, [1])
+    assert production_markers(server_env) == (1, [1])
     assert version_count(server_env) == 2
 
 
@@ -253,4 +247,4 @@ def test_deploy_checks_that_the_model_server_follows(settings, monkeypatch, tmp_
     assert (deploy["deployed"], deploy["health_check"]) == (False, "failed")
     assert "still serves version None" in deploy["reason"]
     assert unserved.result("rollback_model")["rollback_performed"] is True
-    assert production(settings) == (promoted, [promoted])
+    assert production_markers(settings) == (promoted, [promoted])

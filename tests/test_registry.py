@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import production_markers
 
 from ml import registry, tags
 
@@ -21,19 +22,12 @@ def registered(mlops_env, tmp_path):
     return mlops_env, client
 
 
-def production_markers(settings, client) -> tuple[int | None, list[int]]:
-    """(the version the alias points at, the versions whose stage is Production)."""
-    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
-    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
-    return (aliased.version if aliased else None), staged
-
-
 def test_promotion_moves_stage_and_alias_and_archives_the_replaced(registered):
     settings, client = registered
     assert registry.promote(settings, 1, expected_current=None, actor="test", reason="first") is None
     replaced = registry.promote(settings, 2, expected_current=1, actor="test", reason="better")
     assert replaced.version == 1
-    assert production_markers(settings, client) == (2, [2])
+    assert production_markers(settings) == (2, [2])
     old = registry.get_version(client, settings.model_name, 1)
     assert old.stage == "Archived" and old.tags[tags.DEPLOYMENT_STATUS] == "archived"
     assert old.tags["mlops.deployment.replaced_by"] == "2"
@@ -42,11 +36,11 @@ def test_promotion_moves_stage_and_alias_and_archives_the_replaced(registered):
 
 
 def test_promotion_refuses_when_production_moved_meanwhile(registered):
-    settings, client = registered
+    settings, _ = registered
     registry.promote(settings, 1, expected_current=None, actor="run-a", reason="first")
     with pytest.raises(registry.ProductionMovedError, match="is version 1, expected None"):
         registry.promote(settings, 2, expected_current=None, actor="run-b", reason="stale decision")
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
 
 
 def test_restore_puts_the_prior_version_back_and_marks_the_candidate(registered):
@@ -55,7 +49,7 @@ def test_restore_puts_the_prior_version_back_and_marks_the_candidate(registered)
     registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
     after = registry.restore(settings, failed_version=2, restore_to=1, actor="test", reason="does not serve")
     assert after == 1
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     demoted = registry.get_version(client, settings.model_name, 2)
     assert demoted.stage == "Archived"
     assert demoted.tags[tags.DEPLOYMENT_STATUS] == "rolled_back"
@@ -63,18 +57,18 @@ def test_restore_puts_the_prior_version_back_and_marks_the_candidate(registered)
 
 
 def test_restore_with_no_prior_version_clears_production(registered):
-    settings, client = registered
+    settings, _ = registered
     registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
     assert registry.restore(settings, failed_version=1, restore_to=None, actor="test", reason="broken") is None
-    assert production_markers(settings, client) == (None, [])
+    assert production_markers(settings) == (None, [])
 
 
 def test_restore_never_undoes_a_later_move(registered):
-    settings, client = registered
+    settings, _ = registered
     registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
     registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
     assert registry.restore(settings, failed_version=1, restore_to=None, actor="test", reason="late") == 2
-    assert production_markers(settings, client) == (2, [2])
+    assert production_markers(settings) == (2, [2])
 
 
 def test_history_records_every_move_in_order(registered):
@@ -98,7 +92,7 @@ def test_manual_rollback_to_previous_and_to_a_named_version(registered):
     registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
     registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
     assert registry.manual_rollback(settings, "previous", actor="cli:ops", reason="incident") == (2, 1)
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     assert registry.manual_rollback(settings, 2, actor="cli:ops", reason="fixed") == (1, 2)
     last = registry.deployment_history(client, settings.model_name)[-1]
     assert (last.event, last.version, last.previous_version, last.actor) == ("manual_rollback", 2, 1, "cli:ops")
@@ -109,11 +103,11 @@ def test_manual_rollback_to_previous_and_to_a_named_version(registered):
     [(3, "never passed validation"), (9, "has no version 9"), ("latest", "neither a version number"), (2, "already")],
 )
 def test_manual_rollback_refuses_bad_targets(registered, target, message):
-    settings, client = registered
+    settings, _ = registered
     registry.promote(settings, 2, expected_current=None, actor="test", reason="first")
     with pytest.raises(registry.RegistryError, match=message):
         registry.manual_rollback(settings, target, actor="cli", reason="x")
-    assert production_markers(settings, client) == (2, [2])
+    assert production_markers(settings) == (2, [2])
 
 
 def test_manual_rollback_without_history_is_refused(registered):
@@ -143,7 +137,7 @@ def test_repair_leaves_a_healthy_registry_alone(registered):
     deployed(settings, client, 2)
     history = registry.deployment_history(client, settings.model_name)
     assert registry.repair_production(settings, actor="test") == registry.Repair(2, ())
-    assert production_markers(settings, client) == (2, [2])
+    assert production_markers(settings) == (2, [2])
     assert registry.deployment_history(client, settings.model_name) == history
 
 
@@ -153,7 +147,7 @@ def test_repair_makes_stage_agree_with_alias(registered):
     client.transition_model_version_stage(settings.model_name, "2", "Production")
     repair = registry.repair_production(settings, actor="test")
     assert repair.production_version == 1 and "version 2 held the Production stage" in repair.actions[0]
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     assert deployment_status(client, settings, 2)[0] == "demoted"
 
 
@@ -163,7 +157,7 @@ def test_repair_finishes_a_move_interrupted_between_stage_and_alias(registered):
     client.transition_model_version_stage(settings.model_name, "1", "Archived")  # killed before the alias moved
     client.transition_model_version_stage(settings.model_name, "2", "Production")
     assert registry.repair_production(settings, actor="test").production_version == 1
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
 
 
 def test_repair_does_not_crown_a_version_promoted_by_stage_alone(registered):
@@ -172,7 +166,7 @@ def test_repair_does_not_crown_a_version_promoted_by_stage_alone(registered):
     repair = registry.repair_production(settings, actor="test")
     assert repair.production_version is None
     assert "no deployment record puts it there" in repair.actions[0]
-    assert production_markers(settings, client) == (None, [])
+    assert production_markers(settings) == (None, [])
     assert deployment_status(client, settings, 2) == ("demoted", "no deployment record puts it there")
 
 
@@ -184,7 +178,7 @@ def test_repair_demotes_an_alias_moved_by_hand_to_a_failed_version(registered):
     repair = registry.repair_production(settings, actor="test")
     assert repair.production_version == 1
     assert "version 3 was Production but it never passed validation (validation status: failed)" in repair.actions[0]
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     assert deployment_status(client, settings, 3)[0] == "demoted"
     last = registry.deployment_history(client, settings.model_name)[-1]
     assert (last.event, last.version, last.previous_version, last.actor) == ("rolled_back", 3, 1, "test")
@@ -196,7 +190,7 @@ def test_repair_demotes_a_failed_version_sharing_the_stage_without_the_alias(reg
     client.transition_model_version_stage(settings.model_name, "3", "Production")
     repair = registry.repair_production(settings, actor="test")
     assert repair.production_version == 1
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     assert deployment_status(client, settings, 3) == (
         "demoted",
         "held the Production stage beside version 1: it never passed validation (validation status: failed)",
@@ -213,7 +207,7 @@ def test_repair_finds_an_older_version_put_back_in_the_stage_by_hand(registered)
     assert (
         repair.production_version == 2 and "version 1 held the Production stage beside version 2" in repair.actions[0]
     )
-    assert production_markers(settings, client) == (2, [2])
+    assert production_markers(settings) == (2, [2])
 
 
 def test_repair_demotes_a_validated_version_moved_in_without_a_record(registered):
@@ -222,7 +216,7 @@ def test_repair_demotes_a_validated_version_moved_in_without_a_record(registered
     client.set_registered_model_alias(settings.model_name, settings.production_alias, "2")
     client.transition_model_version_stage(settings.model_name, "2", "Production", archive_existing_versions=True)
     assert registry.repair_production(settings, actor="test").production_version == 1
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
 
 
 def test_repair_rolls_back_a_deploy_killed_before_its_post_deploy_check(registered):
@@ -232,13 +226,13 @@ def test_repair_rolls_back_a_deploy_killed_before_its_post_deploy_check(register
     repair = registry.repair_production(settings, actor="test")
     assert repair.production_version == 1
     assert "its post-deploy check never passed" in repair.actions[0]
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
     assert deployment_status(client, settings, 2)[0] == "demoted"
     assert registry.repair_production(settings, actor="test") == registry.Repair(1, ())
 
 
 def test_repair_of_a_first_deploy_killed_before_its_check_leaves_no_production(registered):
-    settings, client = registered
+    settings, _ = registered
     registry.promote(settings, 1, expected_current=None, actor="run-1", reason="first")
     assert registry.repair_production(settings, actor="test") == registry.Repair(
         None,
@@ -247,7 +241,7 @@ def test_repair_of_a_first_deploy_killed_before_its_check_leaves_no_production(r
             "demoted, Production is now none",
         ),
     )
-    assert production_markers(settings, client) == (None, [])
+    assert production_markers(settings) == (None, [])
 
 
 def test_repair_puts_back_markers_removed_by_hand(registered):
@@ -256,7 +250,7 @@ def test_repair_puts_back_markers_removed_by_hand(registered):
     client.delete_registered_model_alias(settings.model_name, settings.production_alias)
     client.transition_model_version_stage(settings.model_name, "1", "Archived")
     assert registry.repair_production(settings, actor="test").production_version == 1
-    assert production_markers(settings, client) == (1, [1])
+    assert production_markers(settings) == (1, [1])
 
 
 def test_a_run_key_finds_its_own_version_among_look_alikes(registered):
@@ -275,7 +269,7 @@ def test_promotion_archives_a_version_left_in_the_stage_by_an_interrupted_move(r
     # A move interrupted after the stage changed and before the alias: version 2 is in the stage beside version 1.
     client.transition_model_version_stage(settings.model_name, "2", "Production")
     registry.promote(settings, 3, expected_current=1, actor="test", reason="third")
-    assert production_markers(settings, client) == (3, [3])
+    assert production_markers(settings) == (3, [3])
 
 
 def test_status_shows_the_newest_versions_and_moves_unless_asked_for_all(registered, capsys):

@@ -13,7 +13,7 @@ import time
 
 import fault_hooks
 import pytest
-from conftest import PIPELINE_TASKS
+from conftest import PIPELINE_TASKS, production_markers
 
 from ml import registry, steps, tags
 from ml.airflow_runner import run_dag
@@ -24,16 +24,8 @@ from ml.settings import Settings
 pytestmark = pytest.mark.slow
 
 
-def markers(settings: Settings) -> tuple[int | None, list[int]]:
-    """(the version the Production alias names, the versions whose stage is Production)."""
-    client = registry.client_for(settings)
-    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
-    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
-    return (aliased.version if aliased else None), staged
-
-
 def assert_consistent(settings: Settings) -> int | None:
-    aliased, staged = markers(settings)
+    aliased, staged = production_markers(settings)
     assert staged == ([aliased] if aliased is not None else []), (aliased, staged)
     history = registry.deployment_history(registry.client_for(settings), settings.model_name)
     if history:
@@ -156,7 +148,7 @@ def test_a_task_that_runs_too_long_is_stopped(airflow_db, mlops_env, monkeypatch
     assert run.state == "failed"
     assert run.state_of("train_model") == "failed"
     assert run.state_of("rollback_model") == "skipped", "it ran, and found nothing to roll back"
-    assert versions(mlops_env) == 0 and markers(mlops_env) == (None, [])
+    assert versions(mlops_env) == 0 and production_markers(mlops_env) == (None, [])
 
 
 @pytest.fixture
@@ -165,7 +157,7 @@ def fragile_server(airflow_db, server_env, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     assert run_dag().state == "success"
-    assert markers(server_env) == (1, [1])
+    assert production_markers(server_env) == (1, [1])
     monkeypatch.setattr(fault_hooks, "mlflow_server", mlflow_server)
     monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:stop_mlflow_server")
     return server_env, mlflow_server
@@ -278,7 +270,7 @@ def test_overlapping_promotions_let_exactly_one_through(mlops_env, tmp_path):
 def test_manual_rollback_while_a_run_is_deploying(airflow_db, mlops_env, monkeypatch):
     assert run_dag().state == "success"
     assert run_dag().state == "success"
-    assert markers(mlops_env) == (2, [2])
+    assert production_markers(mlops_env) == (2, [2])
     monkeypatch.setattr(fault_hooks, "fault_step", "deploy_model")
     monkeypatch.setattr(fault_hooks, "rollback_settings", mlops_env)
     monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:manual_rollback_meanwhile")
@@ -298,13 +290,13 @@ def test_rollback_dag_and_command_line(airflow_db, mlops_env):
     assert run_dag().state == "success"
     assert run_dag(conf={"accuracy_threshold": 1.0}).state == "success"
     assert run_dag().state == "success"
-    assert markers(mlops_env) == (3, [3])
+    assert production_markers(mlops_env) == (3, [3])
 
     refused = run_dag("mlops_rollback", conf={"target_version": "2"})
     assert refused.state == "failed" and refused.tasks["rollback_production"].try_number == 1
     missing = run_dag("mlops_rollback", conf={"target_version": "42"})
     assert missing.state == "failed"
-    assert markers(mlops_env) == (3, [3])
+    assert production_markers(mlops_env) == (3, [3])
 
     rolled = run_dag("mlops_rollback", conf={"target_version": "previous", "reason": "latency regression"})
     assert rolled.state == "success"

@@ -7,6 +7,7 @@ Airflow (dag.test()) on the same data, so that the run has nothing to train and 
 from __future__ import annotations
 
 import pytest
+from conftest import production_markers
 
 from ml import registry, tags
 from ml.airflow_runner import run_dag
@@ -15,20 +16,12 @@ from ml.settings import Settings
 pytestmark = pytest.mark.slow
 
 
-def markers(settings: Settings) -> tuple[int | None, list[int]]:
-    """(the version the Production alias names, the versions whose stage is Production)."""
-    client = registry.client_for(settings)
-    aliased = registry.aliased_version(client, settings.model_name, settings.production_alias)
-    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
-    return (aliased.version if aliased else None), staged
-
-
 @pytest.fixture
 def first_run(airflow_db, mlops_env, monkeypatch) -> Settings:
     """Version 1 in Production after a healthy run; later runs see the same data and have nothing to train."""
     monkeypatch.delenv("MLOPS_FORCE_RETRAIN")
     assert run_dag().state == "success"
-    assert markers(mlops_env) == (1, [1])
+    assert production_markers(mlops_env, alias_only=True) == (1, [1])
     return mlops_env
 
 
@@ -51,7 +44,7 @@ def test_a_deploy_killed_before_its_post_deploy_check_is_rolled_back_by_the_next
 
     run = run_dag()
     assert "version 2 was Production but its post-deploy check never passed" in repaired(run)
-    assert markers(settings) == (1, [1])
+    assert production_markers(settings, alias_only=True) == (1, [1])
     assert registry.get_version(client, name, 2).tags[tags.DEPLOYMENT_STATUS] == "demoted"
     last = registry.deployment_history(client, name)[-1]
     assert (last.event, last.version, last.previous_version) == ("rolled_back", 2, 1)
@@ -61,10 +54,10 @@ def test_a_deploy_killed_before_its_post_deploy_check_is_rolled_back_by_the_next
 def test_stage_and_alias_disagreeing_are_reconciled_by_the_next_no_op_run(first_run):
     settings, client = first_run, registry.client_for(first_run)
     client.transition_model_version_stage(settings.model_name, "1", "Archived")
-    assert markers(settings) == (1, [])
+    assert production_markers(settings, alias_only=True) == (1, [])
 
     assert "the stage and alias of version 1 disagreed" in repaired(run_dag())
-    assert markers(settings) == (1, [1])
+    assert production_markers(settings, alias_only=True) == (1, [1])
 
 
 def test_an_alias_moved_by_hand_to_a_version_that_failed_validation_is_demoted(first_run):
@@ -72,9 +65,9 @@ def test_an_alias_moved_by_hand_to_a_version_that_failed_validation_is_demoted(f
     rejected = run_dag(conf={"accuracy_threshold": 1.0, "force_retrain": True})
     assert rejected.result("validate_model")["validation"] == "failed"
     client.set_registered_model_alias(settings.model_name, settings.production_alias, "2")
-    assert markers(settings) == (2, [1])
+    assert production_markers(settings, alias_only=True) == (2, [1])
 
     text = repaired(run_dag())
     assert "version 2 was Production but it never passed validation (validation status: failed)" in text
-    assert markers(settings) == (1, [1])
+    assert production_markers(settings, alias_only=True) == (1, [1])
     assert registry.get_version(client, settings.model_name, 2).tags[tags.DEPLOYMENT_STATUS] == "demoted"
