@@ -2,8 +2,8 @@
 
 Prints the DAG file's parse time and a full run's wall time, each as a ratio to the stub's, measured in this one
 invocation on the default data set. A third DAG, seven empty tasks with the pipeline's schedule and trigger form (the
-service's settings and Params), shows how much of the parse Airflow charges for that form alone: the floor for any DAG
-that offers it. Parse time is what a DAG processor pays per file with Airflow already loaded:
+service's settings and Params, attached as the pipeline attaches them), shows how much of the parse Airflow charges for
+that form alone: the floor for any DAG that offers it. Parse time is what a DAG processor pays per file with Airflow already loaded:
 each file is parsed in fresh interpreters, several times, and the median kept. Run time is the median of alternating
 runs after one warm-up run of each (the warm-up creates the MLflow store, a one-time cost that is printed apart).
 
@@ -59,7 +59,6 @@ SETTINGS = Settings.from_env_or_embedded()
     schedule="@daily",
     start_date=datetime(2023, 1, 1),
     catchup=False,
-    params={name: Param(**spec) for name, spec in SETTINGS.param_specs().items()},
 )
 def form_only():
     previous = None
@@ -70,7 +69,7 @@ def form_only():
         previous = current
 
 
-form_only()
+form_only().params = {name: Param(**spec) for name, spec in SETTINGS.param_specs().items()}
 """
 
 # Like Airflow's DAG processor, which parses in children of a process that has loaded Airflow and called

@@ -77,7 +77,6 @@ the MLflow run and the registered version.
     max_active_runs=1,
     tags=["ml", "mlops", "mlflow"],
     doc_md=DOC,
-    params={name: Param(**spec) for name, spec in SETTINGS.param_specs().items()},
 )
 def training_pipeline():
     @task(task_id="extract_data")
@@ -143,4 +142,8 @@ def training_pipeline():
     deploy_result >> rollback_model()
 
 
-training_pipeline()
+pipeline = training_pipeline()
+# The trigger form is attached once the tasks exist. Airflow gives every task created under a DAG that already has
+# Params its own deep copy of them, then serialises those copies with each task, while a task reads the DAG's Params at
+# run time anyway.
+pipeline.params = {name: Param(**spec) for name, spec in SETTINGS.param_specs().items()}

@@ -110,6 +110,25 @@ def test_params_have_descriptions_and_sane_defaults(dag):
         dag.params.get_param("accuracy_threshold").resolve(1.5)
 
 
+def test_the_trigger_form_is_held_once_by_the_dag(dag):
+    """A task reads the DAG's Params at run time, so a per-task copy would only be deep-copied and serialised."""
+    from ml.settings import run_parameter_names
+
+    assert list(dag.params) == list(run_parameter_names())
+    assert [task.task_id for task in dag.tasks if task.params] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [("test_size", 0), ("test_size", 1), ("accuracy_threshold", -0.1), ("random_seed", 2**32), ("model_family", "svm")],
+)
+def test_the_form_refuses_values_out_of_bounds_in_its_schema_dialect(dag, name, refused):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param(name).resolve(refused)
+
+
 @pytest.mark.parametrize("dag_file", ["mlops_pipeline.py", "mlops_ingest.py"])
 def test_no_heavy_imports_at_dag_file_top_level(dag_file):
     code = (
