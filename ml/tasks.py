@@ -19,14 +19,20 @@ from ml.results import (
     DeployResult,
     ExtractResult,
     RollbackResult,
+    Skip,
     TrainResult,
     TransformResult,
     ValidateResult,
 )
 from ml.settings import ConfigurationError, Settings
 
+
+class MissingResultError(RuntimeError):
+    """An upstream task that must have returned a result left none in XCom."""
+
+
 # Errors a retry cannot cure: the task fails at once instead of waiting out retry_delay.
-PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError)
+PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError, MissingResultError)
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +195,27 @@ def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) 
     )
 
 
-def deploy_model(validation_result: Mapping[str, Any] | None, context: Mapping[str, Any]) -> dict[str, Any]:
-    """Runs when validate_model was skipped too (its trigger rule is none_failed): then transform_data's result, which
-    says why the run had nothing to do, stands in for the verdict."""
-    verdict = validation_result or upstream_result(context, "transform_data") or {}
+def deploy_model(context: Mapping[str, Any]) -> dict[str, Any]:
     return run_step(
         "deploy_model",
         context,
-        lambda settings, run: steps.deploy(settings, run, ValidateResult.from_xcom(verdict), _split(context)),
+        lambda settings, run: steps.deploy(settings, run, ValidateResult.from_xcom(_verdict(context)), _split(context)),
     )
+
+
+def _verdict(context: Mapping[str, Any]) -> dict[str, Any]:
+    """validate_model's verdict or, when the run had nothing to do, transform_data's result, which says why.
+
+    deploy_model's trigger rule (none_failed) runs it when Airflow skipped validate_model too, which then returned
+    nothing. The run's only reason to skip is transform_data's: without it, a missing verdict is an error.
+    """
+    verdict = upstream_result(context, "validate_model")
+    if verdict:
+        return verdict
+    transformed = upstream_result(context, "transform_data") or {}
+    if Skip.from_xcom(transformed) is None:
+        raise MissingResultError("validate_model returned no verdict, although transform_data found data to train on")
+    return transformed
 
 
 def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:

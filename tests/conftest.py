@@ -7,6 +7,7 @@ module imports it. Each test gets its own MLflow store and data store under ``tm
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +52,13 @@ PIPELINE_TASKS = (
 PROMOTED_RUN_STATES = {task: "success" for task in PIPELINE_TASKS} | {"rollback_model": "skipped"}
 # The grid of a run on unchanged data: extract_data found no new data and every task after it had nothing to do.
 NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {"extract_data": "success"}
+# Lines of a run's output that a reader takes for a failure: an error (as Airflow's or the command line's logging writes
+# it, or a traceback), or the notices dag.test() printed on a run that had nothing to do.
+ALARMING_LINE = re.compile(r"\[error\s*\]|\bERROR\b|Traceback|XCom not found|No tasks to run")
+
+
+def alarming_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if ALARMING_LINE.search(line)]
 
 
 def production_markers(settings: Any, *, alias_only: bool = False) -> tuple[int | None, list[int]]:

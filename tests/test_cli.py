@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, alarming_lines, free_port
 
 CLI = [sys.executable, "-m", "ml.cli"]
 
@@ -146,6 +146,12 @@ def _production(settings) -> tuple[int | None, list[int]]:
     return (aliased.version if aliased else None), staged
 
 
+def _version_count(settings) -> int:
+    from ml import registry
+
+    return len(registry.list_versions(registry.client_for(settings), settings.model_name))
+
+
 def _store(settings) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLOPS_RETRY_DELAY_SECONDS": "1"}
 
@@ -158,6 +164,10 @@ def test_run_exit_status_says_what_happened(airflow_db, mlops_env):
     assert _production(mlops_env) == (1, [1])
     no_new_data = mlops("run", home=mlops_env.home, timeout=600, **store)
     assert no_new_data.returncode == 0 and "no new data" in no_new_data.stdout
+    # Nothing changed, and the output says so without a line that reads as a failure.
+    assert _production(mlops_env) == (1, [1]) and _version_count(mlops_env) == 1
+    assert "run note                  : **no new data**" in no_new_data.stdout
+    assert alarming_lines(no_new_data.stdout + no_new_data.stderr) == []
     rejected = mlops(
         "run", "--param", "accuracy_threshold=1", "--param", "force_retrain=true", home=mlops_env.home, **store
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import NO_NEW_DATA_RUN_STATES
+from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines
 
 from ml import data, ingest, registry
 from ml.assets import data_asset_uri
@@ -317,13 +317,18 @@ def test_asset_event_from_ingest_triggers_a_run_that_retrains_and_promotes(loop)
 
 
 @pytest.mark.slow
-def test_unchanged_data_ends_early_and_registers_nothing(loop):
+def test_unchanged_data_ends_early_and_registers_nothing(loop, capfd, caplog):
     from ml.airflow_runner import run_dag
     from ml.cli import format_run_summary
 
     settings = loop["settings"]
     before, count = production(settings), len(versions(settings))
+    capfd.readouterr()
+    caplog.clear()
     run = run_dag("mlops_pipeline")
+    # Airflow's stdlib log handlers write to a stream that capfd does not capture; pytest's own log handler sees them.
+    output = capfd.readouterr()
+    logged = caplog.text
     assert run.state == "success", run.tasks
     # The grid tells the story: extract_data found the data unchanged, every task after it is skipped.
     states = {task: outcome.state for task, outcome in run.tasks.items()}
@@ -344,8 +349,11 @@ def test_unchanged_data_ends_early_and_registers_nothing(loop):
     assert run.result("deploy_model")["deployed"] is False
     assert run.result("rollback_model")["rollback_performed"] is False
     assert (production(settings), len(versions(settings))) == (before, count)
+    assert run.note.startswith("**no new data**"), run.note
     summary = format_run_summary(run)
     assert "no new data" in summary and "version registered        : none" in summary
+    # A run that had nothing to do logs nothing that reads as a failure.
+    assert alarming_lines(output.out + output.err + logged) == []
 
 
 @pytest.mark.slow

@@ -74,3 +74,14 @@ def test_the_emitted_keys_are_the_documented_ones():
 def test_a_failed_upstream_step_is_refused_by_name():
     with pytest.raises(ValueError, match="Model training failed"):
         TrainResult.from_xcom({"model_trained": False, "model_name": "model"})
+
+
+def test_deploy_without_a_verdict_fails_at_once_unless_the_run_had_nothing_to_do(mlops_env):
+    """deploy_model also runs when Airflow skipped validate_model, which happens only on a run with nothing to do."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from ml import tasks
+
+    transformed = RESULTS[2][0].to_xcom()
+    with pytest.raises(AirflowFailException, match="MissingResultError: validate_model returned no verdict"):
+        tasks.deploy_model({"transform_data_result": transformed})

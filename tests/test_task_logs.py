@@ -81,3 +81,35 @@ def test_every_line_becomes_one_record(text, caplog):
     with caplog.at_level(logging.INFO, logger="ml.mlflow"), mlflow_progress_as_info():
         eprint(text, end="")
     assert [r.getMessage() for r in caplog.records] == [line for line in text.split("\n") if line]
+
+
+def test_dag_test_notices_are_dropped_only_while_skips_cascade(caplog):
+    """dag.test() warns "No tasks to run" after each pass that only skipped tasks, as on a run with no new data; a task
+    waiting (for a retry, say), a pass that made no progress, or a warning outside a run still shows."""
+    from collections import namedtuple
+
+    from ml.airflow_runner import quiet_skip_cascade
+
+    pending = namedtuple("pending", "task_id map_index state")  # what the filter reads of a TaskInstance
+    dag_log = logging.getLogger("airflow.sdk.definitions.dag")
+
+    def notice(**states: str | None) -> None:
+        unrunnable = {pending(task, -1, state) for task, state in states.items()}
+        dag_log.warning("No tasks to run. unrunnable tasks: %s", unrunnable)
+
+    def shown() -> list[list[str]]:
+        return [sorted(ti.task_id for ti in record.args[0]) for record in caplog.records]
+
+    with caplog.at_level(logging.WARNING, logger=dag_log.name):
+        with quiet_skip_cascade():
+            notice(validate_model=None, deploy_model=None)
+            notice(deploy_model=None)
+            assert shown() == []
+            notice(deploy_model=None)
+            assert shown() == [["deploy_model"]]
+            caplog.clear()
+            notice(train_model="up_for_retry", deploy_model=None)
+            assert shown() == [["deploy_model", "train_model"]]
+        caplog.clear()
+        notice(validate_model=None)
+        assert shown() == [["validate_model"]]
