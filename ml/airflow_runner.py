@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from airflow.models.dagrun import DagRun
@@ -61,24 +61,77 @@ def dags_folder() -> Path:
 def migrate_airflow_db() -> None:
     """Create or upgrade the Airflow metadata database named by the environment, unless it is current already.
 
-    ``airflow db migrate`` runs in a subprocess: applying migrations runs Alembic's ``env.py``, which reconfigures
-    logging in the process that runs it. The subprocess costs about 3 s even when there is nothing to apply, most of it
-    importing Airflow afresh; for a current database, this process does the rest of what the command would do.
+    A new database is created in this process, as ``airflow db migrate`` creates one (:func:`create_airflow_db`). One
+    at an older revision is upgraded by ``airflow db migrate`` in a subprocess: migrations take the database lock,
+    swap the ORM's connection pool for a single connection and can run for minutes, which this process should not
+    share; the subprocess costs 3 to 7 s, most of it importing Airflow afresh. For a current database, this process
+    does the rest of what the command would do.
     """
-    if airflow_db_is_current():
-        sync_airflow_db_settings()
-        return
-    log.info("creating or upgrading the Airflow metadata database")
+    with _logging_kept():
+        state = airflow_db_state()
+        if state == "current":
+            sync_airflow_db_settings()
+            return
+        if state == "new":
+            log.info("creating the Airflow metadata database")
+            create_airflow_db()
+            return
+    log.info("upgrading the Airflow metadata database (airflow db migrate)")
     airflow = Path(sys.executable).parent / "airflow"
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
 
 
+def create_airflow_db() -> None:
+    """Create a new metadata database in this process, as ``airflow db migrate`` creates one: Airflow's tables from
+    the ORM stamped with the installed revision, the external DB managers' tables (the FAB provider's, say), the
+    default pool and the log file name template."""
+    from airflow.providers_manager import ProvidersManager
+    from airflow.utils.db import upgradedb
+
+    with _logging_kept():
+        # As the command does first: a provider's configuration may hold options its DB manager reads.
+        ProvidersManager().initialize_providers_configuration()
+        upgradedb()
+
+
+@contextlib.contextmanager
+def _logging_kept() -> Iterator[None]:
+    """Leave this process's logging as it is, and the terminal as quiet as ``airflow db migrate`` in a subprocess
+    left it, while Airflow checks or creates its database here.
+
+    Creating stamps the database, which runs Alembic's ``env.py`` (Airflow's and each DB manager's); when the root
+    logger has no handler, it configures logging from ``alembic.ini``: closes every handler of the process and sets
+    the root's level and Alembic's. A handler held on the root meanwhile prevents that: Python's last resort, which
+    prints what a record no handler takes would print anyway. Airflow and Alembic narrate each step at INFO: they are
+    held at WARNING meanwhile.
+    """
+    root = logging.getLogger()
+    held = None if root.handlers else (logging.lastResort or logging.NullHandler())
+    narrators = {logger: logger.level for logger in map(logging.getLogger, ("airflow", "alembic"))}
+    if held is not None:
+        root.addHandler(held)
+    for logger in narrators:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in narrators.items():
+            logger.setLevel(level)
+        if held is not None:
+            root.removeHandler(held)
+
+
 def airflow_db_is_current() -> bool:
     """Whether every migration of the installed Airflow, and of its external DB managers (the FAB provider's, say),
-    is applied to the metadata database: then ``airflow db migrate`` would apply nothing.
+    is applied to the metadata database: then ``airflow db migrate`` would apply nothing."""
+    return airflow_db_state() == "current"
 
-    Read-only. A new database has no revision and one left by an older Airflow an older revision, so both count as not
-    current; so does one that cannot be read, and the migration then reports why.
+
+def airflow_db_state() -> Literal["current", "new", "to migrate", "unreadable"]:
+    """Where the metadata database stands against the installed Airflow and its external DB managers.
+
+    Read-only. ``new``: no Alembic revision, so ``airflow db migrate`` would create the tables from the ORM and apply
+    no migration. ``to migrate``: one left by an older Airflow, say. ``unreadable``: the migration then reports why.
     """
     import airflow
     from airflow import settings
@@ -93,13 +146,15 @@ def airflow_db_is_current() -> bool:
     try:
         with settings.get_engine().connect() as connection:
             applied = set(MigrationContext.configure(connection).get_current_heads())
+        if not applied:
+            return "new"
         if applied != set(migrations.get_heads()):
-            return False
+            return "to migrate"
         with create_session() as session:
-            return bool(RunDBManager().check_migration(session))
+            return "current" if RunDBManager().check_migration(session) else "to migrate"
     except SQLAlchemyError as error:
         log.info("the Airflow metadata database cannot be read as it is (%s); migrating it", error)
-        return False
+        return "unreadable"
 
 
 def sync_airflow_db_settings() -> None:

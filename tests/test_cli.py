@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, alarming_lines, free_port
@@ -135,6 +139,120 @@ def test_the_airflow_database_is_migrated_only_when_it_is_not_current(tmp_path):
         timeout=300,
     )
     assert checked.stdout.splitlines()[-1:] == ["False"], checked.stderr[-3000:]
+
+
+MIGRATE_AIRFLOW_DB = """
+import json, logging, subprocess
+from logging.handlers import BufferingHandler
+from pathlib import Path
+
+import airflow  # configures logging as Airflow does; mlops run has imported it before it prepares the database
+import alembic.migration  # its import gives Alembic's logger a NullHandler: importing, not configuring
+from ml.airflow_runner import airflow_db_is_current, migrate_airflow_db
+
+started = []
+run = subprocess.run
+
+
+def recorded(command, *args, **kwargs):
+    started.append(command)
+    return run(command, *args, **kwargs)
+
+
+def logging_state():
+    loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    return {lg.name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers}
+
+
+subprocess.run = recorded
+# As in a process that has not configured logging: there Alembic's env.py would configure it from alembic.ini.
+logging.root.handlers.clear()
+# What Airflow and Alembic would print: Airflow logs at INFO here, as in mlops -v.
+narrated = BufferingHandler(capacity=100_000)
+logging.getLogger("airflow").addHandler(narrated)
+logging.getLogger("alembic").addHandler(narrated)
+before = logging_state()
+migrate_airflow_db()
+after = logging_state()
+report = {
+    "airflow_commands": [c[1:] for c in started if isinstance(c, list) and Path(c[0]).name == "airflow"],
+    "logging_changed": sorted(name for name in before if after[name] != before[name]),
+    "narrated": [f"{r.name}: {r.getMessage()}" for r in narrated.buffer if r.levelno < logging.WARNING],
+}
+print(json.dumps({**report, "current": airflow_db_is_current()}))
+"""
+
+
+def _airflow_env(home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+    }
+
+
+def _migrate(home: Path) -> dict[str, Any]:
+    """``migrate_airflow_db()`` in a new process: the Airflow commands it started, the loggers whose level, handlers,
+    propagation or state it changed, what Airflow and Alembic logged below WARNING, and whether the database is
+    current afterwards."""
+    env = {**_airflow_env(home), "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO"}
+    result = subprocess.run(
+        [sys.executable, "-c", MIGRATE_AIRFLOW_DB], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _airflow(home: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).parent / "airflow"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=_airflow_env(home), timeout=300)
+
+
+def _rows(database: Path, query: str) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(database)) as connection:
+        return connection.execute(query).fetchall()
+
+
+@pytest.fixture(scope="module")
+def created_airflow_home(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """A new Airflow database prepared by ``migrate_airflow_db()``, and what that reported."""
+    home = tmp_path_factory.mktemp("created") / "airflow"
+    home.mkdir()
+    return home, _migrate(home)
+
+
+def test_a_new_airflow_database_is_created_in_process_as_airflow_db_migrate_creates_it(created_airflow_home, tmp_path):
+    home, created = created_airflow_home
+    assert created == {"airflow_commands": [], "logging_changed": [], "narrated": [], "current": True}
+    checked = _airflow(home, "db", "check-migrations", "--migration-wait-timeout", "1")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    reference = tmp_path / "airflow"
+    reference.mkdir()
+    migrated = _airflow(reference, "db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    # Same tables, indexes and triggers (an external DB manager's included), revision, pools and log file templates.
+    for query in (
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name",
+        "SELECT * FROM alembic_version",
+        "SELECT * FROM slot_pool ORDER BY id",
+        "SELECT id, filename, elasticsearch_id FROM log_template ORDER BY id",
+    ):
+        assert _rows(home / "airflow.db", query) == _rows(reference / "airflow.db", query), query
+    assert [pool for (pool,) in _rows(home / "airflow.db", "SELECT pool FROM slot_pool")] == ["default_pool"]
+
+
+def test_an_airflow_database_at_an_older_revision_is_upgraded_by_airflow_db_migrate(created_airflow_home, tmp_path):
+    from airflow.utils.db import _REVISION_HEADS_MAP
+
+    home = tmp_path / "airflow"
+    home.mkdir()
+    shutil.copy(created_airflow_home[0] / "airflow.db", home / "airflow.db")
+    previous = list(_REVISION_HEADS_MAP)[-2]
+    downgraded = _airflow(home, "db", "downgrade", "--to-version", previous, "--yes")
+    assert downgraded.returncode == 0, downgraded.stderr[-3000:]
+    assert _rows(home / "airflow.db", "SELECT * FROM alembic_version") == [(_REVISION_HEADS_MAP[previous],)]
+    upgraded = _migrate(home)
+    assert upgraded == {"airflow_commands": [["db", "migrate"]], "logging_changed": [], "narrated": [], "current": True}
 
 
 def _production(settings) -> tuple[int | None, list[int]]:
