@@ -3,9 +3,10 @@
 Prints the DAG file's parse time and a full run's wall time, each as a ratio to the stub's, measured in this one
 invocation on the default data set. A third DAG, seven empty tasks with the pipeline's schedule and trigger form (the
 service's settings and Params, attached as the pipeline attaches them), shows how much of the parse Airflow charges for
-that form alone: the floor for any DAG that offers it. Parse time is what a DAG processor pays per file with Airflow already loaded:
-each file is parsed in fresh interpreters, several times, and the median kept. Run time is the median of alternating
-runs after one warm-up run of each (the warm-up creates the MLflow store, a one-time cost that is printed apart).
+that form alone: the floor for any DAG that offers it. Parse time is what a DAG processor pays per file with Airflow
+already loaded: each file is parsed in fresh interpreters, several times, and the median kept. Run time is the median
+of alternating runs after one warm-up run of each (the warm-up creates the MLflow store, a one-time cost that is
+printed apart).
 
     .venv/bin/python bench/pipeline_bench.py [--runs 3] [--parses 5]
 """
