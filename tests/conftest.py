@@ -76,6 +76,13 @@ def production_markers(settings: Any, *, alias_only: bool = False) -> tuple[int 
     return (named.version if named else None), staged
 
 
+def version_count(settings: Any) -> int:
+    """How many versions the registered model has."""
+    from ml import registry
+
+    return len(registry.list_versions(registry.client_for(settings), settings.model_name))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

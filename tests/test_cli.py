@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, alarming_lines, free_port
+from conftest import REPO, alarming_lines, free_port, production_markers, version_count
 
 CLI = [sys.executable, "-m", "ml.cli"]
 
@@ -255,21 +255,6 @@ def test_an_airflow_database_at_an_older_revision_is_upgraded_by_airflow_db_migr
     assert upgraded == {"airflow_commands": [["db", "migrate"]], "logging_changed": [], "narrated": [], "current": True}
 
 
-def _production(settings) -> tuple[int | None, list[int]]:
-    from ml import registry
-
-    client = registry.client_for(settings)
-    aliased = registry.production_version(client, settings.model_name, settings.production_alias)
-    staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
-    return (aliased.version if aliased else None), staged
-
-
-def _version_count(settings) -> int:
-    from ml import registry
-
-    return len(registry.list_versions(registry.client_for(settings), settings.model_name))
-
-
 def _store(settings) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLOPS_RETRY_DELAY_SECONDS": "1"}
 
@@ -279,11 +264,11 @@ def test_run_exit_status_says_what_happened(airflow_db, mlops_env):
     store = _store(mlops_env)
     promoted = mlops("run", home=mlops_env.home, timeout=600, **store)
     assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
-    assert _production(mlops_env) == (1, [1])
+    assert production_markers(mlops_env) == (1, [1])
     no_new_data = mlops("run", home=mlops_env.home, timeout=600, **store)
     assert no_new_data.returncode == 0 and "no new data" in no_new_data.stdout
     # Nothing changed, and the output says so without a line that reads as a failure.
-    assert _production(mlops_env) == (1, [1]) and _version_count(mlops_env) == 1
+    assert production_markers(mlops_env) == (1, [1]) and version_count(mlops_env) == 1
     assert "run note                  : **no new data**" in no_new_data.stdout
     assert alarming_lines(no_new_data.stdout + no_new_data.stderr) == []
     rejected = mlops(
@@ -300,7 +285,7 @@ def test_run_exit_status_says_what_happened(airflow_db, mlops_env):
         **store,
     )
     assert rolled_back.returncode == 4, rolled_back.stdout[-3000:]
-    assert _production(mlops_env) == (1, [1])
+    assert production_markers(mlops_env) == (1, [1])
 
 
 @pytest.mark.slow
@@ -312,7 +297,7 @@ def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_na
     from ml.airflow_runner import run_dag
 
     assert run_dag().state == "success"
-    assert _production(mlops_env) == (1, [1])
+    assert production_markers(mlops_env) == (1, [1])
     marker = tmp_path / "hanging"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
     env.update(
@@ -343,7 +328,7 @@ def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_na
     assert process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert time.monotonic() - stopped_at < 120
     assert "stopped                   : by SIGINT; rollback_model ran" in stdout
-    assert _production(mlops_env) == (1, [1]), "Production is what it was before the run"
+    assert production_markers(mlops_env) == (1, [1]), "Production is what it was before the run"
     client = registry.client_for(mlops_env)
     candidates = [v for v in registry.list_versions(client, mlops_env.model_name) if v.version != 1]
     if hang_at == "train_model":

@@ -13,7 +13,7 @@ import time
 
 import fault_hooks
 import pytest
-from conftest import PIPELINE_TASKS, production_markers
+from conftest import PIPELINE_TASKS, production_markers, version_count
 
 from ml import registry, steps, tags
 from ml.airflow_runner import run_dag
@@ -33,10 +33,6 @@ def assert_consistent(settings: Settings) -> int | None:
         expected = last.previous_version if last.event == "rolled_back" else last.version
         assert expected == aliased, history
     return aliased
-
-
-def versions(settings: Settings) -> int:
-    return len(registry.list_versions(registry.client_for(settings), settings.model_name))
 
 
 @pytest.mark.parametrize(
@@ -62,7 +58,7 @@ def test_bad_configuration_fails_at_the_first_task_without_retry(
     assert run.tasks["extract_data"].try_number == 1
     assert run.state_of("train_model") == "upstream_failed"
     assert message in capfd.readouterr().out
-    assert versions(mlops_env) == 0
+    assert version_count(mlops_env) == 0
 
 
 def test_bad_parameters_are_refused_before_a_run_starts(airflow_db, mlops_env):
@@ -91,7 +87,7 @@ def test_a_run_cannot_set_what_it_does_not_declare(airflow_db, mlops_env, capfd,
     assert run.state_of("extract_data") == "failed"
     assert run.tasks["extract_data"].try_number == 1
     assert message in capfd.readouterr().out
-    assert versions(mlops_env) == 0
+    assert version_count(mlops_env) == 0
 
 
 @pytest.mark.parametrize(
@@ -127,7 +123,7 @@ def test_errors_a_check_can_catch_fail_before_training_without_retry(
     assert run.tasks[failed_task].try_number == 1
     assert run.state_of("train_model") == "upstream_failed"
     assert message in capfd.readouterr().out
-    assert versions(mlops_env) == 0
+    assert version_count(mlops_env) == 0
 
 
 def test_ingest_dag_on_the_bundled_source_fails_at_once(airflow_db, mlops_env, capfd):
@@ -148,7 +144,7 @@ def test_a_task_that_runs_too_long_is_stopped(airflow_db, mlops_env, monkeypatch
     assert run.state == "failed"
     assert run.state_of("train_model") == "failed"
     assert run.state_of("rollback_model") == "skipped", "it ran, and found nothing to roll back"
-    assert versions(mlops_env) == 0 and production_markers(mlops_env) == (None, [])
+    assert version_count(mlops_env) == 0 and production_markers(mlops_env) == (None, [])
 
 
 @pytest.fixture
@@ -223,7 +219,7 @@ def test_worker_killed_during_train_registers_exactly_one_version(mlops_env, kil
         if v.tags.get(tags.AIRFLOW_RUN_KEY) == run.run_key
     ]
     assert [v.version for v in matching] == [retried.model_version]
-    assert versions(mlops_env) == 1
+    assert version_count(mlops_env) == 1
 
 
 def _promote_in_a_child(home: str, tracking_uri: str, version: int, start: float, outcome) -> None:
