@@ -31,6 +31,8 @@ class TaskOutcome:
     state: str
     result: dict[str, Any] | None
     try_number: int
+    # From the task instance's start to its end; None for a task that never ran.
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,12 @@ def collect(dag_id: str, run_id: str) -> PipelineRun:
         ).all()
         values = {row.task_id: XComModel.deserialize_value(row) for row in xcoms}
         tasks = {
-            ti.task_id: TaskOutcome(state=str(ti.state), result=values.get(ti.task_id), try_number=ti.try_number)
+            ti.task_id: TaskOutcome(
+                state=str(ti.state),
+                result=values.get(ti.task_id),
+                try_number=ti.try_number,
+                seconds=(ti.end_date - ti.start_date).total_seconds() if ti.start_date and ti.end_date else None,
+            )
             for ti in instances
         }
         return PipelineRun(dag_id=dag_id, run_id=run_id, state=str(dag_run.state), tasks=tasks, note=dag_run.note or "")
