@@ -7,26 +7,35 @@ text, keeping the rest (scheme, user name, host, path), which is what a reader n
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
 
-_USER_INFO = re.compile(r"(?P<prefix>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:?#]*):(?P<password>[^\s/?#]*)@")
-_SECRET_PARAMETER = re.compile(
-    r"(?P<prefix>[?&;](?:[A-Za-z0-9_.-]*(?:password|passwd|pwd|secret|token|signature|credential|api[_-]?key"
-    r"|access[_-]?key|sig))=)(?P<value>[^&#\s'\"]+)",
-    re.IGNORECASE,
-)
+
+# Compiled on first use, not at import: every DAG file imports this module (through ml.settings), and a DAG parse
+# masks nothing.
+@functools.cache
+def _secret_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The user-info part of a URL, and a query parameter whose name says it holds a secret."""
+    user_info = re.compile(r"(?P<prefix>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:?#]*):(?P<password>[^\s/?#]*)@")
+    secret_parameter = re.compile(
+        r"(?P<prefix>[?&;](?:[A-Za-z0-9_.-]*(?:password|passwd|pwd|secret|token|signature|credential|api[_-]?key"
+        r"|access[_-]?key|sig))=)(?P<value>[^&#\s'\"]+)",
+        re.IGNORECASE,
+    )
+    return user_info, secret_parameter
 
 
 def mask_credentials(text: str) -> str:
     """``text`` with every URL password and secret-looking query parameter replaced by ``***``."""
     if "://" not in text and "=" not in text:
         return text
-    masked = _USER_INFO.sub(lambda m: f"{m['prefix']}{m['user']}:{MASK}@", text)
-    return _SECRET_PARAMETER.sub(lambda m: f"{m['prefix']}{MASK}", masked)
+    user_info, secret_parameter = _secret_patterns()
+    masked = user_info.sub(lambda m: f"{m['prefix']}{m['user']}:{MASK}@", text)
+    return secret_parameter.sub(lambda m: f"{m['prefix']}{MASK}", masked)
 
 
 def without_user_info(url: str) -> str:

@@ -14,7 +14,6 @@ Light on purpose: DAG files import this module at parse time, so it imports noth
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import math
@@ -552,6 +551,8 @@ def _refusal(name: str, accepted: Collection[str]) -> str:
             f"{name!r} cannot be set per run: it is the deployment's setting {specs[name].declaration.env}, "
             "set in the environment of the scheduler and workers"
         )
+    import difflib  # only a refusal needs it; every DAG file imports this module
+
     close = difflib.get_close_matches(name, list(accepted), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown parameter {name!r}{hint}; parameters are: {', '.join(sorted(accepted))}"
