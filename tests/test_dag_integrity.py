@@ -141,6 +141,19 @@ def test_no_heavy_imports_at_dag_file_top_level(dag_file):
     assert out.stdout.strip() == ""
 
 
+def test_a_parse_leaves_out_what_only_refusals_and_masking_need():
+    """Every parse of every DAG file pays for what importing ml.settings does: no difflib, no credential patterns."""
+    code = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]);"
+        "import ml.redaction;"
+        "print('difflib' in sys.modules, ml.redaction._secret_patterns.cache_info().currsize)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(DAGS / "mlops_pipeline.py")], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "0"]
+
+
 def test_trigger_form_submits_with_its_defaults(dag):
     """The Airflow UI holds the Trigger button back while a non-nullable field is empty ("" counts as empty)."""
     for name in dag.params:
