@@ -47,7 +47,7 @@ def check_deployment(settings: Settings, version: int, split: TransformResult, v
     model_uri = f"models:/{name}@{alias}"
     problems = []
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = tracking.load_model(mlflow, model_uri)
         test_frame = data.read_frame(split.test_uri)
         features = test_frame[split.feature_names]
         predictions = model.predict(features)

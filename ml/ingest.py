@@ -238,7 +238,7 @@ class FolderTarget:
             if file_format == "csv":
                 handle.write(frame.to_csv(index=False).encode())
             else:
-                frame.to_parquet(handle, index=False)
+                data.to_parquet(frame, handle)
         # Record first: a crash between the two leaves a manifest entry whose file is missing, which a retry of the
         # same run lands again, instead of a file that no run knows it landed.
         location = self.fs.unstrip_protocol(final)

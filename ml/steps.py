@@ -204,8 +204,9 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
             digest=split.digest,
         )
         log.info("fitting %s on %d rows", settings.model_family, len(train_frame))
-        pipeline.fit(train_frame[features], train_frame[label])
-        predictions = pipeline.predict(test_frame[features])
+        with tracking.model_logging_imported_meanwhile():
+            pipeline.fit(train_frame[features], train_frame[label])
+            predictions = pipeline.predict(test_frame[features])
         metrics = evaluation.score(predictions, test_frame[label])
         scored = evaluation.training_score_sample(train_frame, settings.random_seed)
         train_metrics = evaluation.score(pipeline.predict(scored[features]), scored[label])
@@ -289,7 +290,7 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
     name, version = settings.model_name, trained.model_version
     test_frame = data.read_frame(split.test_uri)
     features, label = split.feature_names, split.label_column
-    candidate = mlflow.pyfunc.load_model(registry.load_uri(name, registry.get_version(client, name, version)))
+    candidate = tracking.load_model(mlflow, registry.load_uri(name, registry.get_version(client, name, version)))
     accuracy = evaluation.score(candidate.predict(test_frame[features]), test_frame[label])["accuracy"]
 
     champion = registry.production_version(client, name, settings.production_alias)
@@ -351,7 +352,7 @@ def _score_champion(
 ) -> float | None:
     version = champion.version
     try:
-        champion_model = mlflow.pyfunc.load_model(registry.load_uri(name, champion))
+        champion_model = tracking.load_model(mlflow, registry.load_uri(name, champion))
         predictions = champion_model.predict(test_frame[features])
     except Exception as error:
         log.warning(

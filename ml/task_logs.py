@@ -19,20 +19,28 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-# Airflow's DeprecatedImportWarning subclasses FutureWarning; matching on the module that triggers it (skops'
-# module lookup) keeps every other FutureWarning, Airflow's included, visible.
+# The warnings the scan's lookups trigger (Airflow's DeprecatedImportWarning, numpy's rename of numpy.core) are
+# matched on the module that triggers them, skops' module lookup: every other warning stays visible, Airflow's too.
+# skops ignores numpy's itself, but only while no other thread sets and restores the filters.
 SKOPS_MODULE_LOOKUP = r"skops\.io\._utils"
 
 # Not the "mlflow" logger: its own handler writes to stderr, which would bring the line back here.
 log = logging.getLogger("ml.mlflow")
 
 
+@contextlib.contextmanager
+def skops_scan_quieted() -> Iterator[None]:
+    """While the block runs, the warnings of skops' module scan are ignored, in whichever thread it is imported."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=SKOPS_MODULE_LOOKUP)
+        yield
+
+
 def import_skops_quietly() -> None:
     """Import skops with the deprecation warnings of its module scan ignored; a no-op once it is imported."""
     if "skops.io" in sys.modules:
         return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=SKOPS_MODULE_LOOKUP)
+    with skops_scan_quieted():
         import skops.io  # noqa: F401
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Any
 from ml.context import RunContext
 from ml.redaction import mask_credentials
 from ml.settings import Settings
-from ml.task_logs import import_skops_quietly
+from ml.task_logs import import_skops_quietly, skops_scan_quieted
 
 # MLflow saves scikit-learn models with skops, which refuses to load types it was not told to trust;
 # the imputer keeps the dtype it was fitted on.
@@ -26,13 +30,14 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 RUN_NAME_TAG = "mlflow.runName"
+# What saving a model (skops) and drawing its figures (matplotlib's Agg canvas, through pyplot) import.
+MODEL_LOGGING_MODULES = ("skops.io", "matplotlib.pyplot")
 
 
 def connect(settings: Settings) -> ModuleType:
     """The mlflow module, pointed at the configured stores, with the experiment created if need be and active."""
     import mlflow
 
-    import_skops_quietly()
     mlflow.set_tracking_uri(settings.tracking_uri)
     if settings.registry_uri:
         mlflow.set_registry_uri(settings.registry_uri)
@@ -127,6 +132,47 @@ def log_datasets(
             )
 
 
+@contextlib.contextmanager
+def model_logging_imported_meanwhile() -> Iterator[None]:
+    """Import what logging a model and its figures needs (skops, matplotlib) in another thread while the block runs.
+
+    The block is the fit: on a large data set it spends seconds in compiled code that releases the GIL, and those
+    imports (one to two seconds in a task process: skops scans every loaded module) then cost no wall time. On a small
+    one the two share the GIL and the run takes as long as it did.
+
+    Python's warning filters are process-wide. skops' scan sets and restores them about a thousand times and the fit
+    does too (scikit-learn's input checks), so the two threads' saves and restores interleave: one may restore what
+    the other had set. So the scan's own warnings are ignored by module for the whole window, not only by skops, and
+    the window is one ``catch_warnings`` of this thread, which puts the filters back as they were when it ends.
+    """
+    if all(module in sys.modules for module in MODEL_LOGGING_MODULES):
+        yield
+        return
+    with skops_scan_quieted():
+        importer = threading.Thread(target=_import_model_logging, name="model-logging-imports", daemon=True)
+        importer.start()
+        try:
+            yield
+        finally:
+            importer.join()
+
+
+def _import_model_logging() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for module in MODEL_LOGGING_MODULES:
+        # One that fails here fails again where the task uses it, in the task's thread, with a traceback saying where.
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+
+def load_model(mlflow: ModuleType, model_uri: str) -> Any:
+    """``mlflow.pyfunc.load_model``, with skops (the format scikit-learn models are saved in) imported quietly."""
+    import_skops_quietly()
+    return mlflow.pyfunc.load_model(model_uri)
+
+
 def log_figure(mlflow: ModuleType, figure: Any, artifact_file: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -143,6 +189,7 @@ def log_model(mlflow: ModuleType, pipeline: Any, features: Any, name: str) -> st
     """
     from mlflow.models import infer_signature
 
+    import_skops_quietly()
     requirements = [f"{package}=={metadata.version(package)}" for package in MODEL_REQUIREMENTS]
     example = features.head(3)
     info = mlflow.sklearn.log_model(

@@ -55,6 +55,32 @@ def test_snapshot_is_content_addressed(cancer, tmp_path):
     pd.testing.assert_frame_equal(data.read_frame(first.uri), cancer)
 
 
+def test_stored_frames_write_floats_plain_and_keep_every_dtype(tmp_path):
+    import pyarrow.parquet as pq
+
+    frame = pd.DataFrame(
+        {
+            "reading": [1.5, np.nan, 2.25, 1.5],
+            "nullable": pd.array([1.0, None, 2.0, 1.0], dtype="Float64"),
+            "count": [3, 1, 3, 2],
+            "flag": [True, False, True, True],
+            "city": ["Oslo", "Lima", "Oslo", "Pune"],
+            "grade": pd.Categorical(["a", "b", "a", "a"]),
+        }
+    )
+    uri = str(tmp_path / "frame.parquet")
+    data.write_frame(frame, uri)
+    metadata = pq.ParquetFile(uri).metadata.row_group(0)
+    encodings = {
+        metadata.column(i).path_in_schema: set(metadata.column(i).encodings) for i in range(metadata.num_columns)
+    }
+    assert not encodings["reading"] & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    assert not encodings["nullable"] & {"PLAIN_DICTIONARY", "RLE_DICTIONARY"}
+    assert all("RLE_DICTIONARY" in encodings[column] for column in ("count", "city", "grade"))
+    pd.testing.assert_frame_equal(data.read_frame(uri), frame)
+    assert data.content_digest(data.read_frame(uri)) == data.content_digest(frame)
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [

@@ -37,6 +37,36 @@ def test_skops_import_in_an_airflow_process_floods_unless_quieted():
     assert _warnings_on_import("quietly") == (0, 0)
 
 
+# A fit's stand-in: compiled work that releases the GIL, between scikit-learn-style input checks that set and restore
+# the warning filters, while the other thread imports skops (whose module scan sets and restores them too).
+IMPORT_DURING_FIT = """
+import sys, threading, time, warnings
+import airflow.utils.timezone, airflow.utils.trigger_rule, airflow.utils.operator_resources
+from ml.tracking import MODEL_LOGGING_MODULES, model_logging_imported_meanwhile
+
+shown = []
+warnings.showwarning = lambda message, category, *rest: shown.append(category.__name__)
+warnings.simplefilter("always")
+before = list(warnings.filters)
+with model_logging_imported_meanwhile():
+    importing = threading.active_count() == 2
+    while threading.active_count() == 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            time.sleep(0.0002)
+import matplotlib
+print(importing, all(m in sys.modules for m in MODEL_LOGGING_MODULES), matplotlib.get_backend().lower())
+print(warnings.filters == before, sorted(set(shown)))
+"""
+
+
+def test_model_logging_imports_during_the_fit_are_quiet_and_leave_the_filters_as_they_were():
+    out = subprocess.run([sys.executable, "-c", IMPORT_DURING_FIT], capture_output=True, text=True, check=True)
+    imports, filters = out.stdout.splitlines()
+    assert imports == "True True agg"
+    assert filters == "True []"
+
+
 def test_mlflow_registry_progress_is_logged_at_info_not_printed(mlops_env, caplog, capfd):
     from sklearn.dummy import DummyClassifier
 
