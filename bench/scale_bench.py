@@ -51,12 +51,16 @@ pipeline.fit(train[features], train[label])
 print(json.dumps({"accuracy": accuracy_score(test[label], pipeline.predict(test[features]))}))
 """
 
-# Airflow alone, cold: what `mlops run` does (prepare the Airflow database, parse, dag.test()) for seven empty tasks.
+# Airflow alone, cold: what `mlops run` does (prepare the Airflow database with the heap frozen after it, parse,
+# dag.test()) for seven empty tasks.
 STUB_RUN_SCRIPT = """
 import sys
-from ml.airflow_runner import load_dag, migrate_airflow_db, run_dag
+from ml.preload import long_lived_objects
 
-migrate_airflow_db()
+with long_lived_objects():
+    from ml.airflow_runner import load_dag, migrate_airflow_db, run_dag
+
+    migrate_airflow_db()
 run = run_dag(dag=load_dag("stub_pipeline"))
 sys.exit(0 if run.state == "success" else 1)
 """

@@ -16,52 +16,32 @@ forked child would share it.
 
 from __future__ import annotations
 
-import gc
-import importlib
 import logging
 import time
 
 from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
 from celery.signals import import_modules
 
+from ml.preload import MODEL_LOGGING_MODULES, TASK_MODULES, long_lived_objects, preload
+
 log = logging.getLogger(__name__)
 
 CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
 
-# What the pipeline's tasks import, found by diffing sys.modules around a run against an MLflow server.
-TASK_MODULES = (
-    "ml.tasks",
-    "ml.training",
-    "mlflow.sklearn",
-    "mlflow.pyfunc.scoring_server",
-    "mlflow.data.pandas_dataset",
-    "mlflow.tracking.request_header.registry",
-    "mlflow.tracing.export.utils",
-    "mlflow.tracing.processor.otel",
-    "matplotlib.pyplot",
-    "pyarrow.dataset",
-    "pyarrow.parquet",
-    "skops.io",
-    "git",
-    "httpx",
-)
+# A worker's tasks draw and save models too: its forks inherit everything.
+WORKER_MODULES = (*TASK_MODULES, *MODEL_LOGGING_MODULES)
 
 
 def preload_task_modules() -> None:
-    """Import every module of ``TASK_MODULES``, and nothing else."""
-    import matplotlib
-
-    # The tasks draw with the Agg backend; choosing it before pyplot is imported avoids probing for a display.
-    matplotlib.use("Agg")
-    for name in TASK_MODULES:
-        importlib.import_module(name)
+    """Import every module of ``WORKER_MODULES``, and nothing else."""
+    preload(WORKER_MODULES)
 
 
 @import_modules.connect
 def warm_up_worker(**_: object) -> None:
     started = time.perf_counter()
-    preload_task_modules()
-    # Objects that exist now are never collected in the children: the collector does not touch (and so copy) their
-    # pages after the fork. Airflow does the same after its own preloading.
-    gc.freeze()
-    log.info("preloaded %d modules for the tasks in %.1f s", len(TASK_MODULES), time.perf_counter() - started)
+    # Frozen, the imported objects are never walked by a collection in the children either, so their pages are not
+    # touched, and copied, after the fork. Airflow freezes its heap after its own preloading too.
+    with long_lived_objects():
+        preload_task_modules()
+    log.info("preloaded %d modules for the tasks in %.1f s", len(WORKER_MODULES), time.perf_counter() - started)

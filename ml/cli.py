@@ -112,14 +112,17 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(conf: dict[str, Any]) -> int:
-    from airflow.sdk.exceptions import ParamValidationError
-
-    from ml import interruption
-    from ml.airflow_runner import migrate_airflow_db, run_dag
+    from ml import interruption, preload
 
     interruption.install()
     logging.getLogger(__name__).info("preparing the Airflow database in %s", os.environ["AIRFLOW_HOME"])
-    migrate_airflow_db()
+    with preload.long_lived_objects():
+        from airflow.sdk.exceptions import ParamValidationError
+
+        from ml.airflow_runner import migrate_airflow_db, run_dag
+
+        migrate_airflow_db()
+        preload.preload(preload.RUN_MODULES)
     if interruption.requested():
         return EXIT_INTERRUPTED
     try:

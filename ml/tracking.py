@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from ml.context import RunContext
+from ml.preload import MODEL_LOGGING_MODULES, import_for_tasks
 from ml.redaction import mask_credentials
 from ml.settings import Settings
 from ml.task_logs import import_skops_quietly, skops_scan_quieted
@@ -30,8 +30,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 RUN_NAME_TAG = "mlflow.runName"
-# What saving a model (skops) and drawing its figures (matplotlib's Agg canvas, through pyplot) import.
-MODEL_LOGGING_MODULES = ("skops.io", "matplotlib.pyplot")
 
 
 def connect(settings: Settings) -> ModuleType:
@@ -158,13 +156,10 @@ def model_logging_imported_meanwhile() -> Iterator[None]:
 
 
 def _import_model_logging() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     for module in MODEL_LOGGING_MODULES:
         # One that fails here fails again where the task uses it, in the task's thread, with a traceback saying where.
         with contextlib.suppress(Exception):
-            importlib.import_module(module)
+            import_for_tasks(module)
 
 
 def load_model(mlflow: ModuleType, model_uri: str) -> Any:
