@@ -4,8 +4,8 @@ Two kinds of process run tasks: a Celery worker, whose tasks are forks of it (``
 run``, which runs a whole DAG run in itself through ``dag.test()``. Either one imports Airflow and the pipeline's
 libraries, a few million objects, before its first task does any work. While a heap grows like that, Python's collector
 runs a full collection each time it has grown by a quarter, and each one walks every object: 3.3 to 3.8 s of a
-million-row ``mlops run`` went to collections, most of them while importing. Objects imported are never garbage: the
-imports run with the collector off, and what they made is frozen, never walked again.
+million-row ``mlops run`` went to collections, most of them while importing. What imports make is almost never
+garbage: they run with the collector off, and what they made is frozen, never walked again.
 
 Light on purpose: the Celery configuration module imports this one in the scheduler too.
 """
@@ -16,6 +16,8 @@ import contextlib
 import gc
 import importlib
 from collections.abc import Iterable, Iterator
+
+from ml.task_logs import skops_scan_quieted
 
 # What every run imports, whatever it finds: its first task checks the settings (scikit-learn) and the registry
 # (mlflow), and reads data (pandas).
@@ -41,8 +43,6 @@ MODEL_LOGGING_MODULES = ("skops.io", "matplotlib.pyplot")
 
 def preload(modules: Iterable[str]) -> None:
     """Import the modules, and nothing else: no client, connection, thread or open file, which a fork would share."""
-    from ml.task_logs import skops_scan_quieted
-
     with skops_scan_quieted():
         for name in modules:
             import_for_tasks(name)

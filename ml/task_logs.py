@@ -37,7 +37,7 @@ def skops_scan_quieted() -> Iterator[None]:
 
 
 def import_skops_quietly() -> None:
-    """Import skops with the deprecation warnings of its module scan ignored; a no-op once it is imported."""
+    """Import skops with the warnings of its module scan ignored; a no-op once it is imported."""
     if "skops.io" in sys.modules:
         return
     with skops_scan_quieted():
