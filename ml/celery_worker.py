@@ -32,16 +32,11 @@ CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
 WORKER_MODULES = (*TASK_MODULES, *MODEL_LOGGING_MODULES)
 
 
-def preload_task_modules() -> None:
-    """Import every module of ``WORKER_MODULES``, and nothing else."""
-    preload(WORKER_MODULES)
-
-
 @import_modules.connect
 def warm_up_worker(**_: object) -> None:
     started = time.perf_counter()
     # Frozen, the imported objects are never walked by a collection in the children either, so their pages are not
     # touched, and copied, after the fork. Airflow freezes its heap after its own preloading too.
     with long_lived_objects():
-        preload_task_modules()
+        preload(WORKER_MODULES)
     log.info("preloaded %d modules for the tasks in %.1f s", len(WORKER_MODULES), time.perf_counter() - started)
