@@ -52,16 +52,17 @@ pipeline.fit(train[features], train[label])
 print(json.dumps({"accuracy": accuracy_score(test[label], pipeline.predict(test[features]))}))
 """
 
-# Airflow alone, cold: what `mlops run` does (prepare the Airflow database with the heap frozen after it, parse,
-# dag.test()) for seven empty tasks.
+# Airflow alone, cold: what `mlops run` does (prepare the Airflow database and start the in-process execution API,
+# with the heap frozen after them, parse, dag.test()) for seven empty tasks.
 STUB_RUN_SCRIPT = """
 import sys
 from ml.preload import long_lived_objects
 
 with long_lived_objects():
-    from ml.airflow_runner import load_dag, migrate_airflow_db, run_dag
+    from ml.airflow_runner import load_dag, migrate_airflow_db, run_dag, start_in_process_execution_api
 
     migrate_airflow_db()
+    start_in_process_execution_api()
 run = run_dag(dag=load_dag("stub_pipeline"))
 sys.exit(0 if run.state == "success" else 1)
 """

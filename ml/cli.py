@@ -119,10 +119,11 @@ def run_pipeline(conf: dict[str, Any]) -> int:
     with preload.long_lived_objects():
         from airflow.sdk.exceptions import ParamValidationError
 
-        from ml.airflow_runner import migrate_airflow_db, run_dag
+        from ml.airflow_runner import migrate_airflow_db, run_dag, start_in_process_execution_api
 
         migrate_airflow_db()
         preload.preload(preload.RUN_MODULES)
+        start_in_process_execution_api()
     if interruption.requested():
         return EXIT_INTERRUPTED
     try:
