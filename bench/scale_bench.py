@@ -56,13 +56,9 @@ print(json.dumps({"accuracy": accuracy_score(test[label], pipeline.predict(test[
 # with the heap frozen after them, parse, dag.test()) for seven empty tasks.
 STUB_RUN_SCRIPT = """
 import sys
-from ml.preload import long_lived_objects
+from ml.airflow_runner import load_dag, prepare_in_process_runs, run_dag
 
-with long_lived_objects():
-    from ml.airflow_runner import load_dag, migrate_airflow_db, run_dag, start_in_process_execution_api
-
-    migrate_airflow_db()
-    start_in_process_execution_api()
+prepare_in_process_runs()
 run = run_dag(dag=load_dag("stub_pipeline"))
 sys.exit(0 if run.state == "success" else 1)
 """

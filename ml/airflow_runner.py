@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -168,14 +168,24 @@ def sync_airflow_db_settings() -> None:
     synchronize_log_template()
 
 
-def start_in_process_execution_api() -> None:
-    """Have the execution API that ``dag.test()`` runs tasks against answer once, before the first task needs it.
+def prepare_in_process_runs(modules: Iterable[str] = ()) -> None:
+    """Ready this process to run DAGs through ``dag.test()``: the Airflow database current, ``modules`` imported and
+    the in-process execution API started, with the collector off meanwhile and all of it frozen afterwards
+    (:func:`ml.preload.long_lived_objects`).
 
-    Its first request builds the routes of every API version Airflow serves: some 400,000 objects that live as long as
-    the process. Built where the collector is off (:func:`ml.preload.long_lived_objects`), they are frozen with the
-    rest of the start-up; built by the first task, they cost four full collections on the way (0.5 s of a run on
-    unchanged data) and every later collection walked them again.
+    The execution API's first request builds the routes of every API version Airflow serves: some 400,000 objects that
+    live as long as the process. Built by the first task instead, they cost four full collections on the way (0.5 s of
+    a run on unchanged data), and every later collection walked them again.
     """
+    from ml import preload
+
+    with preload.long_lived_objects():
+        migrate_airflow_db()
+        preload.preload(modules)
+        _start_in_process_execution_api()
+
+
+def _start_in_process_execution_api() -> None:
     import httpx
     from airflow.sdk.execution_time.supervisor import in_process_api_server
 

@@ -116,14 +116,11 @@ def run_pipeline(conf: dict[str, Any]) -> int:
 
     interruption.install()
     logging.getLogger(__name__).info("preparing the Airflow database in %s", os.environ["AIRFLOW_HOME"])
-    with preload.long_lived_objects():
-        from airflow.sdk.exceptions import ParamValidationError
+    from ml.airflow_runner import prepare_in_process_runs, run_dag
 
-        from ml.airflow_runner import migrate_airflow_db, run_dag, start_in_process_execution_api
+    prepare_in_process_runs(preload.RUN_MODULES)
+    from airflow.sdk.exceptions import ParamValidationError
 
-        migrate_airflow_db()
-        preload.preload(preload.RUN_MODULES)
-        start_in_process_execution_api()
     if interruption.requested():
         return EXIT_INTERRUPTED
     try:
