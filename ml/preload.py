@@ -1,11 +1,11 @@
 """What a process that will run the pipeline's tasks imports before its first task, and how.
 
-Two kinds of process run tasks: a Celery worker, whose tasks are forks of it (``ml.celery_worker``), and ``mlops
-run``, which runs a whole DAG run in itself through ``dag.test()``. Either one imports Airflow and the pipeline's
-libraries, a few million objects, before its first task does any work. While a heap grows like that, Python's collector
-runs a full collection each time it has grown by a quarter, and each one walks every object: 3.3 to 3.8 s of a
-million-row ``mlops run`` went to collections, most of them while importing. What imports make is almost never
-garbage: they run with the collector off, and what they made is frozen, never walked again.
+Two kinds of process run tasks: a Celery worker, whose tasks are forks of it (``ml.celery_worker``), and ``mlops run``,
+which runs a whole DAG run in itself through ``dag.test()`` (``ml.airflow_runner.prepare_in_process_runs``). Either one
+imports Airflow and the pipeline's libraries, a few million objects, before its first task does any work. While a heap
+grows like that, Python's collector runs a full collection each time it has grown by a quarter, and each one walks every
+object: 3.3 to 3.8 s of a million-row ``mlops run`` went to collections, most of them while importing. What imports make
+is almost never garbage: they run with the collector off, and what they made is frozen, never walked again.
 
 Light on purpose: the Celery configuration module imports this one in the scheduler too.
 """
