@@ -48,7 +48,9 @@ class ConfigurationError(ValueError):
 Environ = Mapping[str, str]
 
 
-@dataclass(frozen=True)
+# Declarations and specs are compared by identity (each setting is declared once): no generated __eq__ or __hash__,
+# two functions fewer for Python to compile at every DAG parse.
+@dataclass(frozen=True, eq=False)
 class Declaration:
     """What is known about one setting besides its name, type and default."""
 
@@ -114,6 +116,14 @@ def tracking_uri_problem(uri: str) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
+    """The service's settings: one field per setting, each declared with :func:`setting`.
+
+    Build them with :meth:`from_env` (raises on a bad value), :meth:`from_env_or_embedded` (never raises) or, for a
+    run, :meth:`for_run`. Compared by value; not hashable, since ``hyperparameters`` is a dict.
+    """
+
+    # Said outright rather than generated: a generated __hash__ would raise on the dict anyway.
+    __hash__ = None  # type: ignore[assignment]
     home: Path = setting(
         Path(".mlops"), "MLOPS_HOME", "Folder for the embedded stores (Airflow, MLflow, data snapshots)."
     )
@@ -426,7 +436,7 @@ class Settings:
         return {name: declarations()[name].param_spec(getattr(self, name)) for name in run_parameter_names()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SettingSpec:
     """A settings field with its declaration and Python type: reads, coerces and checks one value."""
 
