@@ -114,12 +114,13 @@ def tracking_uri_problem(uri: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """The service's settings: one field per setting, each declared with :func:`setting`.
 
     Build them with :meth:`from_env` (raises on a bad value), :meth:`from_env_or_embedded` (never raises) or, for a
-    run, :meth:`for_run`. Compared by value; not hashable, since ``hyperparameters`` is a dict.
+    run, :meth:`for_run`. Compared by value; not hashable, since ``hyperparameters`` is a dict. The repr masks
+    credentials in URLs (data source, stores) and leaves out the serving token.
     """
 
     # Said outright rather than generated: a generated __hash__ would raise on the dict anyway.
@@ -343,6 +344,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{item.name}={getattr(self, item.name)!r}" for item in fields(self) if item.repr)
+        return mask_credentials(f"{type(self).__name__}({shown})")
 
     def validate(self) -> None:
         """Refuse values no declaration allows (a constructor or :func:`dataclasses.replace` skips the readers)."""

@@ -67,6 +67,26 @@ def test_a_dag_may_declare_parameters_of_its_own():
         settings.for_run({"model_name": "other"}, declared={"target_version", "reason"})
 
 
+def test_the_settings_repr_masks_credentials_and_leaves_out_the_serving_token():
+    settings = Settings.from_env(
+        {
+            "MLOPS_DATA_SOURCE": "postgresql://etl:warehouse-pass@db.internal/warehouse",
+            "MLOPS_DATA_QUERY": "SELECT * FROM features",
+            "MLFLOW_TRACKING_URI": "https://ops:tracking-pass@mlflow.internal/",
+            "MLFLOW_REGISTRY_URI": "https://mlflow.internal/?token=registry-token",
+            "MLOPS_SERVING_TOKEN": "serving-token",
+        }
+    )
+    shown = repr(settings)
+    for secret in ("warehouse-pass", "tracking-pass", "registry-token", "serving-token"):
+        assert secret not in shown
+    assert "data_source='postgresql://etl:***@db.internal/warehouse'" in shown
+    assert "tracking_uri='https://ops:***@mlflow.internal/'" in shown
+    assert "registry_uri='https://mlflow.internal/?token=***'" in shown
+    assert "data_query='SELECT * FROM features'" in shown
+    assert "serving_token" not in shown
+
+
 def test_every_setting_is_declared_once_with_its_environment_name_and_description():
     specs = declarations()
     assert {spec.declaration.env for spec in specs.values()} >= {"MLOPS_HOME", "MLFLOW_TRACKING_URI"}
