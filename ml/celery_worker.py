@@ -16,27 +16,14 @@ forked child would share it.
 
 from __future__ import annotations
 
-import logging
-import time
-
 from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
 from celery.signals import import_modules
 
-from ml.preload import MODEL_LOGGING_MODULES, TASK_MODULES, long_lived_objects, preload
-
-log = logging.getLogger(__name__)
+from ml.preload import warm_up_for_forked_tasks
 
 CELERY_CONFIG = dict(DEFAULT_CELERY_CONFIG)
-
-# A worker's tasks draw and save models too: its forks inherit everything.
-WORKER_MODULES = (*TASK_MODULES, *MODEL_LOGGING_MODULES)
 
 
 @import_modules.connect
 def warm_up_worker(**_: object) -> None:
-    started = time.perf_counter()
-    # Frozen, the imported objects are never walked by a collection in the children either, so their pages are not
-    # touched, and copied, after the fork. Airflow freezes its heap after its own preloading too.
-    with long_lived_objects():
-        preload(WORKER_MODULES)
-    log.info("preloaded %d modules for the tasks in %.1f s", len(WORKER_MODULES), time.perf_counter() - started)
+    warm_up_for_forked_tasks()

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_DAGS = Path(__file__).resolve().parent.parent / "dags"
+# For `airflow standalone` (make airflow-ui): its scheduler's workers fork the tasks with the pipeline's libraries
+# already imported. Named, not imported: the registry commands must not pay for importing Airflow.
+WARM_LOCAL_EXECUTOR = "ml.local_executor.WarmLocalExecutor"
 
 EXIT_PROMOTED = 0
 EXIT_FAILED = 1
@@ -66,6 +69,7 @@ def apply_local_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_DAGS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": WARM_LOCAL_EXECUTOR,
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
     }
     applied = {}
@@ -348,7 +352,13 @@ def command_rollback(args: argparse.Namespace) -> int:
 def command_env(args: argparse.Namespace) -> int:
     from ml.redaction import has_user_info, without_user_info
 
-    for key in ("MLOPS_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES"):
+    for key in (
+        "MLOPS_HOME",
+        "AIRFLOW_HOME",
+        "AIRFLOW__CORE__DAGS_FOLDER",
+        "AIRFLOW__CORE__LOAD_EXAMPLES",
+        "AIRFLOW__CORE__EXECUTOR",
+    ):
         print(f"export {key}={_shell_quote(os.environ[key])}")
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     if has_user_info(tracking_uri):

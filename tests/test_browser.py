@@ -186,6 +186,8 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     assert states == PROMOTED_RUN_STATES, states
     note = page.get_by_text("v1 promoted").first
     assert re.search(r"accuracy 0\.9\d{3} \(threshold 0\.80\)", note.locator("xpath=..").inner_text())
+    # The scheduler's executor imported the pipeline's libraries once, before it forked the workers that ran the tasks.
+    assert "preloaded" in stack.log("airflow").read_text(errors="replace")
 
     # train_model's log: the project's own lines, no flood, no ERROR from MLflow's progress messages.
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}/tasks/train_model")

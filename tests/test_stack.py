@@ -391,8 +391,8 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         # Every task went through Redis to the Celery worker: the stack's own queue, which only that worker reads,
         # and the worker logged executing each task instance.
         worker_log = s.processes["airflow-worker"].log.read_text(errors="replace")
-        # The worker imported the pipeline's libraries before it forked the tasks (ml/celery_worker.py).
-        assert "preloaded" in worker_log and "ml.celery_worker" in worker_log
+        # The worker imported the pipeline's libraries before it forked the tasks (ml/celery_worker.py, ml/preload.py).
+        assert "preloaded" in worker_log and "ml.preload" in worker_log
         for task_id, ti in tis.items():
             assert ti["queue"] == s.values.default_queue, (task_id, ti["queue"])
             assert ti["id"] in worker_log, f"{task_id} ({ti['id']}) not in the Celery worker's log"

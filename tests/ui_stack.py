@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import BIN, REPO, free_port, wait_for_http
+from conftest import BIN, free_port, wait_for_http
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 # Flags that let Debian's Chromium run headless as root in a container, without reaching for the network.
@@ -50,6 +50,8 @@ class UiStack:
     airflow_port: int = field(default_factory=free_port)
     mlflow_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Set last, over the local defaults: another DAGs folder or executor, for the benchmark.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def airflow_url(self) -> str:
@@ -71,6 +73,8 @@ class UiStack:
         return self.root / f"{name}.log"
 
     def env(self) -> dict[str, str]:
+        from ml.cli import apply_local_defaults
+
         keep = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
         env = {key: os.environ[key] for key in keep if key in os.environ}
         env.update(
@@ -78,10 +82,6 @@ class UiStack:
                 # `airflow standalone` starts its components by running `airflow` from PATH.
                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "MLOPS_HOME": str(self.home),
-                "AIRFLOW_HOME": str(self.airflow_home),
-                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "MLFLOW_TRACKING_URI": f"sqlite:///{self.home / 'mlflow.db'}",
                 "MLOPS_MLFLOW_UI_URL": self.mlflow_url,
                 "AIRFLOW__API__PORT": str(self.airflow_port),
                 "AIRFLOW__API__HOST": "127.0.0.1",
@@ -96,8 +96,12 @@ class UiStack:
                 "MLOPS_RETRY_DELAY_SECONDS": "5",
                 "MLFLOW_ENABLE_TELEMETRY": "false",
                 "DO_NOT_TRACK": "true",
+                **self.extra_env,
             }
         )
+        # The rest as `make airflow-ui` sets it (`mlops env`): stores under MLOPS_HOME, the repository's DAGs, the
+        # executor whose workers fork the tasks with the pipeline's libraries imported.
+        apply_local_defaults(env)
         return env
 
     def start(self) -> None:
