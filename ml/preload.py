@@ -61,9 +61,15 @@ def warm_up_for_forked_tasks() -> None:
     """
     started = time.perf_counter()
     imported_before = set(sys.modules)
-    with long_lived_objects():
-        preload(FORKED_TASK_MODULES)
-    forget_modules(name for name in set(sys.modules) - imported_before if name.partition(".")[0] == __package__)
+    try:
+        with long_lived_objects():
+            preload(FORKED_TASK_MODULES)
+    except Exception:
+        # The process still starts and runs tasks: each imports what it needs itself, and fails there, in its own log.
+        log.exception("could not preload the tasks' libraries; each task will import them itself")
+        return
+    finally:
+        forget_modules(name for name in set(sys.modules) - imported_before if name.partition(".")[0] == __package__)
     log.info("preloaded %d modules for the tasks in %.1f s", len(FORKED_TASK_MODULES), time.perf_counter() - started)
 
 

@@ -120,3 +120,25 @@ def test_the_local_executor_of_make_airflow_ui_preloads_before_it_forks_its_work
     assert found["loaded at start"] == ["mlflow", "sklearn", "pandas"]
     assert found["workers"] == 1
     assert found["threads"] == ["MainThread"]
+
+
+def test_a_library_that_cannot_be_imported_leaves_the_scheduler_starting_and_the_tasks_to_import_it(tmp_path):
+    from ml.cli import WARM_LOCAL_EXECUTOR
+
+    broken = tmp_path / "skops"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('this skops is broken')\n")
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__EXECUTOR": WARM_LOCAL_EXECUTOR,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", LOCAL_EXECUTOR_PROBE], capture_output=True, text=True, check=True, timeout=300, env=env
+    )
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["workers"] == 1 and found["threads"] == ["MainThread"]
+    # What was imported before the failure stays, but none of the package's own modules.
+    assert found["loaded at start"] == ["mlflow", "sklearn", "pandas"]
+    assert "could not preload the tasks' libraries" in out.stderr + out.stdout
+    assert "this skops is broken" in out.stderr + out.stdout
