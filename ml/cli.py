@@ -25,6 +25,14 @@ REPO_DAGS = Path(__file__).resolve().parent.parent / "dags"
 # For `airflow standalone` (make airflow-ui): its scheduler's workers fork the tasks with the pipeline's libraries
 # already imported. Named, not imported: the registry commands must not pay for importing Airflow.
 WARM_LOCAL_EXECUTOR = "ml.local_executor.WarmLocalExecutor"
+# Airflow's settings among the local defaults, beside its home and DAGs folder.
+LOCAL_AIRFLOW_SETTINGS = {
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__EXECUTOR": WARM_LOCAL_EXECUTOR,
+    # The task supervisor can miss its task's exit and wait for its next heartbeat tick, 5 s by default: a task of half
+    # a second then takes 5.5 s. The stack sets the same.
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+}
 
 EXIT_PROMOTED = 0
 EXIT_FAILED = 1
@@ -68,8 +76,7 @@ def apply_local_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
         "MLOPS_HOME": str(home),
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_DAGS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": WARM_LOCAL_EXECUTOR,
+        **LOCAL_AIRFLOW_SETTINGS,
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
     }
     applied = {}
@@ -352,13 +359,7 @@ def command_rollback(args: argparse.Namespace) -> int:
 def command_env(args: argparse.Namespace) -> int:
     from ml.redaction import has_user_info, without_user_info
 
-    for key in (
-        "MLOPS_HOME",
-        "AIRFLOW_HOME",
-        "AIRFLOW__CORE__DAGS_FOLDER",
-        "AIRFLOW__CORE__LOAD_EXAMPLES",
-        "AIRFLOW__CORE__EXECUTOR",
-    ):
+    for key in ("MLOPS_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", *LOCAL_AIRFLOW_SETTINGS):
         print(f"export {key}={_shell_quote(os.environ[key])}")
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     if has_user_info(tracking_uri):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -62,6 +63,22 @@ def test_a_home_that_is_a_file_is_refused(tmp_path):
     home.write_text("not a folder")
     for command in ("status", "run", "env"):
         refused(mlops(command, home=home), "is a file, not a folder")
+
+
+def test_the_environment_make_airflow_ui_evaluates_is_what_airflow_reads(tmp_path):
+    """``eval "$(mlops env)"``, then Airflow's configuration: its home, the DAGs, the warm executor, the heartbeat."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "MLFLOW_", "AIRFLOW"))}
+    env["MLOPS_HOME"] = str(tmp_path / "home")
+    read = "; ".join(
+        f"print(conf.get({section!r}, {key!r}))"
+        for section, key in (("core", "dags_folder"), ("core", "executor"), ("workers", "min_heartbeat_interval"))
+    )
+    python = f"{shlex.quote(sys.executable)} -c {shlex.quote(f'from airflow.configuration import conf; {read}')}"
+    script = f'eval "$({shlex.join(CLI)} env)" && {python}'
+    out = subprocess.run(["bash", "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(REPO / "dags"), "ml.local_executor.WarmLocalExecutor", "1"]
+    assert (tmp_path / "home" / "airflow").is_dir()
 
 
 def test_status_on_a_mistyped_home_creates_nothing(tmp_path):
