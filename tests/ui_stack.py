@@ -1,8 +1,9 @@
 """The two UIs a user opens, as real processes on a temporary home: ``airflow standalone`` and ``mlflow ui``.
 
 The same commands as ``make airflow-ui`` and ``make mlflow-ui``, on free ports, so the browser test sees what a user
-of ``make run`` sees. Airflow runs with its LocalExecutor (``standalone`` forces it), so a run triggered in the UI is
-executed by the scheduler exactly as on a developer's machine.
+of ``make run`` sees. Airflow runs with the executor ``make airflow-ui`` sets (``ml.local_executor``, a LocalExecutor,
+which is what ``standalone`` accepts), so a run triggered in the UI is executed by the scheduler as on a developer's
+machine.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class UiStack:
     airflow_port: int = field(default_factory=free_port)
     mlflow_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    # Set last, over the local defaults: another DAGs folder or executor, for the benchmark.
+    # Taken over the local defaults: another DAGs folder or executor, for the benchmark.
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
