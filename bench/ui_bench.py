@@ -17,61 +17,35 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from airflow_api import Airflow  # noqa: E402
+from stack import wait_until  # noqa: E402
 from ui_stack import ADMIN, UiStack  # noqa: E402
 
 from ml.cli import WARM_LOCAL_EXECUTOR  # noqa: E402
 
 EXECUTORS = {"LocalExecutor": "LocalExecutor", "WarmLocalExecutor": WARM_LOCAL_EXECUTOR}
 DAG_FILES = (REPO / "dags" / "mlops_pipeline.py", REPO / "bench" / "dags" / "stub_pipeline.py")
-RUN_TIMEOUT_SECONDS = 900
 
 
-class Api:
-    """The REST calls a user's browser makes: log in, unpause, trigger, read a run."""
+def wait_for_dag(api: Airflow, dag_id: str) -> None:
+    """Wait until the DAG processor has parsed the DAG, then unpause it."""
+    wait_until(lambda: api.http.get(f"/dags/{dag_id}").status_code == 200, 240, f"{dag_id} to be parsed")
+    api.unpause(dag_id)
 
-    def __init__(self, stack: UiStack) -> None:
-        import httpx
 
-        password = stack.admin_password()
-        response = httpx.post(
-            f"{stack.airflow_url}/auth/token", json={"username": ADMIN, "password": password}, timeout=30
-        )
-        response.raise_for_status()
-        self.http = httpx.Client(
-            base_url=f"{stack.airflow_url}/api/v2",
-            headers={"Authorization": f"Bearer {response.json()['access_token']}"},
-            timeout=30,
-        )
-
-    def wait_for_dag(self, dag_id: str) -> None:
-        deadline = time.monotonic() + 240
-        while self.http.get(f"/dags/{dag_id}").status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{dag_id} was not parsed within 240 s")
-            time.sleep(1)
-        self.http.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-
-    def run_seconds(self, dag_id: str, conf: dict[str, object] | None = None) -> float:
-        """Trigger a run and wait for it; its time from queued to done, as Airflow recorded them."""
-        response = self.http.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
-        response.raise_for_status()
-        run_id = response.json()["dag_run_id"]
-        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            run = self.http.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
-            if run["state"] == "success":
-                return (_instant(run["end_date"]) - _instant(run["queued_at"])).total_seconds()
-            if run["state"] == "failed":
-                raise SystemExit(f"{dag_id} run {run_id} failed")
-            time.sleep(0.5)
-        raise TimeoutError(f"{dag_id} run {run_id} did not finish within {RUN_TIMEOUT_SECONDS} s")
+def run_seconds(api: Airflow, dag_id: str, conf: dict[str, object] | None = None) -> float:
+    """Trigger a run and wait for it; its time from queued to done, as Airflow recorded them."""
+    run_id = api.trigger(dag_id, conf)
+    if api.wait_for_run(dag_id, run_id) != "success":
+        raise SystemExit(f"{dag_id} run {run_id} failed")
+    run = api.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+    return (_instant(run["end_date"]) - _instant(run["queued_at"])).total_seconds()
 
 
 def _instant(text: str) -> datetime:
@@ -86,14 +60,14 @@ def measure(executor: str, root: Path, runs: int) -> dict[str, list[float]]:
     stack = UiStack(root=root, extra_env={"AIRFLOW__CORE__DAGS_FOLDER": str(dags), "AIRFLOW__CORE__EXECUTOR": executor})
     stack.start()
     try:
-        api = Api(stack)
+        api = Airflow(stack.airflow_url, ADMIN, stack.admin_password())
         for dag_id in ("stub_pipeline", "mlops_pipeline"):
-            api.wait_for_dag(dag_id)
-        first = [api.run_seconds("stub_pipeline"), api.run_seconds("mlops_pipeline")]
+            wait_for_dag(api, dag_id)
+        first = [run_seconds(api, "stub_pipeline"), run_seconds(api, "mlops_pipeline")]
         figures: dict[str, list[float]] = {"first": first, "stub": [], "pipeline": []}
         for _ in range(runs):
-            figures["stub"].append(api.run_seconds("stub_pipeline"))
-            figures["pipeline"].append(api.run_seconds("mlops_pipeline", {"force_retrain": True}))
+            figures["stub"].append(run_seconds(api, "stub_pipeline"))
+            figures["pipeline"].append(run_seconds(api, "mlops_pipeline", {"force_retrain": True}))
         return figures
     finally:
         stack.stop()
