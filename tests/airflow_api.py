@@ -1,6 +1,7 @@
 """A client of Airflow's REST API as a user's browser uses it: log in, unpause, trigger, follow a run.
 
-Used by the stack test against its API server and by ``bench/ui_bench.py`` against ``airflow standalone``.
+Used by the stack test against its API server, and by the browser test and ``bench/ui_bench.py`` against
+``airflow standalone``.
 """
 
 from __future__ import annotations
@@ -55,3 +56,12 @@ class Airflow:
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
         found = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return {ti["task_id"]: ti for ti in found}
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[dict[str, Any]]:
+        """The task's log as the UI reads it: one entry per line, with its level and event."""
+        response = self.http.get(
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+            headers={"Accept": "application/json"},
+        )
+        response.raise_for_status()
+        return [entry if isinstance(entry, dict) else {"event": str(entry)} for entry in response.json()["content"]]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from airflow_api import Airflow
 from conftest import NO_NEW_DATA_RUN_STATES, PROMOTED_RUN_STATES
 from ui_stack import ADMIN, CHROMIUM_ARGS, UiStack, chromium_path
 
@@ -80,47 +80,6 @@ class Pages:
         return path
 
 
-def _api_token(stack: UiStack, password: str) -> str:
-    import httpx
-
-    response = httpx.post(f"{stack.airflow_url}/auth/token", json={"username": ADMIN, "password": password}, timeout=30)
-    response.raise_for_status()
-    return response.json()["access_token"]
-
-
-def _wait_for_run(stack: UiStack, token: str, run_id: str) -> str:
-    import httpx
-
-    url = f"{stack.airflow_url}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}"
-    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    state = "unknown"
-    while time.monotonic() < deadline:
-        try:
-            state = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["state"]
-        except httpx.HTTPError:
-            state = "unknown (the API server did not answer in time)"
-        if state in {"success", "failed"}:
-            return state
-        time.sleep(2)
-    raise TimeoutError(f"run {run_id} still {state} after {RUN_TIMEOUT_SECONDS} s; see {stack.log('airflow')}")
-
-
-def _task_log_entries(stack: UiStack, token: str, run_id: str, task_id: str) -> list[dict]:
-    import httpx
-
-    response = httpx.get(
-        f"{stack.airflow_url}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
-        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-        timeout=30,
-    )
-    response.raise_for_status()
-    return [entry if isinstance(entry, dict) else {"event": str(entry)} for entry in response.json()["content"]]
-
-
-def _task_log_lines(stack: UiStack, token: str, run_id: str, task_id: str) -> list[str]:
-    return [str(entry.get("event", "")) for entry in _task_log_entries(stack, token, run_id, task_id)]
-
-
 def _task_states(page) -> dict[str, str]:
     """Task id -> state, as the run page's task-instance table shows them."""
     states = {}
@@ -177,11 +136,11 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     tab.shot("airflow-login")
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{stack.airflow_url}/")
-    token = _api_token(stack, password)
+    api = Airflow(stack.airflow_url, ADMIN, password)
 
     # A first run on a fresh home trains, validates and promotes version 1; nothing is rolled back.
     run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-form")
-    assert _wait_for_run(stack, token, run_id) == "success"
+    assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
     states = _open_run(tab, stack, run_id, "v1 promoted", "airflow-run")
     assert states == PROMOTED_RUN_STATES, states
     note = page.get_by_text("v1 promoted").first
@@ -194,10 +153,10 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     page.get_by_text("registered breast_cancer_classifier version 1").first.wait_for()
     tab.shot("airflow-train-model-log")
     assert "DeprecatedImportWarning" not in page.inner_text("body")
-    lines = _task_log_lines(stack, token, run_id, "train_model")
-    assert len(lines) < 100, f"train_model logged {len(lines)} lines"
-    assert not any("DeprecatedImportWarning" in line for line in lines)
-    errors = [e for e in _task_log_entries(stack, token, run_id, "train_model") if e.get("level") == "error"]
+    entries = api.task_log(DAG_ID, run_id, "train_model")
+    assert len(entries) < 100, f"train_model logged {len(entries)} lines"
+    assert not any("DeprecatedImportWarning" in str(entry.get("event", "")) for entry in entries)
+    errors = [entry for entry in entries if entry.get("level") == "error"]
     assert errors == []
 
     # The note links to the MLflow run, which links back to this Airflow run.
@@ -243,7 +202,7 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
 
     # The same data again: the run says "no new data" and everything after extract_data is skipped.
     run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-again")
-    assert _wait_for_run(stack, token, run_id) == "success"
+    assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
     states = _open_run(tab, stack, run_id, "no new data", "airflow-run-no-new-data")
     assert states == NO_NEW_DATA_RUN_STATES, states
     context.close()
