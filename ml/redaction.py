@@ -3,6 +3,8 @@
 URLs carry secrets in two places: the user-info part (``scheme://user:password@host``) and query parameters such as
 ``?password=`` or a signed URL's ``sig=``. :func:`mask_credentials` replaces the secret parts wherever they occur in a
 text, keeping the rest (scheme, user name, host, path), which is what a reader needs to tell one store from another.
+A text that is itself a URL (a data source, a tracking URI) is read as SQLAlchemy reads one: its password runs to
+the first ``@``, whatever it holds, so a password with a space or a ``/`` in it is masked whole.
 """
 
 from __future__ import annotations
@@ -18,23 +20,31 @@ MASK = "***"
 # Compiled on first use, not at import: every DAG file imports this module (through ml.settings), and a DAG parse
 # masks nothing.
 @functools.cache
-def _secret_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
-    """The user-info part of a URL, and a query parameter whose name says it holds a secret."""
-    user_info = re.compile(r"(?P<prefix>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:?#]*):(?P<password>[^\s/?#]*)@")
+def _secret_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """A URL's user-info in a text and in a text that is one URL; a query parameter whose name says it holds a secret.
+
+    In running text a password stops at white space, so that a URL without user-info followed by a word with an ``@``
+    (``http://host:5001 serves models:/m@production``) is not taken for one.
+    """
+    user_info = re.compile(r"(?P<prefix>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:?#]*):(?P<password>[^\s@]*)@")
+    leading_user_info = re.compile(
+        r"^(?P<prefix>\s*[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:]*):(?P<password>[^@]*)@(?=[^\s@]*\s*$)"
+    )
     secret_parameter = re.compile(
         r"(?P<prefix>[?&;](?:[A-Za-z0-9_.-]*(?:password|passwd|pwd|secret|token|signature|credential|api[_-]?key"
         r"|access[_-]?key|sig))=)(?P<value>[^&#\s'\"]+)",
         re.IGNORECASE,
     )
-    return user_info, secret_parameter
+    return user_info, leading_user_info, secret_parameter
 
 
 def mask_credentials(text: str) -> str:
     """``text`` with every URL password and secret-looking query parameter replaced by ``***``."""
     if "://" not in text and "=" not in text:
         return text
-    user_info, secret_parameter = _secret_patterns()
-    masked = user_info.sub(lambda m: f"{m['prefix']}{m['user']}:{MASK}@", text)
+    user_info, leading_user_info, secret_parameter = _secret_patterns()
+    masked = leading_user_info.sub(lambda m: f"{m['prefix']}{m['user']}:{MASK}@", text, count=1)
+    masked = user_info.sub(lambda m: f"{m['prefix']}{m['user']}:{MASK}@", masked)
     return secret_parameter.sub(lambda m: f"{m['prefix']}{MASK}", masked)
 
 

@@ -34,6 +34,12 @@ SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", 
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
 # MLflow's own rules for alias names: "latest" and "v<digits>" name versions, so an alias may not take them.
 ALIAS_PATTERN = re.compile(r"^[\w\-]{1,255}$")
+# SQLAlchemy's reading of a URL's user-info: a user name without ":" or "/", then a password up to the first "@".
+# Patterns, not compiled ones: a DAG parse imports this module and reads no URL.
+USER_INFO = r"^[^:/@]*(?::[^@]*)?@"
+USER_INFO_WITH_PASSWORD = r"^[^:/@]*:[^@]*@"
+# A URL whose password is anything but the mask is refused when a run is triggered, before Airflow stores its conf.
+NO_PASSWORD_BUT_THE_MASK = r"^(?![A-Za-z][A-Za-z0-9+.\-]*://[^/@:]*:(?!\*\*\*@)[^@]*@)"
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 # The dialect of the trigger form's schemas. Airflow validates every Param with jsonschema at parse time, at trigger
 # time and in each task; a schema without "$schema" is checked against draft 2020-12's metaschema, seven documents
@@ -65,6 +71,8 @@ class Declaration:
     exclusive_minimum: float | None = None
     exclusive_maximum: float | None = None
     choices: tuple[str, ...] = ()
+    # A run's value must match it (the trigger form's schema); the deployment's value need not.
+    run_pattern: str | None = None
     home_default: Callable[[Path], str] | None = None
     check: Callable[[Any], str | None] | None = None
 
@@ -83,20 +91,31 @@ def url_scheme(uri: str) -> str:
 
 
 def data_source_problem(source: str) -> str | None:
-    """Why ``source`` cannot even be parsed as a data source (a path that cannot be expanded, a malformed URL)."""
+    """Why ``source`` cannot even be parsed as a data source (a path that cannot be expanded, a malformed URL).
+
+    A URL's user-info is read as SQLAlchemy reads it (the password runs to the first ``@``) and left out of the
+    parsing: a password with a ``/`` in it is no port, and no message repeats any part of it.
+    """
     if source.startswith("sklearn:"):
         return None
+    shown = mask_credentials(source)
     try:
         if "://" in source:
-            parsed = urllib.parse.urlsplit(source)
+            scheme, rest = source.split("://", 1)
+            parsed = urllib.parse.urlsplit(f"{scheme}://{re.sub(USER_INFO, '', rest, count=1)}")
             parsed.port  # noqa: B018 - reading the port is what checks it
             if not parsed.scheme or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", parsed.scheme):
-                return f"data source {source!r} is not a URL with a valid scheme"
+                return f"data source {shown!r} is not a URL with a valid scheme"
         else:
             Path(source).expanduser().resolve()
     except (ValueError, RuntimeError, OSError) as error:
-        return f"data source {source!r} cannot be used: {error}"
+        return f"data source {shown!r} cannot be used: {mask_credentials(str(error))}"
     return None
+
+
+def has_password(source: str) -> bool:
+    """Whether a URL data source carries a password in its user-info."""
+    return "://" in source and bool(re.match(USER_INFO_WITH_PASSWORD, source.split("://", 1)[1]))
 
 
 def alias_problem(alias: str) -> str | None:
@@ -188,10 +207,12 @@ class Settings:
         DEFAULT_DATA_SOURCE,
         "MLOPS_DATA_SOURCE",
         "sklearn:breast_cancer (bundled), a .csv or .parquet path or URL, a folder of them, "
-        "or a SQLAlchemy URL together with a SQL query.",
+        "or a SQLAlchemy URL together with a SQL query. The deployment's password shows as ***: left so, the run "
+        "uses it; a run's own source may not carry one.",
         title="Data source",
         per_run=True,
         required=True,
+        run_pattern=NO_PASSWORD_BUT_THE_MASK,
         check=data_source_problem,
     )
     data_query: str = setting(
@@ -346,7 +367,10 @@ class Settings:
         self.validate()
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{item.name}={getattr(self, item.name)!r}" for item in fields(self) if item.repr)
+        values = ((item.name, getattr(self, item.name)) for item in fields(self) if item.repr)
+        shown = ", ".join(
+            f"{name}={mask_credentials(value) if isinstance(value, str) else value!r}" for name, value in values
+        )
         return mask_credentials(f"{type(self).__name__}({shown})")
 
     def validate(self) -> None:
@@ -407,7 +431,23 @@ class Settings:
         unknown = sorted(set(params or {}) - accepted)
         if unknown:
             raise ConfigurationError("; ".join(_refusal(name, accepted) for name in unknown))
-        return self.with_values({key: value for key, value in (params or {}).items() if key in run_names})
+        values = {key: value for key, value in (params or {}).items() if key in run_names}
+        source = values.get("data_source")
+        if isinstance(source, str) and source != self.data_source:
+            if source == self.shown_data_source():
+                values["data_source"] = None
+            elif has_password(source):
+                raise ConfigurationError(
+                    f"invalid parameters: data_source {mask_credentials(source)!r} carries a password; a run's "
+                    "parameters are stored with the run where anyone who reads the run sees them. Set the source "
+                    "with its password in the deployment's MLOPS_DATA_SOURCE, or leave the password out of the "
+                    "URL and give it to the driver from the workers' environment (PGPASSWORD for PostgreSQL)"
+                )
+        return self.with_values(values)
+
+    def shown_data_source(self) -> str:
+        """The data source as the trigger form shows it: its password masked. Submitted unchanged, it keeps this one."""
+        return mask_credentials(self.data_source)
 
     def with_values(self, values: Mapping[str, Any]) -> Settings:
         """These settings with some fields set (``None`` keeps a value), coerced and checked like the environment's."""
@@ -434,11 +474,13 @@ class Settings:
             for name, spec in declarations().items()
             if spec.declaration.per_run and spec.declaration.logged
         }
-        return {**logged, "data_source": mask_credentials(self.data_source)}
+        return {**logged, "data_source": self.shown_data_source()}
 
     def param_specs(self) -> dict[str, dict[str, Any]]:
         """The DAG's trigger form: one ``Param(**spec)`` per per-run setting, defaulting to these settings' values."""
-        return {name: declarations()[name].param_spec(getattr(self, name)) for name in run_parameter_names()}
+        shown = {name: getattr(self, name) for name in run_parameter_names()}
+        shown["data_source"] = self.shown_data_source()
+        return {name: declarations()[name].param_spec(shown[name]) for name in run_parameter_names()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -522,6 +564,8 @@ class SettingSpec:
                 schema[key] = bound
         if spec.choices:
             schema["enum"] = list(spec.choices)
+        if spec.run_pattern:
+            schema["pattern"] = spec.run_pattern
         return {"default": value, **schema}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import timedelta
@@ -184,3 +185,25 @@ def test_a_bad_data_source_never_breaks_the_dag_files(tmp_path, monkeypatch, sou
     assert bag.import_errors == {}
     assert sorted(bag.dags) == ["mlops_ingest", "mlops_pipeline", "mlops_rollback"]
     assert bag.dags["mlops_pipeline"].params["data_source"] == "sklearn:breast_cancer"
+
+
+def test_the_form_never_holds_a_password_and_refuses_a_run_that_brings_one(monkeypatch):
+    """The deployment's password stays out of the serialised DAG (the form, the REST API); a run's own password is
+    refused when the run is triggered, before Airflow stores its conf."""
+    from airflow.sdk.definitions.param import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    bag = _parse(
+        monkeypatch,
+        MLOPS_DATA_SOURCE="postgresql+psycopg://reader:hunter2-secret@127.0.0.1/cases",
+        MLOPS_DATA_QUERY="cases",
+    )
+    pipeline = bag.dags["mlops_pipeline"]
+    assert pipeline.params["data_source"] == "postgresql+psycopg://reader:***@127.0.0.1/cases"
+    assert "hunter2" not in json.dumps(DagSerialization.to_dict(pipeline), default=str)
+    source = pipeline.params.get_param("data_source")
+    for accepted in ("postgresql+psycopg://reader:***@127.0.0.1/cases", "postgresql+psycopg://reader@db/other"):
+        source.resolve(accepted)
+    for refused in ("postgresql+psycopg://reader:hunter2@db/other", "https://u:p w@files.example/cases.csv"):
+        with pytest.raises(ParamValidationError):
+            source.resolve(refused)

@@ -297,3 +297,81 @@ def test_a_run_on_a_source_url_with_credentials_stores_and_logs_them_masked(
     stored = [str(run.result(task)) for task in run.tasks] + [str(trained.data.params), str(trained.data.tags)]
     assert all("hunter2-run-secret" not in text for text in stored)
     assert "hunter2-run-secret" not in "".join(capfd.readouterr())
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "postgresql+psycopg://reader:hunter2 secret@127.0.0.1/cases",
+        "postgresql+psycopg://reader:hunter2/secret@127.0.0.1:5432/cases",
+        "mysql://reader:hunter2?secret#x@db.example/cases",
+    ],
+)
+def test_a_source_url_is_masked_whatever_its_password_holds(source):
+    """SQLAlchemy reads a password up to the first "@", spaces, slashes and all; the mask reads it the same way."""
+    from ml.settings import Settings
+
+    assert mask_credentials(source).startswith(source.split(":", 2)[0] + ":" + "//reader:***@")
+    settings = Settings.from_env({"MLOPS_DATA_SOURCE": source, "MLOPS_DATA_QUERY": "cases"})
+    shown = [settings.run_parameters()["data_source"], data.describe_source(source, "cases"), repr(settings)]
+    assert all("hunter2" not in text for text in shown), shown
+
+
+def test_running_text_keeps_a_url_without_credentials_and_a_later_word_with_an_at():
+    text = "serving http://127.0.0.1:5001/version for models:/breast_cancer_classifier@production"
+    assert mask_credentials(text) == text
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "postgresql+psycopg://reader:hunter2-secret@127.0.0.1:99999/cases",
+        "postgresql+psycopg://reader:ab/hunter2-secret@127.0.0.1:99999/cases",
+    ],
+)
+def test_a_refused_source_url_never_repeats_its_password(tmp_path, source):
+    from test_cli import mlops, refused
+
+    from ml.settings import ConfigurationError, Settings
+
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env({"MLOPS_DATA_SOURCE": source})
+    assert "Port out of range" in str(error.value) and "hunter2" not in str(error.value)
+    home = tmp_path / "home"
+    result = mlops("run", home=home, MLOPS_DATA_SOURCE=source, MLOPS_DATA_QUERY="cases")
+    refused(result, "reader:***@127.0.0.1:99999")
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_a_password_with_a_slash_is_no_port():
+    from ml.settings import Settings
+
+    source = "postgresql+psycopg://reader:ab/hunter2-secret@127.0.0.1/cases"
+    assert Settings.from_env({"MLOPS_DATA_SOURCE": source, "MLOPS_DATA_QUERY": "cases"}).data_source == source
+
+
+def test_the_trigger_form_shows_the_deployments_source_masked_and_a_run_keeps_it(tmp_path):
+    from ml.settings import Settings
+
+    source = "postgresql+psycopg://reader:hunter2-secret@127.0.0.1/cases"
+    settings = Settings.from_env({"MLOPS_DATA_SOURCE": source, "MLOPS_DATA_QUERY": "cases"})
+    default = settings.param_specs()["data_source"]["default"]
+    assert default == "postgresql+psycopg://reader:***@127.0.0.1/cases"
+    assert settings.for_run({"data_source": default}).data_source == source
+    other = "postgresql+psycopg://reader@127.0.0.1/other_cases"
+    assert settings.for_run({"data_source": other}).data_source == other, "a source without a password is a run's own"
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["postgresql+psycopg://reader:hunter2-secret@127.0.0.1/other", "https://u:hunter2-secret@files.example/a.csv"],
+)
+def test_a_run_may_not_bring_a_password_of_its_own(tmp_path, source):
+    """A run's parameters are stored with the run (Airflow's conf), where anyone who can read the run sees them."""
+    from test_cli import mlops, refused
+
+    home = tmp_path / "home"
+    result = mlops("run", "--param", f"data_source={source}", "--param", "data_query=cases", home=home)
+    refused(result, "carries a password")
+    assert "hunter2" not in result.stdout + result.stderr
+    assert not home.exists(), "nothing is created for a refused command"
