@@ -20,9 +20,9 @@ from ml.redaction import mask_credentials
 from ml.settings import Settings
 from ml.task_logs import import_skops_quietly, skops_scan_quieted
 
-# MLflow saves scikit-learn models with skops, which refuses to load types it was not told to trust;
-# the imputer keeps the dtype it was fitted on.
-SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
+# MLflow saves scikit-learn models with skops, which refuses to load types it was not told to trust: the imputer
+# keeps the dtype it was fitted on, and the random forest and gradient boosting families hold scikit-learn's trees.
+SKOPS_TRUSTED_TYPES = ["numpy.dtype", "sklearn.tree._tree.Tree"]
 # Pinned explicitly: inferring a model's requirements costs MLflow about 8 s in a subprocess.
 MODEL_REQUIREMENTS = ("mlflow-skinny", "scikit-learn", "pandas", "numpy", "scipy")
 # MLflow's own tags: the experiment's kind (without it the UI opens on its GenAI view) and descriptions.

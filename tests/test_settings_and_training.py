@@ -152,6 +152,21 @@ def test_every_family_learns_the_data(split, family):
     assert evaluation.score(pipeline.predict(test[features]), test["target"])["accuracy"] > 0.9
 
 
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
+def test_every_family_is_logged_and_loads_back_as_it_predicts(split, family, mlops_env):
+    """MLflow saves the pipeline with skops, which refuses every type it was not told to trust (a tree's included)."""
+    from ml import tracking
+
+    train, test, features = split
+    pipeline = training.build_pipeline(family, {"n_estimators": 5} if family != "logistic_regression" else {}, seed=42)
+    pipeline.fit(train[features], train["target"])
+    mlflow = tracking.connect(mlops_env)
+    with mlflow.start_run():
+        model_uri = tracking.log_model(mlflow, pipeline, train[features], mlops_env.model_name)
+    loaded = tracking.load_model(mlflow, model_uri)
+    assert list(loaded.predict(test[features])) == list(pipeline.predict(test[features]))
+
+
 def test_scores_compare_classes_as_text():
     truth = pd.Series([0, 1, 1, 0, 1, 1])
     assert evaluation.score(["0", "1", "0", "0", "1", "1"], truth) == evaluation.score(
