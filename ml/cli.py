@@ -118,6 +118,7 @@ def run_conf(params: dict[str, Any]) -> dict[str, Any]:
 
 def command_run(args: argparse.Namespace) -> int:
     conf = run_conf(parse_params(args.param, args.conf))
+    check_existing_stores()
     Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     return supervise(lambda: run_pipeline(conf))
 
@@ -264,6 +265,32 @@ def registry_settings() -> Any:
     return settings
 
 
+def sqlite_tables(database: Path) -> set[str]:
+    """The tables of an SQLite file, read without writing to it; a file that is no database is refused."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise CommandError(f"the MLflow store {database} is not an SQLite database: {error}") from error
+
+
+def check_existing_stores() -> None:
+    """Refuse a run whose local MLflow store is a file but no database, before anything runs; a missing one is
+    created by the run."""
+    from ml.settings import ConfigurationError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigurationError:
+        return  # the run's own checks refuse it, naming the setting
+    for uri in dict.fromkeys(filter(None, (settings.tracking_uri, settings.registry_uri))):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if uri.startswith("sqlite:///") and database.is_file():
+            sqlite_tables(database)
+
+
 def check_store(uri: str) -> None:
     from ml.redaction import mask_credentials
 
@@ -274,6 +301,9 @@ def check_store(uri: str) -> None:
                 f"no MLflow store at {database} (MLOPS_HOME={os.environ.get('MLOPS_HOME')}): is the home mistyped? "
                 "`mlops run` creates the store"
             )
+        tables = sqlite_tables(database)
+        if "registered_models" not in tables:
+            raise CommandError(f"{database} holds no MLflow store (no registry tables); `mlops run` creates one")
     elif uri.startswith(("http://", "https://")):
         import httpx
 

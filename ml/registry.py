@@ -146,8 +146,11 @@ def use_write_ahead_log(database: str) -> None:
     the pipeline's writes. The mode is stored in the file, so this is needed once per file."""
     path = Path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as error:
+        raise RegistryError(f"the MLflow store {path} is not an SQLite database: {error}") from error
 
 
 def utc_now() -> str:

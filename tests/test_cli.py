@@ -387,3 +387,30 @@ def test_a_signal_stops_a_run_cleanly(airflow_db, mlops_env, tmp_path, signal_na
         assert candidates == [], "stopped before training: nothing registered"
     else:
         assert [v.tags.get(tags.DEPLOYMENT_STATUS) for v in candidates] == ["rolled_back"]
+
+
+@pytest.mark.parametrize("command", [["status"], ["rollback"], ["run"]])
+def test_a_store_that_is_no_database_is_refused_in_one_line(tmp_path, command):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mlflow.db").write_text("garbage, not a database\n" * 100)
+    result = mlops(*command, home=home)
+    refused(result, f"the MLflow store {home / 'mlflow.db'} is not an SQLite database")
+    assert (home / "mlflow.db").read_text().startswith("garbage"), "the file is left as it was"
+
+
+def test_status_leaves_an_empty_store_file_empty(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mlflow.db").touch()
+    refused(mlops("status", home=home), "holds no MLflow store (no registry tables)")
+    assert (home / "mlflow.db").stat().st_size == 0
+
+
+def test_a_task_refuses_a_store_that_is_no_database_without_retry(tmp_path):
+    from ml import registry
+
+    database = tmp_path / "mlflow.db"
+    database.write_text("garbage, not a database\n" * 100)
+    with pytest.raises(registry.RegistryError, match="is not an SQLite database"):
+        registry.use_write_ahead_log(str(database))
