@@ -3,7 +3,8 @@
 Tasks cannot write a DAG run's note: in Airflow 3 they have no access to the metadata database, and the Task SDK has
 no call for it. So the task that knows the outcome (rollback_model, which runs last, whatever happened) pushes the note
 as an XCom under :data:`RUN_NOTE_KEY`, and this listener, called by the scheduler (or by ``dag.test()``) in the
-transaction that ends the run, copies it onto the run. A note someone already wrote by hand is left alone.
+transaction that ends the run, copies it onto the run. A note someone wrote by hand (the UI and the REST API record
+who) is left alone; the service's own note is replaced when the run ends again (cleared and run anew).
 
 Registered through the ``airflow.plugins`` entry point (pyproject.toml), so every Airflow process of this environment
 loads it; it imports nothing beyond Airflow.
@@ -45,7 +46,7 @@ def copy_run_note(dag_run: Any) -> str | None:
 def _copy_note(session: Any, dag_run: Any) -> str | None:
     from airflow.models.xcom import XComModel
 
-    if dag_run.note:
+    if dag_run.note and dag_run.dag_run_note.user_id is not None:
         return None
     rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=RUN_NOTE_KEY)).all()
     notes = [XComModel.deserialize_value(row) for row in rows]

@@ -682,11 +682,14 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def previous_production_version(client: Client, name: str, current: int | None) -> int | None:
-    """The version that was Production before ``current``, per the deployment history."""
-    for event in reversed(deployment_history(client, name)):
-        if event.event == "promoted" and event.version == current:
+    """The version that was Production before ``current`` became it, per the deployment history (a rollback's
+    previous version included, so that rolling back twice undoes the first). When ``current`` is in no entry (the
+    alias was moved by hand), the last version the service put in Production."""
+    history = deployment_history(client, name)
+    for event in reversed(history):
+        if event.version == current:
             return event.previous_version
-    return None
+    return history[-1].version if history and history[-1].version != current else None
 
 
 def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason: str) -> tuple[int | None, int]:
@@ -718,6 +721,9 @@ def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason
     if resolved == current_number:
         raise RegistryError(f"version {resolved} of {name!r} is already in Production")
     promote(settings, resolved, expected_current=current_number, actor=actor, reason=reason, event="manual_rollback")
+    if current_number is not None:
+        # The version taken out says why on its own page, not only in the model's history: it was rolled back.
+        _mark_rolled_back(client, name, current_number, utc_now(), f"{reason} (by {actor})", resolved)
     refresh_descriptions(settings)
     return current_number, resolved
 

@@ -288,12 +288,27 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
     mlflow = tracking.connect(settings)
     client = registry.client_for(settings)
     name, version = settings.model_name, trained.model_version
+    registered = registry.get_version(client, name, version)
+    champion = registry.production_version(client, name, settings.production_alias)
+    stale = _no_longer_promotable(registered, champion)
+    if stale is not None:
+        # Its earlier verdict stays on the version: `mlops rollback --to` may still put it back deliberately.
+        log.warning("version %s is not validated again: %s", version, stale)
+        return ValidateResult(
+            model_name=name,
+            model_version=version,
+            passed=False,
+            accuracy=None,
+            reasons=[stale],
+            threshold=settings.accuracy_threshold,
+            champion_version=champion.version if champion else None,
+            run_id=trained.run_id,
+        )
     test_frame = data.read_frame(split.test_uri)
     features, label = split.feature_names, split.label_column
-    candidate = tracking.load_model(mlflow, registry.load_uri(name, registry.get_version(client, name, version)))
+    candidate = tracking.load_model(mlflow, registry.load_uri(name, registered))
     accuracy = evaluation.score(candidate.predict(test_frame[features]), test_frame[label])["accuracy"]
 
-    champion = registry.production_version(client, name, settings.production_alias)
     champion_accuracy = None
     if champion is not None and champion.version != version and settings.compare_with_champion:
         champion_accuracy = _score_champion(mlflow, name, champion, test_frame, features, label)
@@ -347,6 +362,23 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
     return result
 
 
+def _no_longer_promotable(registered: registry.VersionInfo, champion: registry.VersionInfo | None) -> str | None:
+    """Why the pipeline may not put this version in Production: an old run's tasks, cleared and run again, would
+    otherwise promote the version that run registered long ago, over newer ones or after an operator took it out."""
+    left = registered.tags.get(tags.DEPLOYMENT_STATUS)
+    if left in {"archived", "demoted", "rolled_back"}:
+        return (
+            f"version {registered.version} was in Production and left it ({left}); the pipeline does not promote it "
+            f"again (`mlops rollback --to {registered.version}` does)"
+        )
+    if champion is not None and registered.version < champion.version:
+        return (
+            f"version {registered.version} is older than Production version {champion.version}; the pipeline only "
+            f"promotes newer versions (`mlops rollback --to {registered.version}` puts an older one back)"
+        )
+    return None
+
+
 def _score_champion(
     mlflow: Any, name: str, champion: registry.VersionInfo, test_frame: Any, features: list[str], label: str
 ) -> float | None:
@@ -377,7 +409,7 @@ def deploy(settings: Settings, run: RunContext, validated: ValidateResult, split
             reason=f"{NO_NEW_DATA}: Production version {production} was trained on the same data",
             skip=_nothing_to_do(validated.skip),
         )
-    assert validated.model_version is not None and validated.accuracy is not None, "a verdict names its version"
+    assert validated.model_version is not None, "a verdict names its version"
     client = registry.client_for(settings)
     version = validated.model_version
     current = registry.production_version(client, name, settings.production_alias)
@@ -389,8 +421,11 @@ def deploy(settings: Settings, run: RunContext, validated: ValidateResult, split
     if not validated.passed:
         reason = "validation failed: " + ("; ".join(validated.reasons) or "unknown")
         log.warning("not deploying version %s (accuracy %s): %s", version, validated.accuracy, reason)
-        _record_refusal(client, name, version, "rejected", reason)
+        if validated.accuracy is not None:
+            # A version not scored again (one that left Production, or older than it) keeps its record as it was.
+            _record_refusal(client, name, version, "rejected", reason)
         return not_deployed(reason)
+    assert validated.accuracy is not None, "a passed verdict has its accuracy"
     reason = f"passed validation with accuracy {validated.accuracy:.4f}"
     if current is not None and current.version == version:
         previous = _int_or_none(current.tags.get(tags.DEPLOYMENT_REPLACED_VERSION))

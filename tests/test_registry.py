@@ -98,6 +98,37 @@ def test_manual_rollback_to_previous_and_to_a_named_version(registered):
     assert (last.event, last.version, last.previous_version, last.actor) == ("manual_rollback", 2, 1, "cli:ops")
 
 
+def test_a_manual_rollback_marks_the_version_it_takes_out_as_rolled_back_with_the_reason(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
+    registry.manual_rollback(settings, "previous", actor="cli:ops", reason="bad predictions")
+    taken_out = registry.get_version(client, settings.model_name, 2)
+    assert taken_out.stage == "Archived"
+    assert taken_out.tags[tags.DEPLOYMENT_STATUS] == "rolled_back"
+    assert taken_out.tags[tags.DEPLOYMENT_ROLLBACK_REASON] == "bad predictions (by cli:ops)"
+    assert taken_out.tags[tags.DEPLOYMENT_RESTORED_VERSION] == "1"
+    assert "Rolled back" in client.get_model_version(settings.model_name, "2").description
+
+
+def test_rolling_back_to_previous_twice_undoes_the_first(registered):
+    settings, _ = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
+    assert registry.manual_rollback(settings, "previous", actor="cli", reason="incident") == (2, 1)
+    assert registry.manual_rollback(settings, "previous", actor="cli", reason="false alarm") == (1, 2)
+    assert production_markers(settings) == (2, [2])
+
+
+def test_previous_of_an_alias_moved_by_hand_is_the_last_version_the_service_put_in_production(registered):
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    registry.promote(settings, 2, expected_current=1, actor="test", reason="second")
+    client.set_registered_model_alias(settings.model_name, settings.production_alias, "3")
+    assert registry.manual_rollback(settings, "previous", actor="cli", reason="undo the hand") == (3, 2)
+    assert production_markers(settings) == (2, [2])
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [(3, "never passed validation"), (9, "has no version 9"), ("latest", "neither a version number"), (2, "already")],

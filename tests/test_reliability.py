@@ -318,3 +318,61 @@ def test_rollback_dag_and_command_line(airflow_db, mlops_env):
     ]
     assert status["history"][2]["actor"].startswith("airflow:mlops_rollback/")
     assert status["history"][2]["reason"] == "latency regression"
+
+
+def _clear_from(dag_id: str, run_id: str, first_task: str) -> None:
+    """What the UI's Clear with "downstream" does to a finished run: its tasks from ``first_task`` on run again."""
+    from airflow.models.taskinstance import clear_task_instances
+    from airflow.utils.session import create_session
+
+    from ml.airflow_runner import dag_run_row
+
+    downstream = PIPELINE_TASKS[PIPELINE_TASKS.index(first_task) :]
+    with create_session() as session:
+        dag_run = dag_run_row(session, dag_id, run_id)
+        cleared = [ti for ti in dag_run.get_task_instances(session=session) if ti.task_id in downstream]
+        clear_task_instances(cleared, session)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_task", ["train_model", "validate_model"])
+def test_an_old_run_cleared_and_run_again_never_puts_its_old_version_back(airflow_db, mlops_env, first_task):
+    from airflow_harness import run_existing
+
+    first = run_dag()
+    assert (first.state, production_markers(mlops_env)) == ("success", (1, [1]))
+    assert run_dag().state == "success"
+    assert production_markers(mlops_env) == (2, [2])
+
+    _clear_from("mlops_pipeline", first.run_id, first_task)
+    again = run_existing("mlops_pipeline", first.run_id)
+    assert again.state == "success", again.tasks
+    assert production_markers(mlops_env) == (2, [2]), "Production stays the newer version"
+    verdict = again.result("validate_model")
+    assert verdict["validation"] == "failed" and verdict["model_version"] == 1
+    assert "version 1 was in Production and left it (archived)" in verdict["reasons"][0]
+    assert again.result("deploy_model")["deployed"] is False
+    client = registry.client_for(mlops_env)
+    old = registry.get_version(client, mlops_env.model_name, 1)
+    assert old.tags[tags.VALIDATION_STATUS] == "passed", "its earlier verdict stays, for a deliberate rollback"
+    assert version_count(mlops_env) == 2
+    assert again.note.startswith("**v1 rejected**"), again.note
+
+
+@pytest.mark.slow
+def test_a_note_written_by_hand_outlives_the_run_ending_again(airflow_db, mlops_env):
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.api_fastapi.core_api.services.public.dag_run import patch_dag_run_note
+    from airflow.utils.session import create_session
+    from airflow_harness import run_existing
+
+    from ml.airflow_runner import dag_run_row
+
+    first = run_dag()
+    assert first.note.startswith("**v1 promoted**")
+    with create_session() as session:
+        # What the UI's note editor calls through the REST API: the note, with the user who wrote it.
+        row = dag_run_row(session, "mlops_pipeline", first.run_id)
+        patch_dag_run_note(dag_run=row, note="checked by ops", user=SimpleAuthManagerUser(username="ops", role="admin"))
+    _clear_from("mlops_pipeline", first.run_id, "rollback_model")
+    assert run_existing("mlops_pipeline", first.run_id).note == "checked by ops"
