@@ -74,6 +74,16 @@ def _production_trained_on(settings: Settings, digest: str) -> int | None:
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
     if champion is None or champion.tags.get(tags.DATA_DIGEST) != digest:
         return None
+    # The same data with another label column is another model: transform_data checks the label, train_model trains.
+    champion_label = client.get_run(champion.run_id).data.params.get("label_column") if champion.run_id else None
+    if champion_label is not None and champion_label != settings.label_column:
+        log.info(
+            "Production version %s was trained on this data to predict %r; this run predicts %r",
+            champion.version,
+            champion_label,
+            settings.label_column,
+        )
+        return None
     if settings.force_retrain:
         log.info("Production version %s was trained on this data; retraining anyway (force_retrain)", champion.version)
     else:

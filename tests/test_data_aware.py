@@ -413,6 +413,21 @@ def test_force_retrain_trains_on_unchanged_data(loop):
 
 
 @pytest.mark.slow
+def test_unchanged_data_with_another_label_column_is_checked_not_skipped(loop, caplog):
+    """Production was trained on this very data, but to predict another column: a misspelt label is refused."""
+    from ml.airflow_runner import run_dag
+
+    settings = loop["settings"]
+    count, before = len(versions(settings)), production(settings)
+    run = run_dag("mlops_pipeline", conf={"label_column": "diagnosis"})
+    assert run.state == "failed"
+    assert "skipped_reason" not in run.result("extract_data")
+    assert run.tasks["transform_data"].state == "failed"
+    assert "label column 'diagnosis' is missing" in caplog.text
+    assert (production(settings), len(versions(settings))) == (before, count)
+
+
+@pytest.mark.slow
 def test_shifted_batch_drifts_more_than_an_unshifted_one(loop):
     import mlflow
     from ml.airflow_runner import run_dag
