@@ -99,3 +99,9 @@ def compose(
             f"**v{version} not deployed**: the run failed before deployment. {stays}", links, version, run_id
         )
     return f"**failed** before a version was registered. {stays}"
+
+
+def refused(reason: str, production: int | None) -> str:
+    """The note of a run whose parameters or settings were refused before anything ran."""
+    stays = f"Production stays v{production}." if production is not None else "Production was not read."
+    return f"**refused**: {reason}. {stays}"

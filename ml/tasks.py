@@ -228,6 +228,10 @@ def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) 
 
 def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
     """Runs whatever happened upstream, so it reads deploy_model's result itself: a failed deploy_model leaves none."""
+    try:
+        resolve(context)
+    except ConfigurationError as refusal:
+        return _nothing_ran(context, refusal)
     deploy_result = upstream_result(context, "deploy_model")
     deployed = DeployResult.from_xcom(deploy_result) if deploy_result else None
 
@@ -237,6 +241,31 @@ def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
         return rolled
 
     return run_step("rollback_model", context, rollback_and_note)
+
+
+def _nothing_ran(context: Mapping[str, Any], refusal: ConfigurationError) -> dict[str, Any]:
+    """rollback_model of a run refused at its first task (a misspelt parameter, say): nothing changed, so nothing is
+    rolled back and the task ends skipped, not failed; the run's note says why it was refused."""
+    production = None
+    try:
+        settings = Settings.from_env()
+        champion = registry.production_version(
+            registry.registry_client_for(settings), settings.model_name, settings.production_alias
+        )
+        production = champion.version if champion else None
+    except Exception as error:
+        log.warning("Production could not be read: %s", error)
+    reason = f"the run was refused: {refusal}"
+    log.info("no rollback: %s", reason)
+    xcom = RollbackResult(False, production, reason).to_xcom()
+    ti = context.get("ti")
+    if ti is None:
+        return xcom
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=run_note.refused(str(refusal), production))
+    ti.xcom_push(key="return_value", value=xcom)
+    raise AirflowSkipException(f"no rollback: {reason}")
 
 
 def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,19 @@ def test_bad_configuration_fails_at_the_first_task_without_retry(
     assert version_count(mlops_env) == 0
 
 
+@pytest.mark.slow
+def test_a_misspelt_parameter_fails_the_first_task_and_leaves_rollback_skipped_with_a_note(airflow_db, mlops_env):
+    assert run_dag().state == "success"
+    run = run_dag(conf={"acuracy_threshold": 0.9})
+    assert run.state == "failed"
+    assert (run.state_of("extract_data"), run.tasks["extract_data"].try_number) == ("failed", 1)
+    assert run.state_of("rollback_model") == "skipped", "nothing ran, so nothing is rolled back: no red safety net"
+    assert run.result("rollback_model")["rollback_performed"] is False
+    assert run.note.startswith("**refused**: unknown parameter 'acuracy_threshold' (did you mean"), run.note
+    assert run.note.endswith("Production stays v1.")
+    assert (production_markers(mlops_env), version_count(mlops_env)) == ((1, [1]), 1)
+
+
 def test_bad_parameters_are_refused_before_a_run_starts(airflow_db, mlops_env):
     from airflow.sdk.exceptions import ParamValidationError
 
