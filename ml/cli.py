@@ -331,12 +331,15 @@ def command_status(args: argparse.Namespace) -> int:
     history = registry.history_of(settings.model_name, model.tags or {}) if model else []
     if not args.all:
         history = history[-args.last :]
+    warnings = production_warnings(production, versions, settings.production_alias)
     if args.json:
-        document = json.dumps(status_document(settings.model_name, versions, production, history), indent=2)
-        print(mask_credentials(document))
+        document = status_document(settings.model_name, versions, production, history)
+        print(mask_credentials(json.dumps({**document, "warnings": warnings}, indent=2)))
         return 0
     print(f"Model {settings.model_name} at {mask_credentials(settings.tracking_uri)}")
     print(f"Production ({settings.production_alias!r} alias): {f'v{production.version}' if production else 'none'}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     print()
     shown = "all versions" if args.all else f"the last {args.last} versions and moves (--all for everything)"
     print(f"Showing {shown}.")
@@ -358,6 +361,30 @@ def command_status(args: argparse.Namespace) -> int:
         reason = mask_credentials(event.reason)
         print(f"  {event.at}  {event.event:<15} v{event.version} (was {previous}) by {event.actor}: {reason}")
     return 0
+
+
+def production_warnings(production: Any, versions: Sequence[Any], alias: str) -> list[str]:
+    """What an on-call engineer must know about Production: a version that holds it without being validated, or a
+    stage and alias that disagree (a hand edit in the MLflow UI, an interrupted move). The next run's repair mends
+    both; `mlops rollback --to N` chooses a version now."""
+    from ml import tags
+
+    found = []
+    if production is not None:
+        validation = production.tags.get(tags.VALIDATION_STATUS, "none")
+        if validation != "passed":
+            found.append(
+                f"v{production.version} holds the {alias!r} alias and is served, but its validation is {validation}"
+            )
+        if production.stage != "Production":
+            found.append(f"v{production.version} holds the {alias!r} alias but its stage is {production.stage}")
+    staged = [
+        v.version
+        for v in versions
+        if v.stage == "Production" and (production is None or v.version != production.version)
+    ]
+    found += [f"v{number} is in the Production stage without the {alias!r} alias" for number in staged]
+    return found
 
 
 def status_document(name: str, versions: Sequence[Any], production: Any, history: Sequence[Any]) -> dict[str, Any]:

@@ -327,3 +327,23 @@ def test_status_shows_the_newest_versions_and_moves_unless_asked_for_all(registe
     with pytest.raises(SystemExit):
         cli.main(["status", "--last", "0"])
     assert "--last: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_status_warns_when_production_is_not_what_the_service_vouches_for(registered, capsys):
+    import json
+
+    from ml import cli
+
+    settings, client = registered
+    registry.promote(settings, 1, expected_current=None, actor="test", reason="first")
+    assert cli.main(["status"]) == 0
+    assert "warning:" not in capsys.readouterr().out
+    # In the MLflow UI, someone moves the alias to version 3, which failed validation; the stage stays on 1.
+    client.set_registered_model_alias(settings.model_name, settings.production_alias, "3")
+    assert cli.main(["status"]) == 0
+    shown = capsys.readouterr().out
+    assert "warning: v3 holds the 'production' alias and is served, but its validation is failed" in shown
+    assert "warning: v3 holds the 'production' alias but its stage is None" in shown
+    assert "warning: v1 is in the Production stage without the 'production' alias" in shown
+    assert cli.main(["status", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["warnings"]) == 3
