@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import getpass
 import json
 import logging
 import os
@@ -387,6 +388,14 @@ def production_warnings(production: Any, versions: Sequence[Any], alias: str) ->
     return found
 
 
+def _login() -> str:
+    """Who runs the command, for the deployment record: the login name, as ``$USER`` or the password database says."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's user with no name
+        return f"uid {os.getuid()}"
+
+
 def status_document(name: str, versions: Sequence[Any], production: Any, history: Sequence[Any]) -> dict[str, Any]:
     return {
         "model": name,
@@ -403,7 +412,7 @@ def command_rollback(args: argparse.Namespace) -> int:
     settings = registry_settings()
     from ml import registry
 
-    actor = f"cli:{os.environ.get('USER', 'unknown')}"
+    actor = f"cli:{_login()}"
     try:
         replaced, restored = registry.manual_rollback(settings, args.to, actor=actor, reason=args.reason)
     except registry.RegistryError as error:
@@ -436,7 +445,7 @@ def command_serve(args: argparse.Namespace) -> int:
 def command_ingest(args: argparse.Namespace) -> int:
     from ml.ingest import main as ingest_main
 
-    return ingest_main(args.passed_arguments)
+    return ingest_main(args.passed_arguments, prog="mlops ingest")
 
 
 PASS_THROUGH_COMMANDS = ("serve", "ingest")

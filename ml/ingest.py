@@ -299,9 +299,9 @@ class SqlTarget:
         return location
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ml.ingest") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ml.ingest",
+        prog=prog,
         description="Land a batch of the held-back breast cancer data in MLOPS_DATA_SOURCE (a folder or SQL table). "
         "Outside Airflow no asset event is emitted: the daily run, or POST /api/v2/assets/events, picks it up.",
     )
