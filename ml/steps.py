@@ -72,7 +72,16 @@ def _production_trained_on(settings: Settings, digest: str) -> int | None:
     """The Production version, if it was trained on this very data; if so (and not forced) the run is a no-op."""
     client = registry.client_for(settings)
     champion = registry.production_version(client, settings.model_name, settings.production_alias)
-    if champion is None or champion.tags.get(tags.DATA_DIGEST) != digest:
+    if champion is None:
+        log.info("no Production version yet: training on this data (digest %s)", digest[:12])
+        return None
+    if champion.tags.get(tags.DATA_DIGEST) != digest:
+        log.info(
+            "new data: digest %s; Production version %s was trained on %s",
+            digest[:12],
+            champion.version,
+            (champion.tags.get(tags.DATA_DIGEST) or "data of unknown digest")[:12],
+        )
         return None
     # The same data with another label column is another model: transform_data checks the label, train_model trains.
     champion_label = client.get_run(champion.run_id).data.params.get("label_column") if champion.run_id else None

@@ -160,7 +160,8 @@ def _fail_without_retry(name: str, error: Exception) -> NoReturn:
     from airflow.sdk.exceptions import AirflowFailException
 
     log.error("%s failed and will not be retried: %s", name, error)
-    raise AirflowFailException(f"{type(error).__name__}: {error}") from error
+    # The message says what is wrong and where; the chain of our own frames under it would only repeat it.
+    raise AirflowFailException(f"{type(error).__name__}: {error}") from None
 
 
 def _split(context: Mapping[str, Any]) -> TransformResult:
