@@ -107,6 +107,8 @@ def nothing_done(result: StepResult) -> str | None:
     skip = getattr(result, "skip", None)
     if skip is not None:
         return str(skip.reason)
+    if isinstance(result, DeployResult) and not result.promoted:
+        return f"version {result.model_version} was not promoted: {result.reason}"
     if isinstance(result, ArchiveResult) and not result.archived:
         return f"version {result.model_version} was not deployed; nothing to archive"
     if isinstance(result, RollbackResult) and not result.rollback_performed:

@@ -113,9 +113,14 @@ def test_failed_validation_leaves_production_and_records_why(settings):
     assert run.result("validate_model")["validation"] == "failed"
     assert run.result("deploy_model")["deployed"] is False
     assert run.result("deploy_model")["previous_version"] == before[0]
-    assert run.result("archive_model")["archived"] is False
     assert run.result("rollback_model")["rollback_performed"] is False
-    assert (run.state_of("archive_model"), run.state_of("rollback_model")) == ("skipped", "skipped")
+    # The grid: validate_model decided; nothing was promoted, so deploy_model and the tasks after it are skipped.
+    assert [run.state_of(task) for task in ("validate_model", "deploy_model", "archive_model", "rollback_model")] == [
+        "success",
+        "skipped",
+        "skipped",
+        "skipped",
+    ]
     assert run.note.startswith(f"**v{candidate} rejected**: accuracy "), run.note
     assert "is below the threshold 1.0000" in run.note
     tags = registry.get_version(registry.client_for(settings), settings.model_name, candidate).tags
