@@ -61,9 +61,9 @@ beat Production by `drift_margin` instead of being within the tolerance.
 
 #### Reading a run
 The grid uses Airflow's states: a task that had nothing to do is *skipped* (deploy_model and archive_model when
-nothing was promoted, rollback_model when nothing was rolled back), so a green rollback_model means a rollback happened. Each run's note
-says what it did ("v3 promoted, accuracy ...", "no new data", "v4 rejected: ...", "v5 rolled back: ...") and links to
-the MLflow run and the registered version.
+nothing was promoted, rollback_model when nothing was rolled back), so a green rollback_model means a rollback
+happened. Each run's note says what it did ("v3 promoted, accuracy ...", "no new data", "v4 rejected: ...",
+"v5 rolled back: ...") and links to the MLflow run and the registered version.
 """
 
 
