@@ -86,11 +86,15 @@ def version_description(version: int, stage: str, tags: Mapping[str, str]) -> st
         if champion not in ("", "none")
         else "none (first version, or comparison off)"
     )
+    if tags.get(t.VALIDATION_COMPARISON_ACCURACY, "none") != "none":
+        # The comparison may leave out held-out rows Production trained on: both figures are on the same rows.
+        against += f"; this version {_number(tags[t.VALIDATION_COMPARISON_ACCURACY])} on the same rows"
     digest = tags.get(t.DATA_DIGEST, "")
     rows = [
         ("held-out accuracy", _number(tags.get(t.VALIDATION_ACCURACY))),
         ("threshold", _number(tags.get(t.VALIDATION_THRESHOLD), 2)),
         ("Production when validated", against),
+        ("compared on", tags.get(t.VALIDATION_COMPARISON_NOTE, NONE)),
         ("validation", tags.get(t.VALIDATION_REASONS, NONE)),
         ("model family", tags.get(t.MODEL_FAMILY, NONE)),
         ("data digest", f"`{digest[:16]}`" if digest else NONE),

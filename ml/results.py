@@ -160,6 +160,11 @@ class ValidateResult:
     run_id: str = ""
     drift: dict[str, Any] = field(default_factory=dict)
     drift_margin_required: float | None = None
+    # What the comparison with Production was made on (see evaluation.ComparisonRows); None without a comparison.
+    comparison_rows: int | None = None
+    comparison_excluded_rows: int | None = None
+    comparison_accuracy: float | None = None
+    comparison_note: str | None = None
     skip: Skip | None = None
 
     @property

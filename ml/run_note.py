@@ -84,7 +84,14 @@ def compose(
         validated = validation or {}
         compared = ""
         if validated.get("champion_accuracy") is not None:
-            compared = f", Production v{validated['champion_version']} had {_accuracy(validated['champion_accuracy'])}"
+            champion = f"Production v{validated['champion_version']}"
+            rows = validated.get("comparison_rows")
+            if validated.get("comparison_excluded_rows") and validated.get("comparison_accuracy") is not None:
+                # Compared on the rows Production never trained on: both scores on those rows, like for like.
+                ours, theirs = _accuracy(validated["comparison_accuracy"]), _accuracy(validated["champion_accuracy"])
+                compared = f"; on the {rows} held-out rows {champion} did not train on, {ours} against its {theirs}"
+            else:
+                compared = f", {champion} had {_accuracy(validated['champion_accuracy'])}"
         threshold = validated.get("threshold")
         limit = f" (threshold {float(threshold):.2f}{compared})" if threshold is not None else ""
         text = f"**v{version} promoted**, accuracy {_accuracy(validated.get('accuracy'))}{limit}."

@@ -198,6 +198,7 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
         tags.DATA_SNAPSHOT_URI: split.snapshot_uri,
         tags.RANDOM_SEED: str(settings.random_seed),
         tags.MODEL_FAMILY: settings.model_family,
+        tags.DATA_TRAIN_SPLIT_URI: split.train_uri,
     }
     started = datetime.now(UTC)
     with mlflow.start_run(
@@ -304,6 +305,8 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
             skip=skip,
         )
     assert trained.model_version is not None, "a trained result names its version"
+    import numpy as np
+
     mlflow = tracking.connect(settings)
     client = registry.client_for(settings)
     name, version = settings.model_name, trained.model_version
@@ -326,11 +329,18 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
     test_frame = data.read_frame(split.test_uri)
     features, label = split.feature_names, split.label_column
     candidate = tracking.load_model(mlflow, registry.load_uri(name, registered))
-    accuracy = evaluation.score(candidate.predict(test_frame[features]), test_frame[label])["accuracy"]
+    predictions = np.asarray(candidate.predict(test_frame[features]))
+    accuracy = evaluation.score(predictions, test_frame[label])["accuracy"]
 
-    champion_accuracy = None
+    champion_accuracy = comparison = compared_accuracy = None
     if champion is not None and champion.version != version and settings.compare_with_champion:
-        champion_accuracy = _score_champion(mlflow, name, champion, test_frame, features, label)
+        comparison = _comparison_rows(settings, champion, test_frame, features, label)
+        compared = test_frame[comparison.used]
+        champion_accuracy = _score_champion(mlflow, name, champion, compared, features, label)
+        compared_accuracy = evaluation.score(predictions[comparison.used], compared[label])["accuracy"]
+    if champion_accuracy is None:
+        # Production could not score these rows: no comparison was made, so none is recorded.
+        comparison = compared_accuracy = None
     verdict = evaluation.judge(
         accuracy,
         threshold=settings.accuracy_threshold,
@@ -341,6 +351,8 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
         drift=trained.drift_max_psi,
         drift_threshold=settings.drift_threshold,
         drift_margin=settings.drift_margin,
+        compared_accuracy=compared_accuracy,
+        compared_rows=comparison.rows if comparison else None,
     )
     result = ValidateResult(
         model_name=name,
@@ -354,6 +366,10 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
         run_id=trained.run_id,
         drift=trained.drift,
         drift_margin_required=settings.drift_margin if trained.drift.get("drift_high") else None,
+        comparison_rows=comparison.rows if comparison else None,
+        comparison_excluded_rows=comparison.excluded if comparison else None,
+        comparison_accuracy=compared_accuracy,
+        comparison_note=comparison.note if comparison else None,
     )
     registry.set_version_tags(
         client,
@@ -365,13 +381,18 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
             tags.VALIDATION_THRESHOLD: settings.accuracy_threshold,
             tags.VALIDATION_CHAMPION_VERSION: champion.version if champion else "none",
             tags.VALIDATION_CHAMPION_ACCURACY: champion_accuracy if champion_accuracy is not None else "none",
+            tags.VALIDATION_COMPARISON_ROWS: comparison.rows if comparison else "none",
+            tags.VALIDATION_COMPARISON_EXCLUDED_ROWS: comparison.excluded if comparison else "none",
+            tags.VALIDATION_COMPARISON_ACCURACY: compared_accuracy if compared_accuracy is not None else "none",
+            tags.VALIDATION_COMPARISON_NOTE: comparison.note if comparison else "none",
             tags.VALIDATION_REASONS: "; ".join(verdict.reasons) or "all checks passed",
             tags.VALIDATION_VALIDATED_AT: registry.utc_now(),
         },
     )
     metrics = {"validation_accuracy": accuracy}
-    if champion_accuracy is not None:
+    if champion_accuracy is not None and compared_accuracy is not None:
         metrics["champion_accuracy"] = champion_accuracy
+        metrics["comparison_accuracy"] = compared_accuracy
     if trained.run_id:
         tracking.log_metrics_to_run(client, trained.run_id, metrics)
     if verdict.passed:
@@ -396,6 +417,44 @@ def _no_longer_promotable(registered: registry.VersionInfo, champion: registry.V
             f"promotes newer versions (`mlops rollback --to {registered.version}` puts an older one back)"
         )
     return None
+
+
+def _comparison_rows(
+    settings: Settings, champion: registry.VersionInfo, test_frame: Any, features: list[str], label: str
+) -> evaluation.ComparisonRows:
+    """The held-out rows to compare the candidate and Production on: those Production did not train on.
+
+    A version registered before its training split was recorded, or whose split is gone, is compared as it always was,
+    on the whole held-out set.
+    """
+    train_uri = champion.tags.get(tags.DATA_TRAIN_SPLIT_URI)
+    if not train_uri:
+        comparison = evaluation.whole_held_out(
+            len(test_frame),
+            f"Production version {champion.version} has no record of its training split (it was registered before "
+            "splits were recorded), so rows it trained on may be among them",
+        )
+    else:
+        try:
+            trained_on = data.read_frame(train_uri)
+        except data.DataSourceError as error:
+            comparison = evaluation.whole_held_out(
+                len(test_frame), f"the training split of Production version {champion.version} cannot be read: {error}"
+            )
+        else:
+            comparison = evaluation.rows_unseen_by_champion(
+                test_frame,
+                trained_on,
+                columns=[*features, label],
+                label=label,
+                min_rows_per_class=settings.min_rows_per_class,
+                champion_version=champion.version,
+            )
+    if comparison.independent:
+        log.info("comparing with Production version %s on %s", champion.version, comparison.note)
+    else:
+        log.warning("comparing with Production version %s on %s", champion.version, comparison.note)
+    return comparison
 
 
 def _score_champion(

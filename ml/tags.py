@@ -15,6 +15,8 @@ AIRFLOW_URL = "mlops.airflow.url"
 CODE_REVISION = "mlops.code.revision"
 DATA_DIGEST = "mlops.data.digest"
 DATA_SNAPSHOT_URI = "mlops.data.snapshot_uri"
+# The rows the version was fitted on: a later candidate is compared with it only on held-out rows not among them.
+DATA_TRAIN_SPLIT_URI = "mlops.data.train_split_uri"
 RANDOM_SEED = "mlops.random_seed"
 MODEL_FAMILY = "mlops.model_family"
 
@@ -33,6 +35,12 @@ VALIDATION_ACCURACY = "mlops.validation.accuracy"
 VALIDATION_THRESHOLD = "mlops.validation.threshold"
 VALIDATION_CHAMPION_VERSION = "mlops.validation.champion_version"
 VALIDATION_CHAMPION_ACCURACY = "mlops.validation.champion_accuracy"
+# The comparison with Production: on how many held-out rows, how many were left out because Production trained on
+# them, the candidate's accuracy on those same rows, and a sentence saying which rows and why.
+VALIDATION_COMPARISON_ROWS = "mlops.validation.comparison_rows"
+VALIDATION_COMPARISON_EXCLUDED_ROWS = "mlops.validation.comparison_excluded_rows"
+VALIDATION_COMPARISON_ACCURACY = "mlops.validation.comparison_accuracy"
+VALIDATION_COMPARISON_NOTE = "mlops.validation.comparison_note"
 VALIDATION_REASONS = "mlops.validation.reasons"
 VALIDATION_VALIDATED_AT = "mlops.validation.validated_at"
 

@@ -63,6 +63,7 @@ def test_the_emitted_keys_are_the_documented_ones():
     assert set(validated.to_xcom()) == {
         *("validation", "accuracy", "threshold", "champion_version", "champion_accuracy", "reasons", "model_name"),
         *("model_version", "run_id", "drift_margin_required"),
+        *("comparison_rows", "comparison_excluded_rows", "comparison_accuracy", "comparison_note"),
         *DRIFT,
     }
     assert set(deployed.to_xcom()) == {

@@ -33,6 +33,30 @@ def test_a_promotion_names_version_accuracy_threshold_and_links():
     assert "[clf v3](http://mlflow.example:5000/#/models/clf/versions/3?workflowType=machine_learning)" in note
 
 
+def test_a_promotion_compared_on_the_rows_production_never_saw_gives_both_scores_on_them():
+    note = compose(
+        extract={"digest": "ab" * 32},
+        train={"run_id": "r123", "model_version": 3},
+        validation={
+            "validation": "passed",
+            "accuracy": 0.97368,
+            "threshold": 0.8,
+            "champion_version": 2,
+            "champion_accuracy": 0.9123,
+            "comparison_rows": 57,
+            "comparison_excluded_rows": 17,
+            "comparison_accuracy": 0.96491,
+        },
+        deploy={"deployed": True, "version": 3},
+        rollback=HEALTHY,
+        links=LINKS,
+    )
+    assert note.startswith(
+        "**v3 promoted**, accuracy 0.9737 (threshold 0.80; on the 57 held-out rows Production v2 did not train on, "
+        "0.9649 against its 0.9123)."
+    )
+
+
 def test_no_new_data():
     note = compose(
         extract={"digest": "853b528d22f0521e", "skipped_reason": "no new data", "production_version": 1},
