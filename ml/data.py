@@ -48,7 +48,13 @@ HASH_CHUNK_BYTES = 8 << 20
 
 
 class DataSourceError(ValueError):
-    """The configured data source cannot be read."""
+    """The configured data source cannot be read, and reading it again would fail the same way: a file or table that
+    does not exist, a directory named like a file, a query the database refuses as written."""
+
+
+class DataSourceUnavailableError(DataSourceError):
+    """The data source could not be read this time, in a way that may pass: a database or remote store that does not
+    answer, a dropped connection, a timeout, a file that is unreadable while it may still be landing."""
 
 
 class DataValidationError(ValueError):
@@ -152,7 +158,7 @@ def folder_files(uri: str) -> list[str]:
     except DataSourceError:
         raise
     except Exception as error:
-        raise DataSourceError(
+        raise DataSourceUnavailableError(
             f"cannot list data folder {mask_credentials(uri)}: {mask_credentials(str(error))}"
         ) from error
     names = {}
@@ -232,11 +238,45 @@ def _load_sql(url: str, query: str) -> pd.DataFrame:
             finally:
                 connection.rollback()
     except Exception as error:
-        raise DataSourceError(
+        failure = DataSourceUnavailableError if _sql_failure_may_pass(error) else DataSourceError
+        raise failure(
             f"cannot read SQL data source {shown} with {statement!r}: {mask_credentials(str(error))}"
         ) from error
     finally:
         engine.dispose()
+
+
+# SQLite's primary result codes for a statement the database refuses as written: SQLITE_ERROR (no such table or
+# column, a syntax error), SQLITE_READONLY (a write), SQLITE_AUTH (denied by an authorizer).
+SQLITE_REFUSALS = {1, 8, 23}
+# What PostgreSQL says when it refuses a connection for good: psycopg gives a failed connection no SQLSTATE, only the
+# server's message (in English unless the server's lc_messages says otherwise; another language is retried once).
+POSTGRESQL_REFUSAL = re.compile(
+    r'(database|role) "[^"]*" does not exist|password authentication failed|no pg_hba\.conf entry'
+)
+
+
+def _sql_failure_may_pass(error: Exception) -> bool:
+    """Whether reading the SQL source again later may succeed: the database did not answer, refused or dropped the
+    connection, was busy or timed out. A missing table, a syntax error, a write stopped by the read-only transaction,
+    a denied permission, a login or database name the server refuses fail the same way every time."""
+    import sqlalchemy.exc
+
+    # pandas wraps a failed query in its own DatabaseError; the database's answer is its cause.
+    while not isinstance(error, sqlalchemy.exc.SQLAlchemyError) and isinstance(error.__cause__, Exception):
+        error = error.__cause__
+    if not isinstance(error, sqlalchemy.exc.SQLAlchemyError):
+        return True  # raised below SQLAlchemy: a socket or the file system
+    if not isinstance(error, sqlalchemy.exc.DBAPIError):
+        return False  # SQLAlchemy's own refusals (a result without rows, an unknown dialect) are about the statement
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, sqlalchemy.exc.OperationalError):
+        return False  # programming, integrity, data and internal errors: the statement, not the moment
+    sqlite_code = getattr(error.orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF not in SQLITE_REFUSALS
+    return not POSTGRESQL_REFUSAL.search(str(error.orig))
 
 
 def read_statement(query: str, quote: Any) -> str:
@@ -294,10 +334,14 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
             raw = handle.read()
     except FileNotFoundError as error:
         raise DataSourceError(f"data file {shown} does not exist") from error
+    except IsADirectoryError as error:
+        raise DataSourceError(
+            f"data file {shown} is a directory; a folder source is named without a file suffix, or with a trailing /"
+        ) from error
     except (DataSourceError, DataValidationError):
         raise
-    except Exception as error:
-        raise DataSourceError(f"cannot open data file {shown}: {mask_credentials(str(error))}") from error
+    except Exception as error:  # a store that does not answer, a permission not granted yet: another try may pass
+        raise DataSourceUnavailableError(f"cannot open data file {shown}: {mask_credentials(str(error))}") from error
     if not raw.strip():
         raise DataValidationError(f"data file {shown} is empty")
     if kind == "csv":
@@ -305,7 +349,10 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
         try:
             frame = pd.read_csv(io.BytesIO(raw))
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-            raise DataSourceError(f"data file {shown} is not readable CSV: {_parse_failure(error)}") from error
+            # Unreadable now, perhaps because the file is still being written: another try may pass.
+            raise DataSourceUnavailableError(
+                f"data file {shown} is not readable CSV: {_parse_failure(error)}"
+            ) from error
         if frame.shape[1] < 2:
             # One column means no delimiter in the first line: most likely not CSV at all, and its "column name"
             # would be the file's first line, which must not be echoed.
@@ -316,7 +363,9 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(io.BytesIO(raw))
     except Exception as error:
-        raise DataSourceError(f"data file {shown} is not readable Parquet: {_parse_failure(error)}") from error
+        raise DataSourceUnavailableError(
+            f"data file {shown} is not readable Parquet: {_parse_failure(error)}"
+        ) from error
 
 
 def _load_local_parquet(handle: Any, shown: str) -> pd.DataFrame:
@@ -329,7 +378,9 @@ def _load_local_parquet(handle: Any, shown: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(handle)
     except Exception as error:
-        raise DataSourceError(f"data file {shown} is not readable Parquet: {_parse_failure(error)}") from error
+        raise DataSourceUnavailableError(
+            f"data file {shown} is not readable Parquet: {_parse_failure(error)}"
+        ) from error
 
 
 def _parse_failure(error: Exception) -> str:
@@ -345,7 +396,7 @@ def _reject_duplicate_csv_header(raw: bytes, shown: str) -> None:
     try:
         header = next(csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"))), [])
     except csv.Error as error:
-        raise DataSourceError(f"data file {shown} is not readable CSV: {error}") from error
+        raise DataSourceUnavailableError(f"data file {shown} is not readable CSV: {error}") from error
     duplicated = sorted(name for name, count in Counter(header).items() if count > 1)
     if duplicated:
         names = ", ".join(_shorten(name) for name in duplicated[:10])
@@ -448,7 +499,9 @@ def read_frame(uri: str) -> pd.DataFrame:
             raise SnapshotDigestError(
                 f"snapshot {shown} is damaged ({_parse_failure(error)}); the next extract_data replaces it"
             ) from error
-        raise DataSourceError(f"data store object {shown} is not readable Parquet: {_parse_failure(error)}") from error
+        raise DataSourceUnavailableError(
+            f"data store object {shown} is not readable Parquet: {_parse_failure(error)}"
+        ) from error
     if named and not (seen is not None and _intact_here.get(uri) == seen):
         if content_digest(frame) != named["digest"]:
             raise SnapshotDigestError(

@@ -32,7 +32,15 @@ class MissingResultError(RuntimeError):
 
 
 # Errors a retry cannot cure: the task fails at once instead of waiting out retry_delay.
-PERMANENT_ERRORS = (ConfigurationError, data.DataValidationError, registry.RegistryError, MissingResultError)
+PERMANENT_ERRORS = (
+    ConfigurationError,
+    data.DataSourceError,
+    data.DataValidationError,
+    registry.RegistryError,
+    MissingResultError,
+)
+# Those of their kind that another try may get past (a data source that did not answer): left to Airflow's retries.
+TRANSIENT_ERRORS = (data.DataSourceUnavailableError,)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +83,9 @@ def upstream_result(context: Mapping[str, Any], task_id: str) -> dict[str, Any] 
 def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, RunContext], Result]) -> dict[str, Any]:
     """Run one step for an Airflow task and return its result as the task's XCom.
 
-    Errors that a retry cannot cure (bad settings, bad data, a refused registry change) fail the task at once instead
-    of waiting out ``retry_delay``; anything else (an unreachable server, say) is left to Airflow's retries.
+    Errors that a retry cannot cure (bad settings, bad data, a data source that does not exist or refuses the query as
+    written, a refused registry change) fail the task at once instead of waiting out ``retry_delay``; anything else
+    (an unreachable server or database, a file still being written) is left to Airflow's retries.
 
     A step that had nothing to do (no new data, nothing deployed to archive, nothing to roll back) ends its task as
     *skipped*, so that the grid shows what a run did; its result is still this task's XCom, as the contract says.
@@ -86,6 +95,8 @@ def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, Ru
         if settings.step_hook:
             call_hook(settings.step_hook, step=name, run_key=run.run_key, try_number=run.try_number)
         result = step(settings, run)
+    except TRANSIENT_ERRORS:
+        raise
     except PERMANENT_ERRORS as error:
         _fail_without_retry(name, error)
     _refresh_registry_descriptions(settings)

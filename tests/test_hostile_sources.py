@@ -114,6 +114,23 @@ def test_sql_source_still_reads_a_table_and_a_query(sql_source, cancer):
     assert len(benign) == int((cancer["target"] == 1).sum())
 
 
+def test_a_missing_table_is_a_refusal_a_retry_cannot_cure(sql_source):
+    url, _ = sql_source
+    with pytest.raises(data.DataSourceError, match="nosuch") as missing_table:
+        data.load_source(url, "nosuch")
+    assert not isinstance(missing_table.value, data.DataSourceUnavailableError)
+
+
+def test_a_database_refusing_the_login_is_told_from_one_that_does_not_answer(postgres_source):
+    postgres_url, _ = postgres_source
+    with pytest.raises(data.DataSourceError, match='database "wtdata_nosuch" does not exist') as missing_database:
+        data.load_source(postgres_url.rsplit("/", 1)[0] + "/wtdata_nosuch", "cases")
+    assert not isinstance(missing_database.value, data.DataSourceUnavailableError)
+
+    with pytest.raises(data.DataSourceUnavailableError, match="Connection refused"):
+        data.load_source("postgresql+psycopg://postgres@127.0.0.1:1/cases", "cases")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Snapshots: written atomically, verified on read, replaced when damaged.
 

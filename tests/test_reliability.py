@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -136,6 +137,47 @@ def test_errors_a_check_can_catch_fail_before_training_without_retry(
     assert run.tasks[failed_task].try_number == 1
     assert run.state_of("train_model") == "upstream_failed"
     assert message in capfd.readouterr().out
+    assert version_count(mlops_env) == 0
+
+
+def _wrong_data_source(kind: str, tmp_path) -> dict[str, str]:
+    """A data source that is wrong as configured, of the given kind, as a run's conf."""
+    if kind == "missing file":
+        return {"data_source": str(tmp_path / "nowhere" / "cases.csv")}
+    if kind == "directory named like a file":
+        (tmp_path / "cases.csv").mkdir()
+        return {"data_source": str(tmp_path / "cases.csv")}
+    database = tmp_path / "cases.db"
+    sqlite3.connect(database).close()
+    if kind == "missing table":
+        return {"data_source": f"sqlite:///{database}", "data_query": "cases"}
+    return {"data_source": f"sqlite:///{database}", "data_query": "SELECT nosuch FROM sqlite_master"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing file", "cases.csv does not exist"),
+        ("directory named like a file", "cases.csv is a directory"),
+        ("missing table", "no such table: cases"),
+        ("query refused as written", "no such column: nosuch"),
+    ],
+)
+def test_a_data_source_wrong_as_configured_fails_without_retry(airflow_db, mlops_env, tmp_path, capfd, kind, message):
+    run = run_dag(conf=_wrong_data_source(kind, tmp_path))
+    assert run.state == "failed"
+    assert run.state_of("extract_data") == "failed"
+    assert run.tasks["extract_data"].try_number == 1, "a retry would fail the same way"
+    assert message in capfd.readouterr().out
+    assert version_count(mlops_env) == 0
+
+
+def test_a_data_source_that_does_not_answer_is_retried(airflow_db, mlops_env, capfd):
+    # Nothing listens on port 1: the connection is refused, as by a database that is restarting.
+    run = run_dag(conf={"data_source": "postgresql+psycopg://postgres@127.0.0.1:1/cases", "data_query": "cases"})
+    assert run.state == "failed"
+    assert run.tasks["extract_data"].try_number == 2, "retried once: the database may answer next time"
+    assert "Connection refused" in capfd.readouterr().out
     assert version_count(mlops_env) == 0
 
 
