@@ -224,7 +224,9 @@ def _load_sql(url: str, query: str) -> pd.DataFrame:
     if not query.strip():
         raise DataSourceError(f"data source {shown} is SQL but no query or table name was given")
     try:
-        engine = sqlalchemy.create_engine(url, **_read_only_engine_options(url))
+        engine = sqlalchemy.create_engine(_read_only_url(url, shown), **_read_only_engine_options(url))
+    except DataSourceError:
+        raise
     except Exception as error:
         raise DataSourceError(f"cannot open SQL data source {shown}: {mask_credentials(str(error))}") from error
     statement = read_statement(query, engine.dialect.identifier_preparer.quote)
@@ -301,6 +303,27 @@ def read_statement(query: str, quote: Any) -> str:
             f"the SQL data query is a {kind} statement; give one SELECT (or WITH ... SELECT): a source is only read"
         )
     return statements[0].strip().rstrip(";").rstrip()
+
+
+def _read_only_url(url: str, shown: str) -> Any:
+    """The URL to open: a SQLite file is opened read-only (SQLite would otherwise create an empty database where a
+    mistyped path points), after checking that it exists so that a mistake is named as such."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or parsed.get_driver_name() != "pysqlite":
+        return parsed
+    if database in ("", ":memory:"):
+        return parsed  # a new in-memory database: nothing on disk to create
+    if parsed.query.get("uri") == "true":
+        return parsed.update_query_dict({"mode": "ro"})  # a file: URI already; its missing file is SQLite's to name
+    path = Path(database).absolute()
+    if not path.exists():
+        raise DataSourceError(f"SQL data source {shown}: the SQLite database file {path} does not exist")
+    if path.is_dir():
+        raise DataSourceError(f"SQL data source {shown}: the SQLite database file {path} is a directory")
+    return parsed.set(database=path.as_uri()).update_query_dict({"mode": "ro", "uri": "true"})
 
 
 def _read_only_engine_options(url: str) -> dict[str, Any]:

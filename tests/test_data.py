@@ -87,7 +87,7 @@ def test_stored_frames_write_floats_plain_and_keep_every_dtype(tmp_path):
         ("sklearn:digits_of_pi", "unknown bundled data set 'digits_of_pi'"),
         ("/data/cases.xlsx", "is not recognised"),
         ("/nowhere/cases.csv", "does not exist"),
-        ("sqlite:////nowhere/cases.db", "cannot read SQL data source"),
+        ("sqlite:////nowhere/cases.db", "the SQLite database file /nowhere/cases.db does not exist"),
     ],
 )
 def test_unreadable_sources_name_the_source(source, message):

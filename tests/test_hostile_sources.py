@@ -114,6 +114,22 @@ def test_sql_source_still_reads_a_table_and_a_query(sql_source, cancer):
     assert len(benign) == int((cancer["target"] == 1).sum())
 
 
+def test_reading_a_sqlite_source_never_creates_or_changes_a_file(sqlite_source, tmp_path):
+    missing = tmp_path / "cases-typo.db"
+    with pytest.raises(data.DataSourceError, match=f"the SQLite database file {missing} does not exist"):
+        data.load_source(f"sqlite:///{missing}", "cases")
+    assert not missing.exists()
+    with pytest.raises(data.DataSourceError, match=f"the SQLite database file {tmp_path} is a directory"):
+        data.load_source(f"sqlite:///{tmp_path}", "cases")
+
+    url, _ = sqlite_source
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    data.load_source(url, "cases")
+    with pytest.raises(data.DataSourceError, match="no such table: nosuch"):
+        data.load_source(url, "nosuch")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def test_a_missing_table_is_a_refusal_a_retry_cannot_cure(sql_source):
     url, _ = sql_source
     with pytest.raises(data.DataSourceError, match="nosuch") as missing_table:

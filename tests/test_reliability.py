@@ -148,6 +148,8 @@ def _wrong_data_source(kind: str, tmp_path) -> dict[str, str]:
         (tmp_path / "cases.csv").mkdir()
         return {"data_source": str(tmp_path / "cases.csv")}
     database = tmp_path / "cases.db"
+    if kind == "missing SQLite file":
+        return {"data_source": f"sqlite:///{database}", "data_query": "cases"}
     sqlite3.connect(database).close()
     if kind == "missing table":
         return {"data_source": f"sqlite:///{database}", "data_query": "cases"}
@@ -159,6 +161,7 @@ def _wrong_data_source(kind: str, tmp_path) -> dict[str, str]:
     [
         ("missing file", "cases.csv does not exist"),
         ("directory named like a file", "cases.csv is a directory"),
+        ("missing SQLite file", "cases.db does not exist"),
         ("missing table", "no such table: cases"),
         ("query refused as written", "no such column: nosuch"),
     ],
@@ -170,6 +173,8 @@ def test_a_data_source_wrong_as_configured_fails_without_retry(airflow_db, mlops
     assert run.tasks["extract_data"].try_number == 1, "a retry would fail the same way"
     assert message in capfd.readouterr().out
     assert version_count(mlops_env) == 0
+    if kind == "missing SQLite file":
+        assert not (tmp_path / "cases.db").exists(), "reading a source never writes one"
 
 
 def test_a_data_source_that_does_not_answer_is_retried(airflow_db, mlops_env, capfd):
