@@ -221,6 +221,20 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     assert production_markers(settings) == before
 
 
+def test_the_same_rows_in_another_order_are_no_new_data(airflow_db, mlops_env, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLOPS_FORCE_RETRAIN")
+    source = tmp_path / "cases.csv"
+    _cancer().to_csv(source, index=False)
+    first = run_dag(conf={"data_source": str(source)})
+    assert first.state == "success", first.tasks
+    _cancer().sample(frac=1, random_state=5).to_csv(source, index=False)
+    again = run_dag(conf={"data_source": str(source)})
+    extracted = again.result("extract_data")
+    assert (extracted["unchanged"], extracted["skipped_reason"]) == (True, "no new data")
+    assert extracted["snapshot_uri"] == first.result("extract_data")["snapshot_uri"]
+    assert version_count(mlops_env) == 1
+
+
 def test_pipeline_over_a_real_mlflow_server(airflow_db, server_env, mlflow_server):
     run = run_dag()
     assert run.state == "success", run.tasks
