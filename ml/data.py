@@ -236,7 +236,7 @@ def _load_sql(url: str, query: str) -> pd.DataFrame:
             if not connection.in_transaction():
                 connection.begin()  # ours, so that pandas does not open (and commit) one itself
             try:
-                return pd.read_sql(sqlalchemy.text(statement), connection)
+                frame = pd.read_sql(sqlalchemy.text(statement), connection)
             finally:
                 connection.rollback()
     except Exception as error:
@@ -246,6 +246,8 @@ def _load_sql(url: str, query: str) -> pd.DataFrame:
         ) from error
     finally:
         engine.dispose()
+    _reject_cells_holding_collections(frame, f"SQL data source {shown}")
+    return frame
 
 
 # SQLite's primary result codes for a statement the database refuses as written: SQLITE_ERROR (no such table or
@@ -383,12 +385,7 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
                 f"data file {shown} is not CSV with a header row: its first line has no comma-separated column names"
             )
         return frame
-    try:
-        return pd.read_parquet(io.BytesIO(raw))
-    except Exception as error:
-        raise DataSourceUnavailableError(
-            f"data file {shown} is not readable Parquet: {_parse_failure(error)}"
-        ) from error
+    return _read_parquet(io.BytesIO(raw), shown)
 
 
 def _load_local_parquet(handle: Any, shown: str) -> pd.DataFrame:
@@ -398,12 +395,27 @@ def _load_local_parquet(handle: Any, shown: str) -> pd.DataFrame:
     if not head.strip() and len(head) < EMPTY_FILE_PEEK:
         raise DataValidationError(f"data file {shown} is empty")
     handle.seek(0)
+    return _read_parquet(handle, shown)
+
+
+def _read_parquet(handle: Any, shown: str) -> pd.DataFrame:
+    """Parse a Parquet file whose column names are all different and whose cells each hold one value."""
+    import pyarrow.parquet as pq
+
     try:
-        return pd.read_parquet(handle)
+        # The names first: pandas cannot read a file whose columns share a name, and would say so in Arrow's words.
+        _reject_duplicated_names(pq.ParquetFile(handle).schema_arrow.names, f"data file {shown}")
+        handle.seek(0)
+        frame = pd.read_parquet(handle)
+    except DataValidationError:
+        raise
     except Exception as error:
+        # Unreadable now, perhaps because the file is still being written: another try may pass.
         raise DataSourceUnavailableError(
             f"data file {shown} is not readable Parquet: {_parse_failure(error)}"
         ) from error
+    _reject_cells_holding_collections(frame, f"data file {shown}")
+    return frame
 
 
 def _parse_failure(error: Exception) -> str:
@@ -420,10 +432,39 @@ def _reject_duplicate_csv_header(raw: bytes, shown: str) -> None:
         header = next(csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"))), [])
     except csv.Error as error:
         raise DataSourceUnavailableError(f"data file {shown} is not readable CSV: {error}") from error
-    duplicated = sorted(name for name, count in Counter(header).items() if count > 1)
+    _reject_duplicated_names(header, f"data file {shown}")
+
+
+def _reject_duplicated_names(names: list[str], where: str) -> None:
+    duplicated = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicated:
-        names = ", ".join(_shorten(name) for name in duplicated[:10])
-        raise DataValidationError(f"data file {shown} has duplicated column names: {names}")
+        shown_names = ", ".join(_shorten(name) for name in duplicated[:10])
+        raise DataValidationError(f"{where} has duplicated column names: {shown_names}")
+
+
+def _reject_cells_holding_collections(frame: pd.DataFrame, where: str) -> None:
+    """Refuse a column whose cells hold lists, arrays or mappings (a Parquet list or struct column, a PostgreSQL array
+    or JSON column): such a column can be neither digested nor trained on. Only object columns can hold them."""
+    for position, dtype in enumerate(frame.dtypes):
+        if not pd.api.types.is_object_dtype(dtype):
+            continue
+        column = frame.iloc[:, position]
+        try:
+            pd.util.hash_pandas_object(column, index=False)
+        except TypeError:
+            row, value = next((row, value) for row, value in enumerate(column) if not _hashable(value))
+            raise DataValidationError(
+                f"{where}: column {_shorten(frame.columns[position])!r} holds {type(value).__name__} values "
+                f"(row {row}: {_shorten(repr(value))}); each cell must hold a single value"
+            ) from None
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _shorten(value: Any) -> str:
@@ -649,7 +690,9 @@ def validate_frame(
     labels = frame[label]
     if labels.isna().any():
         problems.append(f"label column {label!r} has {int(labels.isna().sum())} missing values")
+    # Only the classes that occur: a categorical label also counts its unused categories, with 0 rows each.
     counts = labels.dropna().value_counts()
+    counts = counts[counts > 0]
     if len(counts) < 2:
         found = ", ".join(map(str, counts.index)) or "none"
         problems.append(f"label column {label!r} has {len(counts)} class(es) ({found}); at least 2 are needed")

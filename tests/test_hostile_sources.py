@@ -130,6 +130,12 @@ def test_reading_a_sqlite_source_never_creates_or_changes_a_file(sqlite_source, 
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
+def test_a_sql_column_of_arrays_is_refused_naming_the_column(postgres_source):
+    url, _ = postgres_source
+    with pytest.raises(data.DataValidationError, match=r"column 'readings' holds list values \(row 0: \[1, 2\]\)"):
+        data.load_source(url, "SELECT ARRAY[1, 2] AS readings, target FROM cases")
+
+
 def test_a_missing_table_is_a_refusal_a_retry_cannot_cure(sql_source):
     url, _ = sql_source
     with pytest.raises(data.DataSourceError, match="nosuch") as missing_table:

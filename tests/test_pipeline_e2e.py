@@ -6,10 +6,13 @@ the registry as it found it, so none depends on what another test left behind be
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import production_markers
 
@@ -181,6 +184,23 @@ def _scarce_class() -> pd.DataFrame:
     return pd.concat([cancer[cancer["target"] == 0].head(3), cancer[cancer["target"] == 1]])
 
 
+def _as_parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _with_list_column() -> bytes:
+    frame = _cancer()
+    return _as_parquet(pa.Table.from_pandas(frame.assign(readings=[[1.0, 2.0]] * len(frame)), preserve_index=False))
+
+
+def _with_duplicated_parquet_columns() -> bytes:
+    frame = _cancer()
+    columns = [pa.array(frame["mean radius"]), pa.array(frame["mean radius"]), pa.array(frame["target"])]
+    return _as_parquet(pa.Table.from_arrays(columns, names=["mean radius", "mean radius", "target"]))
+
+
 BAD_DATA = {
     "missing label": ("csv", lambda: _as_csv(_cancer().drop(columns="target")), "label column 'target' is missing"),
     "one class": ("csv", lambda: _as_csv(_cancer().assign(target=1)), "has 1 class(es)"),
@@ -191,6 +211,16 @@ BAD_DATA = {
         "csv",
         lambda: b"mean radius,mean radius,target\n" + b"1.0,2.0,0\n" * 60,
         "duplicated column names: mean radius",
+    ),
+    "duplicated column names in Parquet": (
+        "parquet",
+        _with_duplicated_parquet_columns,
+        "has duplicated column names: mean radius",
+    ),
+    "list-valued column in Parquet": (
+        "parquet",
+        _with_list_column,
+        "column 'readings' holds ndarray values (row 0: array([1., 2.])); each cell must hold a single value",
     ),
     "unreadable file": ("parquet", lambda: b"PAR1 not parquet at all", "is not readable Parquet"),
     "schema unlike Production's": (
@@ -212,6 +242,8 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     assert run.state == "failed"
     failed = [task for task, outcome in run.tasks.items() if outcome.state == "failed"]
     assert failed in (["extract_data"], ["transform_data"])
+    # Only a file that may still be landing is tried again; a retry of anything else would fail the same way.
+    assert run.tasks[failed[0]].try_number == (2 if case == "unreadable file" else 1)
     output = capfd.readouterr().out
     assert message in output
     assert str(path) in output, "the error names the file"
@@ -232,6 +264,17 @@ def test_the_same_rows_in_another_order_are_no_new_data(airflow_db, mlops_env, m
     extracted = again.result("extract_data")
     assert (extracted["unchanged"], extracted["skipped_reason"]) == (True, "no new data")
     assert extracted["snapshot_uri"] == first.result("extract_data")["snapshot_uri"]
+    assert version_count(mlops_env) == 1
+
+
+def test_a_categorical_label_with_an_unused_category_trains_on_the_classes_it_has(airflow_db, mlops_env, tmp_path):
+    frame = _cancer()
+    names = pd.Categorical.from_codes(frame["target"], categories=["malignant", "benign", "unknown"])
+    source = tmp_path / "cases.parquet"
+    frame.assign(target=names).to_parquet(source, index=False)
+    run = run_dag(conf={"data_source": str(source)})
+    assert run.state == "success", run.tasks
+    assert sorted(run.result("transform_data")["classes"]) == ["benign", "malignant"]
     assert version_count(mlops_env) == 1
 
 
