@@ -201,9 +201,13 @@ def _load_bundled(name: str, label: str) -> pd.DataFrame:
     from sklearn import datasets
 
     loader = getattr(datasets, f"load_{name}")
-    bunch = loader(as_frame=True)
-    frame = bunch.frame.copy()
-    return frame.rename(columns={"target": label}) if label != "target" else frame
+    frame = loader(as_frame=True).frame.copy()
+    if label not in frame.columns:
+        raise DataValidationError(
+            f"label column {_shorten(label)!r} is not a column of the bundled data set sklearn:{name}; "
+            "its label column is 'target'"
+        )
+    return frame
 
 
 def class_names(source: str) -> dict[str, str]:

@@ -71,8 +71,9 @@ def held_back_batch(
     batch_rows: int = BATCH_ROWS,
     seed: int = RELEASE_SEED,
 ) -> pd.DataFrame:
-    """Batch ``number`` of the held-back data set: a fixed slice of a seeded permutation of its rows."""
-    frame = data.load_source(source, label=label)
+    """Batch ``number`` of the held-back data set: a fixed slice of a seeded permutation of its rows, its label
+    column named ``label``, as the pipeline reading the batches expects."""
+    frame = data.load_source(source).rename(columns={"target": label})
     plan = release_plan(len(frame), initial_rows, batch_rows)
     if not 0 <= number < len(plan):
         raise IngestError(f"batch {number} does not exist: {source} is released as batches 0 to {len(plan) - 1}")
@@ -80,8 +81,8 @@ def held_back_batch(
     return frame.iloc[order[plan[number].start : plan[number].stop]].reset_index(drop=True)
 
 
-def batch_total(source: str = HELD_BACK_SOURCE, label: str = "target") -> int:
-    return len(release_plan(len(data.load_source(source, label=label))))
+def batch_total(source: str = HELD_BACK_SOURCE) -> int:
+    return len(release_plan(len(data.load_source(source))))
 
 
 def parse_shift(shift: Mapping[str, Any] | str | None, features: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -168,7 +169,7 @@ def land(
     if earlier is not None and target.holds(earlier):
         log.info("batch %s was landed by an earlier try of %s", earlier["batch"], run_key)
         return {**earlier, "landed": True, "reason": "landed by an earlier try of this run"}
-    total = batch_total(label=settings.label_column)
+    total = batch_total()
     landed_numbers = {int(r["batch"]) for r in records}
     number = (max(landed_numbers) + 1 if landed_numbers else 0) if batch is None else int(batch)
     if batch is None and number >= total:

@@ -30,6 +30,15 @@ def test_bundled_source_is_the_breast_cancer_data(cancer):
     assert validate(cancer) == [c for c in cancer.columns if c != "target"]
 
 
+def test_a_label_the_bundled_data_set_does_not_have_is_refused():
+    with pytest.raises(
+        data.DataValidationError,
+        match="label column 'nosuch' is not a column of the bundled data set sklearn:breast_cancer; "
+        "its label column is 'target'",
+    ):
+        data.load_source("sklearn:breast_cancer", label="nosuch")
+
+
 def test_csv_parquet_and_sql_sources_read_the_same_content(cancer, tmp_path):
     csv_path, parquet_path, db_path = tmp_path / "d.csv", tmp_path / "d.parquet", tmp_path / "d.db"
     cancer.to_csv(csv_path, index=False)

@@ -83,6 +83,10 @@ def test_batches_partition_the_data_set_deterministically(cancer):
     combined = pd.concat(batches, ignore_index=True)
     assert len(combined.drop_duplicates()) == len(cancer) == 569
     pd.testing.assert_frame_equal(ingest.held_back_batch(3), batches[3])
+    # Landed for a pipeline whose label column has another name, a batch carries that name.
+    pd.testing.assert_frame_equal(
+        ingest.held_back_batch(3, label="diagnosis"), batches[3].rename(columns={"target": "diagnosis"})
+    )
     with pytest.raises(ingest.IngestError, match="batches 0 to 6"):
         ingest.held_back_batch(7)
 

@@ -142,6 +142,8 @@ def test_errors_a_check_can_catch_fail_before_training_without_retry(
 
 def _wrong_data_source(kind: str, tmp_path) -> dict[str, str]:
     """A data source that is wrong as configured, of the given kind, as a run's conf."""
+    if kind == "label the bundled data set lacks":
+        return {"data_source": "sklearn:breast_cancer", "label_column": "nosuch"}
     if kind == "missing file":
         return {"data_source": str(tmp_path / "nowhere" / "cases.csv")}
     if kind == "directory named like a file":
@@ -159,6 +161,7 @@ def _wrong_data_source(kind: str, tmp_path) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
+        ("label the bundled data set lacks", "label column 'nosuch' is not a column of the bundled data set"),
         ("missing file", "cases.csv does not exist"),
         ("directory named like a file", "cases.csv is a directory"),
         ("missing SQLite file", "cases.db does not exist"),
