@@ -6,8 +6,10 @@ module imports it. Each test gets its own MLflow store and data store under ``tm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -211,3 +213,33 @@ def server_env(mlflow_server: MlflowServer, mlops_env, monkeypatch: pytest.Monke
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     return Settings.from_env()
+
+
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A new database on the machine's PostgreSQL (trust authentication), dropped afterwards; yields its SQLAlchemy
+    URL. Skips the test where PostgreSQL does not answer."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(**POSTGRES, dbname="postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL at {POSTGRES['host']}:{POSTGRES['port']} with trust authentication: {error}")
+    database = f"{prefix}_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{database}"')
+    try:
+        yield f"postgresql+psycopg://{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{database}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
+
+
+def use_fresh_home(patch: pytest.MonkeyPatch, home: Path) -> None:
+    """Point the service at an empty home: no MLOPS_ setting of the outer environment (the retry delay aside), and a
+    SQLite MLflow store inside the home."""
+    for name in [n for n in os.environ if n.startswith("MLOPS_") and n != "MLOPS_RETRY_DELAY_SECONDS"]:
+        patch.delenv(name)
+    patch.setenv("MLOPS_HOME", str(home))
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")

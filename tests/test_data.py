@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import postgres_database
 
 from ml import data
 
@@ -110,32 +110,22 @@ def test_a_snapshot_named_by_the_digest_of_rows_in_order_is_still_read(cancer, t
 
 
 def test_rows_moved_on_disk_by_postgresql_are_the_same_data(cancer):
-    psycopg = pytest.importorskip("psycopg")
-    server = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-    try:
-        admin = psycopg.connect(**server, dbname="postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 with trust authentication: {error}")
-    database = f"wtdata_{secrets.token_hex(4)}"
-    admin.execute(f'CREATE DATABASE "{database}"')
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
-        import sqlalchemy
+    import sqlalchemy
 
+    with postgres_database("mlops_data") as url:
         engine = sqlalchemy.create_engine(url)
-        cancer.to_sql("cases", engine, index=False)
-        engine.dispose()
-        before = data.load_source(url, "cases")
-        with psycopg.connect(**server, dbname=database, autocommit=True) as connection:
-            # An update that changes nothing writes new row versions at the end of the table: a plain SELECT returns
-            # the rows in another order.
-            connection.execute("UPDATE cases SET target = target WHERE target = 0")
-        after = data.load_source(url, "cases")
-        assert not after.equals(before), "the rows did move"
-        assert data.content_digest(after) == data.content_digest(before) == data.content_digest(cancer)
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
+        try:
+            cancer.to_sql("cases", engine, index=False)
+            before = data.load_source(url, "cases")
+            with engine.begin() as connection:
+                # An update that changes nothing writes new row versions at the end of the table: a plain SELECT
+                # returns the rows in another order.
+                connection.execute(sqlalchemy.text("UPDATE cases SET target = target WHERE target = 0"))
+            after = data.load_source(url, "cases")
+        finally:
+            engine.dispose()
+    assert not after.equals(before), "the rows did move"
+    assert data.content_digest(after) == data.content_digest(before) == data.content_digest(cancer)
 
 
 def test_stored_frames_write_floats_plain_and_keep_every_dtype(tmp_path):

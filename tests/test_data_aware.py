@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines
+from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines, use_fresh_home
 
 from ml import data, ingest, registry
 from ml.assets import data_asset_uri
@@ -240,10 +240,7 @@ def loop(airflow_db, tmp_path_factory):
     in which the tests leave what later ones compare against."""
     root = tmp_path_factory.mktemp("data-aware")
     with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("MLOPS_") and n != "MLOPS_RETRY_DELAY_SECONDS"]:
-            patch.delenv(name)
-        patch.setenv("MLOPS_HOME", str(root / "mlops"))
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlops' / 'mlflow.db'}")
+        use_fresh_home(patch, root / "mlops")
         patch.setenv("MLOPS_DATA_SOURCE", str(root / "incoming") + "/")
         state = {"settings": Settings.from_env(), "asset_uri": (root / "incoming").as_uri()}
         try:

@@ -8,10 +8,9 @@ store, and check what the comparison was made on.
 
 from __future__ import annotations
 
-import os
-
 import pandas as pd
 import pytest
+from conftest import use_fresh_home
 
 from ml import data, evaluation, ingest, registry, steps, tags, tracking
 from ml.context import RunContext
@@ -34,10 +33,7 @@ def grown(tmp_path_factory):
     landed."""
     home = tmp_path_factory.mktemp("fair") / "mlops"
     with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("MLOPS_") and n != "MLOPS_RETRY_DELAY_SECONDS"]:
-            patch.delenv(name)
-        patch.setenv("MLOPS_HOME", str(home))
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        use_fresh_home(patch, home)
         patch.setenv("MLOPS_DATA_SOURCE", f"{home / 'incoming'}/")
         settings = Settings.from_env()
         for batch in (0, 1):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
-import secrets
 import signal
 import sqlite3
 import subprocess
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import PYTHON
+from conftest import PYTHON, postgres_database
 
 from ml import data
 from ml.redaction import mask_credentials
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 REFUSED = (data.DataSourceError, data.DataValidationError)
 
 WRITING_QUERIES = {
@@ -60,29 +58,20 @@ def sqlite_source(cancer, tmp_path) -> Iterator[tuple[str, Callable[[], int]]]:
 
 @pytest.fixture(scope="module")
 def postgres_source(cancer) -> Iterator[tuple[str, Callable[[], int]]]:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(**PG, dbname="postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} with trust authentication: {error}")
-    database = f"mlops_hostile_{secrets.token_hex(4)}"
-    admin.execute(f'CREATE DATABASE "{database}"')
-    url = f"postgresql+psycopg://{PG['user']}@{PG['host']}:{PG['port']}/{database}"
-    import sqlalchemy
+    with postgres_database("mlops_hostile") as url:
+        import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url)
-    cancer.to_sql("cases", engine, index=False)
-    engine.dispose()
+        engine = sqlalchemy.create_engine(url)
+        cancer.to_sql("cases", engine, index=False)
 
-    def rows() -> int:
-        with psycopg.connect(**PG, dbname=database) as connection:
-            return connection.execute("SELECT count(*) FROM cases").fetchone()[0]
+        def rows() -> int:
+            with engine.connect() as connection:
+                return connection.execute(sqlalchemy.text("SELECT count(*) FROM cases")).scalar_one()
 
-    try:
-        yield url, rows
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
+        try:
+            yield url, rows
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

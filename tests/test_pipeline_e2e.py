@@ -7,14 +7,13 @@ the registry as it found it, so none depends on what another test left behind be
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import production_markers
+from conftest import production_markers, use_fresh_home
 
 import mlflow
 from ml import registry
@@ -33,10 +32,7 @@ def baseline(airflow_db, tmp_path_factory):
     """A fresh SQLite MLflow store and the first pipeline run against it."""
     home = tmp_path_factory.mktemp("e2e") / "mlops"
     with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("MLOPS_") and n != "MLOPS_RETRY_DELAY_SECONDS"]:
-            patch.delenv(name)
-        patch.setenv("MLOPS_HOME", str(home))
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        use_fresh_home(patch, home)
         # Every run here trains on the same bundled data: force_retrain, or all but the first end with "no new data".
         patch.setenv("MLOPS_FORCE_RETRAIN", "true")
         settings = Settings.from_env()
