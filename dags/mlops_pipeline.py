@@ -107,13 +107,12 @@ def training_pipeline():
 
         return tasks.validate_model(train_result, context)
 
+    # Runs when validate_model was skipped too, so it reads validate_model's verdict from XCom itself: a skipped
+    # validate_model leaves none, and Airflow logs an argument bound to a missing XCom as an error.
     @task(task_id="deploy_model", trigger_rule="none_failed")
     def deploy_model(**context):
-        """Promote a passing version to Production (stage and alias) and check that it serves.
-
-        Runs when validate_model was skipped too, so it reads validate_model's verdict from XCom itself: a skipped
-        validate_model leaves none, and Airflow logs an argument bound to a missing XCom as an error.
-        """
+        """Promote a version that passed validation to Production (stage and alias), then check that the deployed
+        model serves as validated. Skipped when there is nothing to promote."""
         from ml import tasks
 
         return tasks.deploy_model(context)
@@ -125,14 +124,13 @@ def training_pipeline():
 
         return tasks.archive_model(deploy_result, context)
 
+    # Runs whatever happened upstream, so it reads deploy_model's result from XCom itself: a failed deploy_model
+    # leaves none, and an argument bound to it would fail this task before it could roll anything back. Likewise
+    # validate_model and deploy_model read transform_data's split from XCom, keeping the contract's graph.
     @task(task_id="rollback_model", trigger_rule="all_done")
     def rollback_model(**context):
-        """Restore the previous Production version unless this run deployed a healthy new one.
-
-        Runs whatever happened upstream, so it reads deploy_model's result from XCom itself: a failed deploy_model
-        leaves none, and an argument bound to it would fail this task before it could roll anything back. Likewise
-        validate_model and deploy_model read transform_data's split from XCom, keeping the contract's graph.
-        """
+        """Restore the previous Production version unless this run ended with a healthy new one. Runs whatever
+        happened before it; green only when it rolled something back, and it writes the run's note."""
         from ml import tasks
 
         return tasks.rollback_model(context)
