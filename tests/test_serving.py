@@ -613,6 +613,27 @@ def test_tracking_uri_credentials_never_show_in_responses_or_logs(mlflow_server,
     assert password not in shown
 
 
+@pytest.mark.slow
+def test_the_open_probe_leaves_error_texts_to_callers_with_the_token(
+    mlflow_server, server_env, saved_models, tmp_path, monkeypatch
+):
+    """/health answers without a token (orchestrators' probes carry none), so it says what state the server is in but
+    not the errors' texts, which name internal addresses and user names."""
+    promote_logged_model(server_env, saved_models["real"].path)
+    monkeypatch.setenv("MLOPS_SERVING_TOKEN", TOKEN)
+    with model_server(server_env, tmp_path) as server:
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
+        mlflow_server.stop()
+        wait_until(lambda: server.health()["registry"]["reachable"] is False, 30, "noticing the outage")
+        open_probe = httpx.get(f"{server.url}/health", timeout=10).json()
+        with_token = httpx.get(f"{server.url}/health", headers={"authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+        mlflow_server.start()
+    assert (open_probe["status"], open_probe["registry"]["reachable"]) == ("degraded", False)
+    assert open_probe["registry"]["last_error"] == "an error; send the bearer token for its text"
+    assert str(mlflow_server.port) not in json.dumps(open_probe)
+    assert f"127.0.0.1:{mlflow_server.port}" in with_token["registry"]["last_error"]
+
+
 @pytest.fixture
 def basic_auth_mlflow(tmp_path) -> Iterator[dict[str, Any]]:
     """MLflow with basic-auth started as the stack's image starts it (mlflow/entrypoint.sh), with a read-only user."""

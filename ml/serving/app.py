@@ -71,6 +71,17 @@ VERSION_HEADER = b"x-model-version"
 ROUTES = {"/invocations": "POST", "/ping": "GET", "/health": "GET", "/version": "GET", "/metrics": "GET"}
 # Probes answer without a token: orchestrators' health checks carry none, and they reveal no data or secret.
 OPEN_PATHS = frozenset({"/ping", "/health"})
+HIDDEN_ERROR = "an error; send the bearer token for its text"
+
+
+def _without_error_texts(health: dict[str, Any]) -> dict[str, Any]:
+    """``/health`` for a caller without the token: the states alone. An error's text names internal addresses, paths
+    and user names, which an open probe must not hand out."""
+    registry = dict(health["registry"])
+    if registry.get("last_error"):
+        registry["last_error"] = HIDDEN_ERROR
+    return {**health, "registry": registry, "last_error": HIDDEN_ERROR if health.get("last_error") else None}
+
 
 # The follower is its own retry loop: it polls again within seconds and retries a failed load with backoff. The MLflow
 # client's retries (seven, with exponential backoff, and a 120 s timeout by default) would only hold a poll for
@@ -169,7 +180,10 @@ class ModelServer:
             page = self.metrics.render(model, self.follower.status)
             return Response(200, page.encode(), content_type=metrics.CONTENT_TYPE)
         if path == "/health":
-            return Response(200 if model else 503, mask_credentials(json.dumps(self.follower.health())).encode())
+            health = self.follower.health()
+            if not self._authorized(scope):
+                health = _without_error_texts(health)
+            return Response(200 if model else 503, mask_credentials(json.dumps(health)).encode())
         if model is None:
             return error_response(503, "MODEL_NOT_LOADED", self._not_loaded_message())
         if path == "/version":
@@ -188,6 +202,7 @@ class ModelServer:
         return json_response(200, {"predictions": _jsonable(predictions)})
 
     def _authorized(self, scope: Scope) -> bool:
+        """Whether the request carries the server's token; every request is, without one."""
         if self._expected_authorization is None:
             return True
         given = _header(scope, b"authorization").encode("latin-1")
