@@ -104,6 +104,16 @@ def whole_held_out(rows: int, why: str) -> ComparisonRows:
     return ComparisonRows(np.ones(rows, dtype=bool), 0, False, f"the whole held-out set ({rows} rows): {why}")
 
 
+def held_out_by_both(rows: int, champion_version: int) -> ComparisonRows:
+    """The comparison on every held-out row when Production trained on this run's own split: it saw none of them."""
+    return ComparisonRows(
+        np.ones(rows, dtype=bool),
+        0,
+        True,
+        f"the whole held-out set ({rows} rows): Production version {champion_version} trained on this same split",
+    )
+
+
 def rows_unseen_by_champion(
     held_out: pd.DataFrame,
     trained_on: pd.DataFrame,

@@ -334,7 +334,7 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
 
     champion_accuracy = comparison = compared_accuracy = None
     if champion is not None and champion.version != version and settings.compare_with_champion:
-        comparison = _comparison_rows(settings, champion, test_frame, features, label)
+        comparison = _comparison_rows(settings, champion, split, test_frame, features, label)
         compared = test_frame[comparison.used]
         champion_accuracy = _score_champion(mlflow, name, champion, compared, features, label)
         compared_accuracy = evaluation.score(predictions[comparison.used], compared[label])["accuracy"]
@@ -420,7 +420,12 @@ def _no_longer_promotable(registered: registry.VersionInfo, champion: registry.V
 
 
 def _comparison_rows(
-    settings: Settings, champion: registry.VersionInfo, test_frame: Any, features: list[str], label: str
+    settings: Settings,
+    champion: registry.VersionInfo,
+    split: TransformResult,
+    test_frame: Any,
+    features: list[str],
+    label: str,
 ) -> evaluation.ComparisonRows:
     """The held-out rows to compare the candidate and Production on: those Production did not train on.
 
@@ -428,7 +433,11 @@ def _comparison_rows(
     on the whole held-out set.
     """
     train_uri = champion.tags.get(tags.DATA_TRAIN_SPLIT_URI)
-    if not train_uri:
+    if train_uri and train_uri == split.train_uri:
+        # Production trained on this very split (a forced retrain, say): its held-out rows were held out from it too,
+        # and reading its training split to say so would cost a full read on large data.
+        comparison = evaluation.held_out_by_both(len(test_frame), champion.version)
+    elif not train_uri:
         comparison = evaluation.whole_held_out(
             len(test_frame),
             f"Production version {champion.version} has no record of its training split (it was registered before "

@@ -106,6 +106,21 @@ def test_a_production_version_without_a_recorded_split_is_compared_on_the_whole_
     )
 
 
+def test_a_candidate_split_as_production_was_is_compared_on_every_held_out_row_without_reading_its_split(
+    grown, monkeypatch
+):
+    """Production trained on this very split (a forced retrain on unchanged data): none of the held-out rows is one it
+    saw, and its training split, a full read on large data, is not read to learn that."""
+    settings, first, _, trained, _ = grown
+    read = []
+    monkeypatch.setattr(data, "read_frame", lambda uri, reader=data.read_frame: read.append(uri) or reader(uri))
+    validated = steps.validate(settings, RunContext("mlops_pipeline", "again", 1, {}), trained, first)
+    assert first.train_uri not in read and read == [first.test_uri]
+    held_out = len(data.read_frame(first.test_uri))
+    assert (validated.comparison_rows, validated.comparison_excluded_rows) == (held_out, 0)
+    assert validated.comparison_note.endswith("Production version 1 trained on this same split")
+
+
 def _frame(rows: list[tuple[float, int]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["x", "target"]).astype({"x": "float64"})
 
