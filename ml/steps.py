@@ -334,7 +334,7 @@ def validate(settings: Settings, run: RunContext, trained: TrainResult, split: T
 
     champion_accuracy = comparison = compared_accuracy = None
     if champion is not None and champion.version != version and settings.compare_with_champion:
-        comparison = _comparison_rows(settings, champion, split, test_frame, features, label)
+        comparison = _comparison_rows(settings, client, champion, split, test_frame, features, label)
         compared = test_frame[comparison.used]
         champion_accuracy = _score_champion(mlflow, name, champion, compared, features, label)
         compared_accuracy = evaluation.score(predictions[comparison.used], compared[label])["accuracy"]
@@ -421,6 +421,7 @@ def _no_longer_promotable(registered: registry.VersionInfo, champion: registry.V
 
 def _comparison_rows(
     settings: Settings,
+    client: Any,
     champion: registry.VersionInfo,
     split: TransformResult,
     test_frame: Any,
@@ -433,7 +434,7 @@ def _comparison_rows(
     on the whole held-out set.
     """
     train_uri = champion.tags.get(tags.DATA_TRAIN_SPLIT_URI)
-    if train_uri and train_uri == split.train_uri:
+    if train_uri and _split_as_production_was(settings, client, champion, split):
         # Production trained on this very split (a forced retrain, say): its held-out rows were held out from it too,
         # and reading its training split to say so would cost a full read on large data.
         comparison = evaluation.held_out_by_both(len(test_frame), champion.version)
@@ -464,6 +465,19 @@ def _comparison_rows(
     else:
         log.warning("comparing with Production version %s on %s", champion.version, comparison.note)
     return comparison
+
+
+def _split_as_production_was(
+    settings: Settings, client: Any, champion: registry.VersionInfo, split: TransformResult
+) -> bool:
+    """Whether this run's split is the one Production trained on: the split is seeded, so the same snapshot split
+    with the same seed, held-out share and label gives the same rows."""
+    if champion.tags.get(tags.DATA_DIGEST) != split.digest or not champion.run_id:
+        return False
+    logged = client.get_run(champion.run_id).data.params
+    return all(
+        logged.get(name) == str(getattr(settings, name)) for name in ("random_seed", "test_size", "label_column")
+    )
 
 
 def _score_champion(
