@@ -173,9 +173,13 @@ def column_differences(expected: list[str], actual: list[str]) -> str:
     """ "; missing: a, b; unexpected: c" for the columns ``actual`` lacks and adds; "" when they agree."""
     missing = [c for c in expected if c not in actual]
     extra = [c for c in actual if c not in expected]
-    return (f"; missing: {', '.join(missing)}" if missing else "") + (
-        f"; unexpected: {', '.join(extra)}" if extra else ""
-    )
+    return (f"; missing: {_some(missing)}" if missing else "") + (f"; unexpected: {_some(extra)}" if extra else "")
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    """The first names, and how many more: a wide table's difference stays one readable line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(_shorten(name) for name in names[:shown]) + more
 
 
 def _load_folder(uri: str) -> pd.DataFrame:

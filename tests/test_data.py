@@ -270,3 +270,15 @@ def test_split_is_stratified_seeded_and_stored(cancer, tmp_path):
     pd.testing.assert_frame_equal(test, data.read_frame(again.test_uri))
     assert abs(train["target"].mean() - test["target"].mean()) < 0.01
     assert all(train[c].dtype == np.float64 for c in features)
+
+
+def test_a_wide_table_unlike_production_is_named_in_one_readable_line(cancer):
+    """Another data set entirely (iris against breast cancer): the first ten names of each side, and how many more."""
+    expected = [c for c in cancer.columns if c != "target"]
+    other = pd.DataFrame({f"feature {i}": [0.0, 1.0] * 30 for i in range(25)}).assign(target=[0, 1] * 30)
+    with pytest.raises(data.DataValidationError) as refused:
+        validate(other, expected_features=expected)
+    message = str(refused.value)
+    assert "missing: mean radius, mean texture" in message and "mean fractal dimension and 20 more;" in message
+    assert "unexpected: feature 0, feature 1" in message and "feature 9 and 15 more" in message
+    assert "worst symmetry" not in message

@@ -251,16 +251,33 @@ class InputSchema:
             if self.shared_dtype is not None:
                 # One 2-D array is about five times faster to turn into a frame than one array per column.
                 values = np.array(rows, dtype=self.shared_dtype)
-                return pd.DataFrame(values, columns=list(self.columns), copy=False)
-            by_column = zip(*rows, strict=True)
-            return pd.DataFrame(
-                {
-                    name: np.array(values, dtype=column_type.dtype)
-                    for name, column_type, values in zip(self.columns, self.types, by_column, strict=True)
-                }
-            )
+                frame = pd.DataFrame(values, columns=list(self.columns), copy=False)
+            else:
+                by_column = zip(*rows, strict=True)
+                frame = pd.DataFrame(
+                    {
+                        name: np.array(values, dtype=column_type.dtype)
+                        for name, column_type, values in zip(self.columns, self.types, by_column, strict=True)
+                    }
+                )
         except (TypeError, ValueError, OverflowError) as error:
             raise InputError(f"the values do not fit the signature's types: {error}") from error
+        _refuse_infinities(frame)
+        return frame
+
+
+def _refuse_infinities(frame: pd.DataFrame) -> None:
+    """A model scores finite numbers (a missing one is null); JSON's 1e999 and CSV's "inf" read as infinity."""
+    numbers = frame.select_dtypes(include="floating")
+    if numbers.empty:
+        return
+    infinite = np.isinf(numbers.to_numpy())
+    if infinite.any():
+        row, column = (int(index) for index in np.argwhere(infinite)[0])
+        raise InputError(
+            f"column {numbers.columns[column]!r} holds an infinite number in row {row}; "
+            "send finite numbers, or null for a missing value"
+        )
 
 
 def _media_type(content_type: str) -> str:
