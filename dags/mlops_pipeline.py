@@ -47,8 +47,9 @@ version.
 | archive_model | writes the deployment record onto the version as tags |
 | rollback_model | restores the previous Production version unless the new one is deployed and healthy |
 
-Every parameter of the trigger form overrides the service's setting for this run only; an empty field keeps the
-service's setting. Any other name in a run's `conf` is refused: checks, hooks, stores and names are the deployment's.
+Every parameter of the trigger form overrides the service's setting for this run only; the form opens on the
+service's settings, and a `conf` that leaves a parameter out keeps it. Any other name in a run's `conf` is refused:
+checks, hooks, stores and names are the deployment's.
 Each task is stopped after `MLOPS_TASK_TIMEOUT_SECONDS` (one hour by default).
 
 #### Data-aware
