@@ -484,21 +484,26 @@ def content_digest(frame: pd.DataFrame) -> str:
     """A digest of the content: column names, dtypes and the rows, independent of the row index, the rows' order and
     the file format. A table whose rows moved on disk (an UPDATE setting a value to itself, a VACUUM FULL) or a file
     written in another order holds the same data; a duplicated row is still a row more."""
-    hasher = hashlib.sha256()
-    for name, dtype in frame.dtypes.items():
-        hasher.update(f"{name}\x1f{dtype}\x1e".encode())
-    hasher.update(np.sort(pd.util.hash_pandas_object(frame, index=False).to_numpy()).tobytes())
-    return hasher.hexdigest()
+    return _digest(frame, np.sort(row_hashes(frame)))
 
 
 def _digest_of_rows_in_order(frame: pd.DataFrame) -> str:
     """The digest snapshots were named by before ``content_digest`` left the order of the rows out. A snapshot stored
     then, such as the one a Production version trained before the upgrade refers to, is still checked against its
     name: drift is measured against it as before."""
+    return _digest(frame, row_hashes(frame))
+
+
+def row_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """One 64-bit hash per row, of its values alone: the same row hashes alike in any frame, whatever its index."""
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def _digest(frame: pd.DataFrame, hashes: np.ndarray) -> str:
     hasher = hashlib.sha256()
     for name, dtype in frame.dtypes.items():
         hasher.update(f"{name}\x1f{dtype}\x1e".encode())
-    hasher.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    hasher.update(hashes.tobytes())
     return hasher.hexdigest()
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
+from ml import data
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -144,7 +146,7 @@ def rows_unseen_by_champion(
         return whole_held_out(
             len(held_out), f"the training split of Production version {champion_version} cannot be matched ({error})"
         )
-    seen = np.isin(_row_hashes(held_out[columns]), _row_hashes(reference))
+    seen = np.isin(data.row_hashes(held_out[columns]), data.row_hashes(reference))
     unseen, excluded = ~seen, int(seen.sum())
     short = _short_classes(held_out[label], unseen, min_rows_per_class)
     if short:
@@ -161,11 +163,6 @@ def rows_unseen_by_champion(
         else f"all {len(held_out)} held-out rows: Production version {champion_version} trained on none of them"
     )
     return ComparisonRows(unseen, excluded, True, note)
-
-
-def _row_hashes(frame: pd.DataFrame) -> np.ndarray:
-    """One hash per row of its values alone: the same row hashes alike in any split, whatever its index."""
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
 
 
 def _short_classes(labels: pd.Series, used: np.ndarray, min_rows_per_class: int) -> str:
