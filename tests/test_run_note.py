@@ -13,43 +13,28 @@ HEALTHY = {
 }
 
 
-def test_a_promotion_names_version_accuracy_threshold_and_links():
-    note = compose(
+def _promotion_of_v3(**compared: float) -> str:
+    """The note of a run that promoted v3 with accuracy 0.97368 over Production v2, compared as ``compared`` says."""
+    return compose(
         extract={"digest": "ab" * 32},
         train={"run_id": "r123", "model_version": 3},
-        validation={
-            "validation": "passed",
-            "accuracy": 0.97368,
-            "threshold": 0.8,
-            "champion_version": 2,
-            "champion_accuracy": 0.9649,
-        },
+        validation={"validation": "passed", "accuracy": 0.97368, "threshold": 0.8, "champion_version": 2, **compared},
         deploy={"deployed": True, "version": 3},
         rollback=HEALTHY,
         links=LINKS,
     )
+
+
+def test_a_promotion_names_version_accuracy_threshold_and_links():
+    note = _promotion_of_v3(champion_accuracy=0.9649)
     assert note.startswith("**v3 promoted**, accuracy 0.9737 (threshold 0.80, Production v2 had 0.9649).")
     assert "[MLflow run](http://mlflow.example:5000/#/experiments/7/runs/r123?workflowType=machine_learning)" in note
     assert "[clf v3](http://mlflow.example:5000/#/models/clf/versions/3?workflowType=machine_learning)" in note
 
 
 def test_a_promotion_compared_on_the_rows_production_never_saw_gives_both_scores_on_them():
-    note = compose(
-        extract={"digest": "ab" * 32},
-        train={"run_id": "r123", "model_version": 3},
-        validation={
-            "validation": "passed",
-            "accuracy": 0.97368,
-            "threshold": 0.8,
-            "champion_version": 2,
-            "champion_accuracy": 0.9123,
-            "comparison_rows": 57,
-            "comparison_excluded_rows": 17,
-            "comparison_accuracy": 0.96491,
-        },
-        deploy={"deployed": True, "version": 3},
-        rollback=HEALTHY,
-        links=LINKS,
+    note = _promotion_of_v3(
+        champion_accuracy=0.9123, comparison_rows=57, comparison_excluded_rows=17, comparison_accuracy=0.96491
     )
     assert note.startswith(
         "**v3 promoted**, accuracy 0.9737 (threshold 0.80; on the 57 held-out rows Production v2 did not train on, "
