@@ -11,14 +11,13 @@ import hashlib
 import io
 import logging
 import math
-import os
 import re
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import fsspec
@@ -30,9 +29,6 @@ from sklearn.model_selection import train_test_split
 from ml.redaction import mask_credentials
 from ml.settings import SQL_SCHEMES, url_scheme
 
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
-
 log = logging.getLogger(__name__)
 
 BUNDLED_DATASETS = ("breast_cancer", "iris", "wine")
@@ -41,10 +37,6 @@ SNAPSHOT_NAME = re.compile(r"(?:^|/)snapshots/(?P<digest>[0-9a-f]{64})\.parquet$
 LONGEST_ECHOED_VALUE = 40
 # A file is empty when it holds nothing but white space; a local Parquet file is looked at this far to tell.
 EMPTY_FILE_PEEK = 4096
-# Beside each snapshot, the sha256 of its file's bytes, hashed as they were written.
-FILE_HASH_SUFFIX = ".sha256"
-# Checking a snapshot's file against its hash reads this much at a time: memory stays flat whatever its size.
-HASH_CHUNK_BYTES = 8 << 20
 
 
 class DataSourceError(ValueError):
@@ -54,11 +46,12 @@ class DataSourceError(ValueError):
 
 class DataSourceUnavailableError(DataSourceError):
     """The data source could not be read this time, in a way that may pass: a database or remote store that does not
-    answer, a dropped connection, a timeout, a file that is unreadable while it may still be landing."""
+    answer, a dropped connection, a timeout, a file cut short as one still being written is."""
 
 
 class DataValidationError(ValueError):
-    """The data was read but cannot be trained on; the message names every problem found."""
+    """The data was read but cannot be trained on, or its content cannot be parsed (a CSV file that is not UTF-8, a
+    file that is not Parquet); the message names every problem found."""
 
 
 class SnapshotDigestError(DataSourceError):
@@ -382,10 +375,7 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
         try:
             frame = pd.read_csv(io.BytesIO(raw))
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-            # Unreadable now, perhaps because the file is still being written: another try may pass.
-            raise DataSourceUnavailableError(
-                f"data file {shown} is not readable CSV: {_parse_failure(error)}"
-            ) from error
+            raise _csv_failure(raw, shown, error) from error
         if frame.shape[1] < 2:
             # One column means no delimiter in the first line: most likely not CSV at all, and its "column name"
             # would be the file's first line, which must not be echoed.
@@ -418,12 +408,59 @@ def _read_parquet(handle: Any, shown: str) -> pd.DataFrame:
     except DataValidationError:
         raise
     except Exception as error:
-        # Unreadable now, perhaps because the file is still being written: another try may pass.
-        raise DataSourceUnavailableError(
-            f"data file {shown} is not readable Parquet: {_parse_failure(error)}"
-        ) from error
+        raise _parquet_failure(handle, f"data file {shown}", error) from error
     _reject_cells_holding_collections(frame, f"data file {shown}")
     return frame
+
+
+# Which files a parser refuses are retried. A file still being written (copied, uploaded, appended to) is cut short, and
+# only a cut that shows can be told from a finished file: a CSV ending inside a quoted field or inside a character, a
+# Parquet file that begins like one but lacks the footer it ends with. Those are retried once, after retry_delay: the
+# writer may have finished by then (a file that stays cut short fails then). A CSV cut at the end of a line parses and
+# is validated as it stands. Any other fault is in the content (bytes that are not UTF-8, a row with more fields than
+# the header, a file that is not Parquet at all, a finished Parquet file that is corrupt): reading it again gives the
+# same answer, so it is refused at once, as bad data.
+CSV_CUT_SHORT = ("EOF inside string", "EOF following escape character")
+PARQUET_MAGIC = b"PAR1"
+
+
+def _csv_failure(raw: bytes, shown: str, error: Exception) -> DataSourceError | DataValidationError:
+    """Why a CSV file could not be parsed, as a retry (a file cut short) or a refusal (bad content)."""
+    if isinstance(error, UnicodeDecodeError):
+        # pandas decodes in chunks and gives offsets within one; decoding the whole file names the byte in the file.
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as whole:
+            error = whole
+    cut_short = (
+        isinstance(error, UnicodeDecodeError) and error.end == len(raw) and error.reason == "unexpected end of data"
+    ) or (isinstance(error, pd.errors.ParserError) and any(cut in str(error) for cut in CSV_CUT_SHORT))
+    if cut_short:
+        return DataSourceUnavailableError(
+            f"data file {shown} is not readable CSV yet: it ends in the middle of a "
+            f"{'character' if isinstance(error, UnicodeDecodeError) else 'quoted field'}, as a file still being "
+            "written does"
+        )
+    return DataValidationError(f"data file {shown} is not readable CSV: {_parse_failure(error)}")
+
+
+def _parquet_failure(handle: Any, where: str, error: Exception) -> DataSourceError | DataValidationError:
+    """Why a Parquet file could not be parsed, as a retry (a file cut short) or a refusal (bad content)."""
+    try:
+        handle.seek(0)
+        head = handle.read(len(PARQUET_MAGIC))
+        handle.seek(max(handle.seek(0, io.SEEK_END) - len(PARQUET_MAGIC), 0))
+        tail = handle.read(len(PARQUET_MAGIC))
+    except OSError as unreadable:
+        return DataSourceUnavailableError(f"{where} cannot be read: {_parse_failure(unreadable)}")
+    if head != PARQUET_MAGIC:
+        return DataValidationError(f"{where} is not a Parquet file: it does not begin with {PARQUET_MAGIC.decode()}")
+    if tail != PARQUET_MAGIC:
+        return DataSourceUnavailableError(
+            f"{where} is not readable Parquet yet: it lacks the footer a Parquet file ends with, as a file still "
+            "being written does"
+        )
+    return DataValidationError(f"{where} is not readable Parquet: {_parse_failure(error)}")
 
 
 def _parse_failure(error: Exception) -> str:
@@ -439,7 +476,7 @@ def _reject_duplicate_csv_header(raw: bytes, shown: str) -> None:
     try:
         header = next(csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"))), [])
     except csv.Error as error:
-        raise DataSourceUnavailableError(f"data file {shown} is not readable CSV: {error}") from error
+        raise DataValidationError(f"data file {shown} is not readable CSV: {error}") from error
     _reject_duplicated_names(header, f"data file {shown}")
 
 
@@ -487,11 +524,12 @@ def content_digest(frame: pd.DataFrame) -> str:
     return _digest(frame, np.sort(row_hashes(frame)))
 
 
-def _digest_of_rows_in_order(frame: pd.DataFrame) -> str:
-    """The digest snapshots were named by before ``content_digest`` left the order of the rows out. A snapshot stored
-    then, such as the one a Production version trained before the upgrade refers to, is still checked against its
-    name: drift is measured against it as before."""
-    return _digest(frame, row_hashes(frame))
+def holds_content(frame: pd.DataFrame, digest: str) -> bool:
+    """Whether the frame holds the content ``digest`` names: its content digest or, for a snapshot named before
+    ``content_digest`` left the order of the rows out (such as the one a Production version trained before that change
+    refers to), the digest of its rows in order. Both come from one hashing of the rows."""
+    hashes = row_hashes(frame)
+    return _digest(frame, np.sort(hashes)) == digest or _digest(frame, hashes) == digest
 
 
 def row_hashes(frame: pd.DataFrame) -> np.ndarray:
@@ -507,24 +545,7 @@ def _digest(frame: pd.DataFrame, hashes: np.ndarray) -> str:
     return hasher.hexdigest()
 
 
-class _HashingWriter(io.RawIOBase):
-    """A file being written, hashing its bytes on their way: a Parquet file is written front to back, so the hash is
-    the file's without reading it again."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        super().__init__()
-        self._handle = handle
-        self.sha256 = hashlib.sha256()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: ReadableBuffer) -> int:
-        self.sha256.update(data)
-        return self._handle.write(data)
-
-
-def to_parquet(frame: pd.DataFrame, handle: BinaryIO | io.RawIOBase) -> None:
+def to_parquet(frame: pd.DataFrame, handle: BinaryIO) -> None:
     """Write the frame as Parquet, without its index; floating-point columns skip dictionary encoding.
 
     Measured values rarely repeat, so a dictionary of them overflows and is dropped, after costing more than the rest
@@ -542,19 +563,6 @@ def write_frame(frame: pd.DataFrame, uri: str) -> None:
     _write_atomically(uri, lambda handle: to_parquet(frame, handle))
 
 
-def _write_hashed(frame: pd.DataFrame, uri: str) -> str:
-    """Write as ``write_frame`` does; returns the sha256 of the file's bytes."""
-    hashed: list[str] = []
-
-    def write(handle: BinaryIO) -> None:
-        writer = _HashingWriter(handle)
-        to_parquet(frame, writer)
-        hashed.append(writer.sha256.hexdigest())
-
-    _write_atomically(uri, write)
-    return hashed[0]
-
-
 def _write_atomically(uri: str, write: Callable[[BinaryIO], None]) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     parent = fs._parent(path)
@@ -570,34 +578,34 @@ def _write_atomically(uri: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def read_frame(uri: str) -> pd.DataFrame:
-    """Read a stored frame; a snapshot (named by its content digest) is checked against its name.
-
-    A local snapshot this process wrote or checked, unchanged since, is not hashed again (see ``_intact_here``).
-    """
+    """Read a stored frame. A snapshot is checked on every read against the content digest it is named by, from the
+    frame read (its file is read once): whatever lies beside it, only its content can vouch for it."""
     shown = mask_credentials(uri)
     named = SNAPSHOT_NAME.search(uri)
-    seen = _local_identity(uri) if named else None
     try:
         with fsspec.open(uri, "rb") as handle:
-            frame = pd.read_parquet(handle)
+            try:
+                frame = pd.read_parquet(handle)
+            except Exception as error:
+                if named:
+                    raise SnapshotDigestError(
+                        f"snapshot {shown} is damaged ({_parse_failure(error)}); the next extract_data replaces it"
+                    ) from error
+                raise _parquet_failure(handle, f"data store object {shown}", error) from error
     except FileNotFoundError as error:
         raise DataSourceError(
             f"data store object {shown} does not exist; was it written by an earlier task?"
         ) from error
-    except Exception as error:
-        if named:
-            raise SnapshotDigestError(
-                f"snapshot {shown} is damaged ({_parse_failure(error)}); the next extract_data replaces it"
-            ) from error
+    except (DataSourceError, DataValidationError):
+        raise
+    except Exception as error:  # a store that does not answer: another try may pass
         raise DataSourceUnavailableError(
-            f"data store object {shown} is not readable Parquet: {_parse_failure(error)}"
+            f"cannot read data store object {shown}: {mask_credentials(str(error))}"
         ) from error
-    if named and not (seen is not None and _intact_here.get(uri) == seen):
-        if content_digest(frame) != named["digest"] and _digest_of_rows_in_order(frame) != named["digest"]:
-            raise SnapshotDigestError(
-                f"snapshot {shown} does not hold the content its name promises; the next extract_data replaces it"
-            )
-        _remember_intact(uri, seen)
+    if named and not holds_content(frame, named["digest"]):
+        raise SnapshotDigestError(
+            f"snapshot {shown} does not hold the content its name promises; the next extract_data replaces it"
+        )
     return frame
 
 
@@ -609,70 +617,23 @@ def write_snapshot(frame: pd.DataFrame, data_store: str) -> Snapshot:
     """Store the frame under its content digest: re-extracting unchanged data writes nothing new.
 
     The same rows in another order have the same digest, and the snapshot already at that address is kept: every run
-    on that data reads, splits and trains on the same file, whatever order the source returned the rows in.
-
-    Beside the file lies the sha256 of its bytes, hashed while they were written. A file already at the address is
-    checked against it, which costs a pass over the file's bytes instead of reading the frame back and hashing its
-    content; a file that fails the check, or has no hash beside it, is written again: it may be damaged (a write killed
-    by an older version, a bad disk, a hand edit), and writing it costs no more than checking it in full.
+    on that data reads, splits and trains on the same file, whatever order the source returned the rows in. It is
+    kept only if it is read back and holds that content; one that does not (a write killed by an older version, a bad
+    disk, a hand edit, a file replaced on purpose) is written again. Nothing recorded beside the file could vouch for
+    it instead: whoever can replace the file can replace that too.
     """
     digest = content_digest(frame)
     uri = store_uri(data_store, "snapshots", f"{digest}.parquet")
     snapshot = Snapshot(uri=uri, digest=digest, rows=len(frame), columns=[str(c) for c in frame.columns])
-    seen = _local_identity(uri)
-    if _matches_recorded_hash(uri):
-        _remember_intact(uri, seen)
-        return snapshot
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.exists(path):
-        log.warning("snapshot %s does not match the hash recorded beside it, or has none; writing it again", uri)
-    file_hash = _write_hashed(frame, uri)
-    _write_atomically(uri + FILE_HASH_SUFFIX, lambda handle: _write_text(handle, file_hash))
-    _remember_intact(uri, _local_identity(uri))
+        try:
+            read_frame(uri)
+            return snapshot
+        except SnapshotDigestError as damage:
+            log.warning("writing snapshot %s again: %s", mask_credentials(uri), damage)
+    write_frame(frame, uri)
     return snapshot
-
-
-def _write_text(handle: BinaryIO, text: str) -> None:
-    handle.write(text.encode())
-
-
-def _matches_recorded_hash(uri: str) -> bool:
-    """Whether the file at ``uri`` and the hash recorded beside it when it was written both exist and agree."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    try:
-        with fs.open(path + FILE_HASH_SUFFIX, "rb") as handle:
-            recorded = handle.read().decode("ascii", errors="replace").strip()
-        hasher = hashlib.sha256()
-        with fs.open(path, "rb") as handle:
-            while chunk := handle.read(HASH_CHUNK_BYTES):
-                hasher.update(chunk)
-    except OSError:  # either is missing, or unreadable: writing the snapshot again says which
-        return False
-    return hasher.hexdigest() == recorded
-
-
-# Local snapshot files this process wrote or found intact, with the identity (size, modification time, inode) they
-# had when it did: in an in-process run (``mlops run``) a later task reads the snapshot extract_data has just written,
-# and a file that still has that identity has not been written since, so its content needs no second hash. A remote
-# store's listing says less reliably whether an object changed: its snapshots are always hashed on read.
-_intact_here: dict[str, tuple[int, ...]] = {}
-
-
-def _local_identity(uri: str) -> tuple[int, ...] | None:
-    """The identity of a local file (None for a remote object, or a file that is not there)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not isinstance(fs, LocalFileSystem):
-        return None
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
-
-
-def _remember_intact(uri: str, identity: tuple[int, ...] | None) -> None:
-    if identity is not None:
-        _intact_here[uri] = identity
 
 
 def validate_frame(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import signal
 import sqlite3
@@ -165,22 +166,28 @@ def test_a_damaged_snapshot_is_detected_on_read_and_replaced_by_the_next_write(c
     pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
 
 
-def test_an_intact_snapshot_is_kept_and_one_without_its_recorded_hash_is_written_again(cancer, tmp_path):
+def test_an_intact_snapshot_is_kept(cancer, tmp_path):
+    store = str(tmp_path / "store")
+    snapshot = data.write_snapshot(cancer, store)
+    written = Path(snapshot.uri).stat()
+    assert data.write_snapshot(cancer.copy(), store) == snapshot
+    kept = Path(snapshot.uri).stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "intact data was written again"
+
+
+def test_a_snapshot_replaced_with_its_hash_beside_it_is_refused_on_read_and_written_again(cancer, tmp_path):
+    # Whoever can replace a snapshot can replace anything stored beside it (a hash of its bytes, as snapshots once
+    # had): only its content, checked against its name, vouches for it.
     store = str(tmp_path / "store")
     snapshot = data.write_snapshot(cancer, store)
     path = Path(snapshot.uri)
-    recorded = Path(snapshot.uri + data.FILE_HASH_SUFFIX)
-    written = path.stat()
-    assert recorded.read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+    flipped = cancer.iloc[:60].assign(target=1 - cancer["target"].iloc[:60])
+    flipped.to_parquet(path, index=False)
+    Path(f"{path}.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
 
-    assert data.write_snapshot(cancer.copy(), store) == snapshot
-    kept = path.stat()
-    assert (kept.st_ino, kept.st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "intact data was written again"
-
-    recorded.unlink()  # as a snapshot written before the hash was recorded
+    with pytest.raises(data.SnapshotDigestError, match="does not hold the content its name promises"):
+        data.read_frame(snapshot.uri)
     assert data.write_snapshot(cancer, store) == snapshot
-    assert path.stat().st_ino != written.st_ino
-    assert recorded.read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
     pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
 
 
@@ -221,6 +228,92 @@ def test_a_writer_killed_mid_write_leaves_nothing_at_the_content_address(tmp_pat
     writer.wait(timeout=10)
     assert writer.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
     assert not address.exists(), "a partial snapshot sits at the content address"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files that cannot be parsed: bad content is refused at once; only a file cut short, as one still being written is,
+# is tried again.
+
+
+def _csv_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode()
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _not_utf8(frame: pd.DataFrame) -> bytes:
+    header, rows = _csv_bytes(frame).split(b"\n", 1)
+    _, rest = rows.split(b",", 1)
+    return header.replace(b"mean radius", b"mean r\xe9dius", 1) + b"\n\xff\xfe," + rest
+
+
+UNPARSABLE_FILES = {
+    "CSV that is not UTF-8": ("csv", _not_utf8, "is not readable CSV: not UTF-8 text (byte 6)"),
+    "CSV with a row longer than its header": (
+        "csv",
+        lambda frame: _csv_bytes(frame) + b",".join([b"1"] * (frame.shape[1] + 2)) + b"\n",
+        "is not readable CSV: ParserError: Error tokenizing data. C error: Expected 31 fields in line 571, saw 33",
+    ),
+    "CSV with another delimiter": (
+        "csv",
+        lambda frame: frame.to_csv(index=False, sep=";").encode(),
+        "is not CSV with a header row",
+    ),
+    "file named .parquet that is CSV": ("parquet", _csv_bytes, "is not a Parquet file: it does not begin with PAR1"),
+    "Parquet whose footer is corrupt": (
+        "parquet",
+        lambda frame: b"PAR1" + b"\0" * 64 + b"PAR1",
+        "is not readable Parquet: ",
+    ),
+}
+CUT_SHORT_FILES = {
+    "CSV ending inside a quoted field": (
+        "csv",
+        lambda frame: _csv_bytes(frame) + b'1,"2',
+        "ends in the middle of a quoted field",
+    ),
+    "CSV ending inside a character": ("csv", lambda frame: _csv_bytes(frame) + "1,\u00e9".encode()[:-1], "a character"),
+    "Parquet without its footer": (
+        "parquet",
+        lambda frame: _parquet_bytes(frame)[:-100],
+        "lacks the footer a Parquet file ends with",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNPARSABLE_FILES))
+def test_a_file_with_bad_content_is_refused_as_bad_data(cancer, tmp_path, case):
+    suffix, make, message = UNPARSABLE_FILES[case]
+    path = tmp_path / f"cases.{suffix}"
+    path.write_bytes(make(cancer))
+    with pytest.raises(data.DataValidationError) as refused:
+        data.load_source(str(path))
+    assert f"data file {path} {message}" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("case", list(CUT_SHORT_FILES))
+def test_a_file_cut_short_may_still_be_landing_and_is_tried_again(cancer, tmp_path, case):
+    suffix, make, message = CUT_SHORT_FILES[case]
+    path = tmp_path / f"cases.{suffix}"
+    path.write_bytes(make(cancer))
+    with pytest.raises(data.DataSourceUnavailableError, match=message):
+        data.load_source(str(path))
+
+
+def test_a_damaged_split_is_refused_and_one_cut_short_is_tried_again(cancer, tmp_path):
+    split = tmp_path / "runs" / "r" / "train.parquet"
+    split.parent.mkdir(parents=True)
+    split.write_bytes(_csv_bytes(cancer))
+    with pytest.raises(data.DataValidationError, match=f"data store object {split} is not a Parquet file"):
+        data.read_frame(str(split))
+    split.write_bytes(_parquet_bytes(cancer)[:-100])
+    with pytest.raises(data.DataSourceUnavailableError, match="lacks the footer"):
+        data.read_frame(str(split))
 
 
 # ----------------------------------------------------------------------------------------------------------------

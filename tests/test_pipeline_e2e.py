@@ -6,6 +6,7 @@ the registry as it found it, so none depends on what another test left behind be
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -218,7 +219,12 @@ BAD_DATA = {
         _with_list_column,
         "column 'readings' holds ndarray values (row 0: array([1., 2.])); each cell must hold a single value",
     ),
-    "unreadable file": ("parquet", lambda: b"PAR1 not parquet at all", "is not readable Parquet"),
+    "file cut short": ("parquet", lambda: b"PAR1 a Parquet file still being written", "is not readable Parquet yet"),
+    "CSV that is not UTF-8": (
+        "csv",
+        lambda: b"mean r\xe9dius,target\n" + b"1.0,0\n" * 30 + b"\xff\xfe,1\n" * 30,
+        "is not readable CSV: not UTF-8 text (byte 6)",
+    ),
     "schema unlike Production's": (
         "csv",
         lambda: _as_csv(_cancer().rename(columns={"mean radius": "radius"})),
@@ -239,7 +245,7 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     failed = [task for task, outcome in run.tasks.items() if outcome.state == "failed"]
     assert failed in (["extract_data"], ["transform_data"])
     # Only a file that may still be landing is tried again; a retry of anything else would fail the same way.
-    assert run.tasks[failed[0]].try_number == (2 if case == "unreadable file" else 1)
+    assert run.tasks[failed[0]].try_number == (2 if case == "file cut short" else 1)
     output = capfd.readouterr().out
     assert message in output
     assert str(path) in output, "the error names the file"
@@ -247,6 +253,21 @@ def test_bad_data_fails_clearly_and_registers_nothing(settings, case, tmp_path, 
     assert run.state_of("rollback_model") == "skipped", "nothing was rolled back"
     assert version_count(settings) == count
     assert production_markers(settings) == before
+
+
+def test_a_snapshot_replaced_with_a_matching_hash_is_written_again_before_it_is_trained_on(baseline):
+    # Sixty rows with their labels flipped, and the sha256 of the new file beside it: only the content, checked
+    # against the digest the snapshot is named by, tells it from the data Production was trained on.
+    snapshot = Path(baseline[1].result("extract_data")["snapshot_uri"])
+    good = _cancer()
+    good.iloc[:60].assign(target=1 - good["target"].iloc[:60]).to_parquet(snapshot, index=False)
+    Path(f"{snapshot}.sha256").write_text(hashlib.sha256(snapshot.read_bytes()).hexdigest())
+
+    run = run_dag()
+    assert run.state == "success", run.tasks
+    transformed = run.result("transform_data")
+    assert transformed["train_rows"] + transformed["test_rows"] == len(good)
+    pd.testing.assert_frame_equal(pd.read_parquet(snapshot), good)
 
 
 def test_the_same_rows_in_another_order_are_no_new_data(airflow_db, mlops_env, monkeypatch, tmp_path):
