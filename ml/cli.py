@@ -89,19 +89,23 @@ def apply_local_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
 
 
 def parse_params(pairs: Sequence[str], conf: str | None) -> dict[str, Any]:
+    """The run's parameters: ``--conf``'s object, then each ``--param KEY=VALUE``, whose value is JSON where it reads
+    as JSON and text otherwise (the settings then read text as their type, and refuse it naming the parameter)."""
+    from ml.settings import ConfigurationError, read_json, shown_value
+
     try:
-        params = json.loads(conf) if conf else {}
-    except json.JSONDecodeError as error:
-        raise CommandError(f"--conf is not valid JSON: {error}") from error
+        params = read_json(conf, "--conf") if conf else {}
+    except ConfigurationError as error:
+        raise CommandError(str(error)) from None
     if not isinstance(params, dict):
         raise CommandError(f"--conf must be a JSON object of parameter names to values, got {type(params).__name__}")
     for pair in pairs:
         key, separator, raw = pair.partition("=")
         if not separator or not key.strip():
-            raise CommandError(f"--param takes KEY=VALUE, got {pair!r}")
+            raise CommandError(f"--param takes KEY=VALUE, got {shown_value(pair)}")
         try:
-            params[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
+            params[key.strip()] = read_json(raw, key)
+        except ConfigurationError:
             params[key.strip()] = raw
     return params
 

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking._model_registry.client import ModelRegistryClient
 
 from ml import tags
-from ml.settings import Settings
+from ml.settings import Settings, shown_value
 from ml.task_logs import mlflow_progress_as_info
 from mlflow import MlflowClient
 
@@ -38,6 +38,9 @@ PRODUCTION_STAGE = "Production"
 ARCHIVED_STAGE = "Archived"
 # "skipped": the operator switched the post-deploy check off (MLOPS_POST_DEPLOY_CHECK=false).
 HEALTHY_CHECKS = frozenset({"passed", "skipped"})
+# The largest version number a registry can hold: MLflow stores it in a 32-bit integer column, and asking a store for
+# a larger one is an internal error of the store, not "no such version".
+LARGEST_VERSION = 2**31 - 1
 # Tags that say a version left Production; a version back in Production must not keep them (its history stays in
 # the registered model's deployment history).
 LEFT_PRODUCTION_TAGS = (
@@ -710,8 +713,12 @@ def manual_rollback(settings: Settings, target: int | str, *, actor: str, reason
     else:
         try:
             resolved = int(str(target).strip())
-        except ValueError as error:
-            raise RegistryError(f"rollback target {target!r} is neither a version number nor 'previous'") from error
+        except ValueError:
+            raise RegistryError(
+                f"rollback target {shown_value(target)} is neither a version number nor 'previous'"
+            ) from None
+        if not 1 <= resolved <= LARGEST_VERSION:
+            raise RegistryError(f"model {name!r} has no version {shown_value(resolved)}")
     info = get_version(client, name, resolved)
     if info.tags.get(tags.VALIDATION_STATUS) != "passed":
         raise RegistryError(

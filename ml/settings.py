@@ -45,6 +45,9 @@ RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 # time and in each task; a schema without "$schema" is checked against draft 2020-12's metaschema, seven documents
 # joined by references, which costs three times draft 7's single document. The form uses nothing newer than draft 7.
 PARAM_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
+# A refusal echoes the value it refuses, but no more of it than a reader needs to recognise it: a value pasted by
+# mistake may be thousands of characters long, and the refusal must stay one readable line.
+LONGEST_ECHOED_VALUE = 60
 
 
 class ConfigurationError(ValueError):
@@ -524,18 +527,18 @@ class SettingSpec:
         if spec.required and not value:
             return f"{name} is empty"
         if spec.choices and value not in spec.choices:
-            return f"{name} {value!r} is unknown; choose one of {', '.join(spec.choices)}"
+            return f"{name} {shown_value(value)} is unknown; choose one of {', '.join(spec.choices)}"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low, high = spec.minimum, spec.maximum
             if low is not None and high is not None and not low <= value <= high:
-                return f"{name} {value} is outside [{_number(low)}, {_number(high)}]"
+                return f"{name} {shown_value(value)} is outside [{_number(low)}, {_number(high)}]"
             if low is not None and high is None and value < low:
-                return f"{name} {value} must be at least {_number(low)}"
+                return f"{name} {shown_value(value)} must be at least {_number(low)}"
             above, below = spec.exclusive_minimum, spec.exclusive_maximum
             if above is not None and below is not None and not above < value < below:
-                return f"{name} {value} must be strictly between {_number(above)} and {_number(below)}"
+                return f"{name} {shown_value(value)} must be strictly between {_number(above)} and {_number(below)}"
             if above is not None and below is None and not value > above:
-                return f"{name} {value} must be greater than {_number(above)}"
+                return f"{name} {shown_value(value)} must be greater than {_number(above)}"
         return spec.check(value) if spec.check else None
 
     def param_spec(self, value: Any) -> dict[str, Any]:
@@ -614,7 +617,7 @@ def _refusal(name: str, accepted: Collection[str]) -> str:
 
     close = difflib.get_close_matches(name, list(accepted), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown parameter {name!r}{hint}; parameters are: {', '.join(sorted(accepted))}"
+    return f"unknown parameter {shown_value(name)}{hint}; parameters are: {', '.join(sorted(accepted))}"
 
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -636,7 +639,7 @@ def _convert(kind: Any, value: Any, label: str) -> Any:
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigurationError(f"{label}={value!r} is not text")
+    raise ConfigurationError(f"{label}={shown_value(value)} is not text")
 
 
 def _as_bool(value: Any, label: str) -> bool:
@@ -649,40 +652,40 @@ def _as_bool(value: Any, label: str) -> bool:
         return True
     if text in FALSE_WORDS:
         return False
-    raise ConfigurationError(f"{label}={value!r} is not a boolean (use true or false)")
+    raise ConfigurationError(f"{label}={shown_value(value)} is not a boolean (use true or false)")
 
 
 def _as_int(value: Any, label: str) -> int:
     if isinstance(value, bool):
-        raise ConfigurationError(f"{label}={value!r} is not a whole number")
+        raise ConfigurationError(f"{label}={shown_value(value)} is not a whole number")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, int):
         return value
+    text = str(value).strip()
     try:
-        return int(str(value).strip())
+        return int(text)
     except ValueError as error:
-        raise ConfigurationError(f"{label}={value!r} is not a whole number") from error
+        if re.fullmatch(r"[+-]?\d+", text):  # longer than Python turns into a number (4,300 digits)
+            raise ConfigurationError(f"{label}={shown_value(text)} is a whole number too long to read") from None
+        raise ConfigurationError(f"{label}={shown_value(value)} is not a whole number") from error
 
 
 def _as_float(value: Any, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigurationError(f"{label}={value!r} is not a number")
+        raise ConfigurationError(f"{label}={shown_value(value)} is not a number")
     try:
         number = float(value)
     except ValueError as error:
-        raise ConfigurationError(f"{label}={value!r} is not a number") from error
+        raise ConfigurationError(f"{label}={shown_value(value)} is not a number") from error
     if not math.isfinite(number):
-        raise ConfigurationError(f"{label}={value!r} is not a finite number")
+        raise ConfigurationError(f"{label}={shown_value(value)} is not a finite number")
     return number
 
 
 def _as_mapping(value: Any, label: str) -> dict[str, Any]:
     if isinstance(value, str):
-        try:
-            value = json.loads(value or "{}")
-        except json.JSONDecodeError as error:
-            raise ConfigurationError(f"{label} is not valid JSON: {error}") from error
+        value = read_json(value or "{}", label)
     if not isinstance(value, dict):
         raise ConfigurationError(f"{label} must be a JSON object, got {type(value).__name__}")
     # Python's JSON reader takes NaN and Infinity, which no estimator argument should be.
@@ -690,6 +693,31 @@ def _as_mapping(value: Any, label: str) -> dict[str, Any]:
     if non_finite:
         raise ConfigurationError(f"{label}: {', '.join(non_finite)} must be finite numbers")
     return dict(value)
+
+
+def read_json(text: str, label: str) -> Any:
+    """The JSON value ``text`` holds; ConfigurationError, in one line naming ``label``, for anything Python's JSON
+    reader refuses, including what it cannot follow: nesting deeper than the interpreter's recursion limit, a number
+    of more digits than Python turns into one."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigurationError(f"{label} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise ConfigurationError(f"{label} is not readable JSON: it nests arrays or objects too deeply") from None
+    except ValueError:
+        raise ConfigurationError(f"{label} is not readable JSON: it holds a number too long to read") from None
+
+
+def shown_value(value: Any) -> str:
+    """``repr(value)`` as a refusal shows it: a long one keeps its start and end, and says how long it is."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python turns into text
+        return f"an integer of {value.bit_length()} bits"
+    if len(text) <= LONGEST_ECHOED_VALUE:
+        return text
+    return f"{text[: LONGEST_ECHOED_VALUE - 20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def param_defaults() -> dict[str, Any]:

@@ -51,6 +51,25 @@ def test_run_refuses_bad_parameters_before_anything_runs(tmp_path, arguments, me
     assert not home.exists(), "nothing is created for a refused command"
 
 
+HUGE_NUMBER = "7" * 5000
+DEEP_NESTING = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--param", f"random_seed={HUGE_NUMBER}"], "random_seed='777"),
+        (["--param", f"hyperparameters={DEEP_NESTING}"], "hyperparameters is not readable JSON: it nests"),
+        (["--conf", f'{{"random_seed": {HUGE_NUMBER}}}'], "--conf is not readable JSON: it holds a number too long"),
+        (["--conf", f'{{"hyperparameters": {DEEP_NESTING}}}'], "--conf is not readable JSON: it nests"),
+    ],
+)
+def test_run_refuses_values_too_long_or_deep_to_read_in_one_short_line(tmp_path, arguments, message):
+    result = mlops("run", *arguments, home=tmp_path / "home")
+    refused(result, message)
+    assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 300, result.stderr
+
+
 def test_run_help_documents_the_exit_statuses(tmp_path):
     shown = mlops("run", "--help", home=tmp_path).stdout
     for line in ("0    the new version is Production", "3    the new version was not promoted", "4    the new"):

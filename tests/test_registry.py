@@ -141,6 +141,13 @@ def test_manual_rollback_refuses_bad_targets(registered, target, message):
     assert production_markers(settings) == (2, [2])
 
 
+def test_a_version_number_beyond_what_a_registry_holds_is_no_such_version(mlops_env):
+    # The registry keeps version numbers in a 32-bit column: asking the store for a larger one is its internal error.
+    for target in ("999999999999999999999999999999", 2**31, 0):
+        with pytest.raises(registry.RegistryError, match=f"has no version {target}$"):
+            registry.manual_rollback(mlops_env, target, actor="cli", reason="x")
+
+
 def test_manual_rollback_without_history_is_refused(registered):
     settings, _ = registered
     registry.promote(settings, 1, expected_current=None, actor="test", reason="first")

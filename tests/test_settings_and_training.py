@@ -230,3 +230,30 @@ def test_readme_configuration_table_lists_every_setting():
     table = readme[readme.index("## Configuration") : readme.index("## How a run decides")]
     missing = [spec.declaration.env for spec in declarations().values() if f"`{spec.declaration.env}`" not in table]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "message"),
+    [
+        ("hyperparameters", "[" * 5000 + "]" * 5000, "hyperparameters is not readable JSON: it nests"),
+        ("random_seed", "7" * 5000, "random_seed='777"),
+        ("model_family", "x" * 5000, "(5002 characters) is unknown"),
+    ],
+)
+def test_a_run_parameter_too_long_or_deep_to_read_fails_the_first_task_without_retry(mlops_env, param, value, message):
+    # What the trigger form or a run's conf hands the tasks, as the Params arrive; the same values in the environment
+    # are refused alike, and never break the DAG files' import.
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from ml import tasks
+
+    with pytest.raises(AirflowFailException) as failed:
+        tasks.extract_data({"params": {param: value}})
+    assert message in str(failed.value)
+    assert "\n" not in str(failed.value) and len(str(failed.value)) < 300
+    environment = f"MLOPS_{param.upper()}"
+    with pytest.raises(ConfigurationError, match=f"(?i){param}"):
+        Settings.from_env({environment: value})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(environment, value)
+        assert getattr(Settings.from_env_or_embedded(), param) == getattr(Settings.from_env({}), param)
