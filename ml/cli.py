@@ -270,21 +270,10 @@ def registry_settings() -> Any:
     return settings
 
 
-def sqlite_tables(database: Path) -> set[str]:
-    """The tables of an SQLite file, read without writing to it; a file that is no database is refused."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
-            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as error:
-        raise CommandError(f"the MLflow store {database} is not an SQLite database: {error}") from error
-
-
 def check_existing_stores() -> None:
     """Refuse a run whose local MLflow store is a file but no database, before anything runs; a missing one is
     created by the run."""
-    from ml.settings import ConfigurationError, Settings
+    from ml.settings import ConfigurationError, Settings, sqlite_tables
 
     try:
         settings = Settings.from_env()
@@ -293,23 +282,23 @@ def check_existing_stores() -> None:
     for uri in dict.fromkeys(filter(None, (settings.tracking_uri, settings.registry_uri))):
         database = Path(uri.removeprefix("sqlite:///"))
         if uri.startswith("sqlite:///") and database.is_file():
-            sqlite_tables(database)
+            try:
+                sqlite_tables(database)
+            except ConfigurationError as error:
+                raise CommandError(str(error)) from error
 
 
 def check_store(uri: str) -> None:
     from ml.redaction import mask_credentials
+    from ml.settings import ConfigurationError, local_store_problem
 
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        if not database.is_file():
-            raise CommandError(
-                f"no MLflow store at {database} (MLOPS_HOME={os.environ.get('MLOPS_HOME')}): is the home mistyped? "
-                "`mlops run` creates the store"
-            )
-        tables = sqlite_tables(database)
-        if "registered_models" not in tables:
-            raise CommandError(f"{database} holds no MLflow store (no registry tables); `mlops run` creates one")
-    elif uri.startswith(("http://", "https://")):
+    try:
+        problem = local_store_problem(uri)
+    except ConfigurationError as error:
+        raise CommandError(str(error)) from error
+    if problem:
+        raise CommandError(problem)
+    if uri.startswith(("http://", "https://")):
         import httpx
 
         try:

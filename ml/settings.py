@@ -720,6 +720,35 @@ def shown_value(value: Any) -> str:
     return f"{text[: LONGEST_ECHOED_VALUE - 20]}...{text[-10:]} ({len(text)} characters)"
 
 
+def local_store_problem(uri: str) -> str | None:
+    """What keeps a command that reads the registry from using a local (SQLite) MLflow store: none there (a mistyped
+    home, where MLflow would create an empty one), a file that is no database, or a database without MLflow's tables.
+    None for a store that is there, and for a store that is not a local file."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.is_file():
+        return (
+            f"no MLflow store at {database} (MLOPS_HOME={os.environ.get('MLOPS_HOME')}): is the home mistyped? "
+            "`mlops run` creates the store"
+        )
+    if "registered_models" not in sqlite_tables(database):
+        return f"{database} holds no MLflow store (no registry tables); `mlops run` creates one"
+    return None
+
+
+def sqlite_tables(database: Path) -> set[str]:
+    """The tables of an SQLite file, read without writing to it; ConfigurationError for a file that is no database."""
+    import contextlib
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise ConfigurationError(f"the MLflow store {database} is not an SQLite database: {error}") from error
+
+
 def param_defaults() -> dict[str, Any]:
     """Defaults for the DAG's trigger form: each setting from the environment, or embedded where that is invalid."""
     return {name: spec["default"] for name, spec in Settings.from_env_or_embedded().param_specs().items()}

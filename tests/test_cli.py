@@ -104,6 +104,9 @@ def test_status_on_a_mistyped_home_creates_nothing(tmp_path):
     home = tmp_path / "mlpos"
     refused(mlops("status", home=home), "no MLflow store at")
     refused(mlops("rollback", home=home), "no MLflow store at")
+    served = mlops("serve", "--port", str(free_port()), home=home, timeout=60)
+    refused(served, f"no MLflow store at {home / 'mlflow.db'}")
+    assert len(served.stderr.strip().splitlines()) == 1, served.stderr
     assert not home.exists()
 
 

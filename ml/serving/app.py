@@ -53,7 +53,7 @@ from ml.serving.follower import ProductionFollower
 from ml.serving.loader import LoadedModel
 from ml.serving.protocol import read_timeout_protocol
 from ml.serving.schema import InputError
-from ml.settings import ConfigurationError, Settings
+from ml.settings import ConfigurationError, Settings, local_store_problem
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
             "'Authorization: Bearer <token>'), listen on 127.0.0.1, or pass --allow-unauthenticated",
             arguments.host,
         )
+        return 2
+    try:
+        # A local store must be there: MLflow would create an empty one where a mistyped home points, and the server
+        # would wait on it for ever. A tracking server may come up after the model server, which waits for it.
+        for uri in dict.fromkeys(filter(None, (settings.tracking_uri, settings.registry_uri))):
+            if problem := local_store_problem(uri):
+                raise ConfigurationError(problem)
+    except ConfigurationError as error:
+        log.error("%s", error)
         return 2
     logging.getLogger().setLevel(arguments.log_level)
     for name, value in REGISTRY_CLIENT_DEFAULTS.items():
