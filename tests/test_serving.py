@@ -318,6 +318,13 @@ BAD_INPUTS = {
         400,
         "column 'mean radius' holds an infinite number in row 0",
     ),
+    # This model has no imputer, unlike the service's own (tests/test_settings_and_training.py): named, not opaque.
+    "missing-value-the-model-cannot-fill-in": (
+        json.dumps(_with_value(1, "mean area", None)),
+        "application/json",
+        400,
+        "column 'mean area' has no value in row 1, and this model does not fill in missing values",
+    ),
     "unsupported-type": ("a=1", "application/x-www-form-urlencoded", 415, "not supported"),
     "oversized": (json.dumps({"instances": [[1.0] * 30] * 10_000}), "application/json", 413, "larger than"),
     "deeply-nested": ('{"instances": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json", 400, "too deeply"),
@@ -546,6 +553,16 @@ def test_a_stalled_client_gets_408_and_is_disconnected_after_the_read_timeout(st
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b"REQUEST_TIMEOUT" in answer
     assert READ_TIMEOUT - 0.5 <= waited < READ_TIMEOUT + 5
+    assert steady.predict().status_code == 200
+
+
+@pytest.mark.slow
+def test_a_header_too_large_gets_431_and_the_client_reads_it(steady):
+    answer = httpx.post(
+        f"{steady.url}/invocations", content=json.dumps(SPLIT), headers=JSON_HEADERS | {"x-padding": "a" * 1_000_000}
+    )
+    assert answer.status_code == 431, answer.text
+    assert answer.json()["message"] == "the request line and headers are larger than 16,384 bytes"
     assert steady.predict().status_code == 200
 
 

@@ -257,3 +257,16 @@ def test_a_run_parameter_too_long_or_deep_to_read_fails_the_first_task_without_r
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(environment, value)
         assert getattr(Settings.from_env_or_embedded(), param) == getattr(Settings.from_env({}), param)
+
+
+def test_the_service_models_fill_in_missing_values_as_they_were_trained_to(split):
+    # A served request with null or NaN is answered (200): every family's pipeline imputes the training medians.
+    train, test, features = split
+    for family in MODEL_FAMILIES:
+        hyperparameters = {"n_estimators": 20} if family != "logistic_regression" else {}
+        pipeline = training.build_pipeline(family, hyperparameters, 42).fit(train[features], train["target"])
+        medians = train[features].median()
+        gapped = test[features].head(5).copy()
+        gapped.iloc[0, 3] = np.nan
+        filled = gapped.fillna(medians)
+        np.testing.assert_array_equal(pipeline.predict_proba(gapped), pipeline.predict_proba(filled), err_msg=family)

@@ -51,7 +51,7 @@ from ml.redaction import mask_credentials, mask_logging_credentials
 from ml.serving import metrics
 from ml.serving.follower import ProductionFollower
 from ml.serving.loader import LoadedModel
-from ml.serving.protocol import read_timeout_protocol
+from ml.serving.protocol import MAX_REQUEST_HEAD_BYTES, read_timeout_protocol
 from ml.serving.schema import InputError
 from ml.settings import ConfigurationError, Settings, local_store_problem
 
@@ -196,9 +196,9 @@ class ModelServer:
         frame = model.schema.parse(body, content_type)
         try:
             predictions = model.predict(frame)
-        except Exception as error:  # input the checks let through but the model refuses, e.g. infinities
+        except Exception as error:  # input the checks let through but the model refuses
             log.warning("version %s could not score a request: %s", model.version, error)
-            raise InputError(f"the model could not score the input: {type(error).__name__}: {error}") from error
+            raise InputError(_unscorable(frame, error)) from error
         return json_response(200, {"predictions": _jsonable(predictions)})
 
     def _authorized(self, scope: Scope) -> bool:
@@ -241,6 +241,20 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _unscorable(frame: pd.DataFrame, error: Exception) -> str:
+    """Why the model refused input that fits its signature. A missing value (null, NaN, an empty CSV cell) is one the
+    service's own models fill in, with the training data's median (``ml.training``), and answer; a model registered
+    without an imputer refuses it, and the refusal names the first empty cell."""
+    missing = frame.isna().to_numpy()
+    if missing.any():
+        row, column = (int(index) for index in np.argwhere(missing)[0])
+        return (
+            f"column {frame.columns[column]!r} has no value in row {row}, and this model does not fill in missing "
+            "values: send a number"
+        )
+    return f"the model could not score the input: {type(error).__name__}: {error}"
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -385,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             host=arguments.host,
             port=arguments.port,
             http=read_timeout_protocol(arguments.read_timeout),
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
             lifespan="on",
             access_log=False,
             log_config=None,
