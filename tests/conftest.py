@@ -54,6 +54,10 @@ PIPELINE_TASKS = (
 PROMOTED_RUN_STATES = {task: "success" for task in PIPELINE_TASKS} | {"rollback_model": "skipped"}
 # The grid of a run on unchanged data: extract_data found no new data and every task after it had nothing to do.
 NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {"extract_data": "success"}
+# The grid of a run whose version was rejected: trained, then validate_model ended skipped (with a note), nothing after.
+REJECTED_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {
+    task: "success" for task in ("extract_data", "transform_data", "train_model")
+}
 # Lines of a run's output that a reader takes for a failure: an error (as Airflow's or the command line's logging writes
 # it, or a traceback), or the notices dag.test() printed on a run that had nothing to do.
 ALARMING_LINE = re.compile(r"\[error\s*\]|\bERROR\b|Traceback|XCom not found|No tasks to run")

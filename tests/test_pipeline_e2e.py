@@ -17,10 +17,25 @@ from conftest import production_markers, use_fresh_home
 
 import mlflow
 from ml import registry
-from ml.airflow_runner import run_dag
+from ml.airflow_runner import PipelineRun, run_dag
 from ml.settings import Settings
 
 pytestmark = pytest.mark.slow
+
+
+def task_note(run: PipelineRun, task_id: str) -> str | None:
+    """The note on one task instance of a finished run, as the grid and the task's page show it."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        ti = session.scalar(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id, TaskInstance.task_id == task_id
+            )
+        )
+        return ti.note if ti is not None else None
 
 
 def version_count(settings: Settings) -> int:
@@ -113,13 +128,18 @@ def test_failed_validation_leaves_production_and_records_why(settings):
     assert run.result("deploy_model")["deployed"] is False
     assert run.result("deploy_model")["previous_version"] == before[0]
     assert run.result("rollback_model")["rollback_performed"] is False
-    # The grid: validate_model decided; nothing was promoted, so deploy_model and the tasks after it are skipped.
-    assert [run.state_of(task) for task in ("validate_model", "deploy_model", "archive_model", "rollback_model")] == [
+    # The grid: the run succeeds, but validate_model's square is not green: it rejected the version, which ends it
+    # skipped with a note saying why; nothing was promoted, so deploy_model and the tasks after it are skipped.
+    assert run.state == "success"
+    assert [run.state_of(task) for task in ("train_model", "validate_model", "deploy_model", "archive_model")] == [
         "success",
         "skipped",
         "skipped",
         "skipped",
     ]
+    assert run.state_of("rollback_model") == "skipped"
+    assert task_note(run, "validate_model").startswith(f"v{candidate} rejected: accuracy ")
+    assert task_note(run, "deploy_model") is None
     assert run.note.startswith(f"**v{candidate} rejected**: accuracy "), run.note
     assert "is below the threshold 1.0000" in run.note
     tags = registry.get_version(registry.client_for(settings), settings.model_name, candidate).tags
