@@ -89,6 +89,22 @@ def version_count(settings: Any) -> int:
     return len(registry.list_versions(registry.client_for(settings), settings.model_name))
 
 
+def task_note(run: Any, task_id: str) -> str | None:
+    """The note on one task instance of a finished run (an ml.airflow_runner.PipelineRun), as the grid and the task's
+    page show it."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        ti = session.scalar(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id, TaskInstance.task_id == task_id
+            )
+        )
+        return ti.note if ti is not None else None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,29 +13,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import production_markers, use_fresh_home
+from conftest import production_markers, task_note, use_fresh_home
 
 import mlflow
 from ml import registry
-from ml.airflow_runner import PipelineRun, run_dag
+from ml.airflow_runner import run_dag
 from ml.settings import Settings
 
 pytestmark = pytest.mark.slow
-
-
-def task_note(run: PipelineRun, task_id: str) -> str | None:
-    """The note on one task instance of a finished run, as the grid and the task's page show it."""
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        ti = session.scalar(
-            select(TaskInstance).where(
-                TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id, TaskInstance.task_id == task_id
-            )
-        )
-        return ti.note if ti is not None else None
 
 
 def version_count(settings: Settings) -> int:
