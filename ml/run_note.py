@@ -17,6 +17,8 @@ Result = Mapping[str, Any] | None
 MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 # The XCom key under which rollback_model leaves the note for ml.airflow_plugin.
 RUN_NOTE_KEY = "run_note"
+# The XCom key under which a task leaves a note for its own task instance (validate_model, why it rejected a version).
+TASK_NOTE_KEY = "task_note"
 
 
 @dataclass(frozen=True)

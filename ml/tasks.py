@@ -107,6 +107,8 @@ def run_step(name: str, context: Mapping[str, Any], step: Callable[[Settings, Ru
         from airflow.sdk.exceptions import AirflowSkipException
 
         ti.xcom_push(key="return_value", value=xcom)
+        if (rejection := rejected(result)) is not None:
+            ti.xcom_push(key=run_note.TASK_NOTE_KEY, value=rejection)
         raise AirflowSkipException(idle)
     return xcom
 
@@ -118,6 +120,8 @@ def nothing_done(result: StepResult) -> str | None:
     skip = getattr(result, "skip", None)
     if skip is not None:
         return str(skip.reason)
+    if (rejection := rejected(result)) is not None:
+        return rejection
     if isinstance(result, DeployResult) and not result.promoted:
         return f"version {result.model_version} was not promoted: {result.reason}"
     if isinstance(result, ArchiveResult) and not result.archived:
@@ -125,6 +129,17 @@ def nothing_done(result: StepResult) -> str | None:
     if isinstance(result, RollbackResult) and not result.rollback_performed:
         return f"no rollback: {result.reason}"
     return None
+
+
+def rejected(result: StepResult) -> str | None:
+    """Why validate_model rejected its version, or None if it did not.
+
+    A rejected version ends validate_model skipped (the run still succeeds: the pipeline did its job), and this
+    reason becomes the task's note, which the grid marks on its square.
+    """
+    if not isinstance(result, ValidateResult) or result.skip is not None or result.passed:
+        return None
+    return f"v{result.model_version} rejected: {'; '.join(result.reasons) or 'validation failed'}"
 
 
 def _refresh_registry_descriptions(settings: Settings) -> None:

@@ -54,6 +54,10 @@ PIPELINE_TASKS = (
 PROMOTED_RUN_STATES = {task: "success" for task in PIPELINE_TASKS} | {"rollback_model": "skipped"}
 # The grid of a run on unchanged data: extract_data found no new data and every task after it had nothing to do.
 NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {"extract_data": "success"}
+# The grid of a run whose version was rejected: trained, then validate_model ended skipped (with a note), nothing after.
+REJECTED_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {
+    task: "success" for task in ("extract_data", "transform_data", "train_model")
+}
 # Lines of a run's output that a reader takes for a failure: an error (as Airflow's or the command line's logging writes
 # it, or a traceback), or the notices dag.test() printed on a run that had nothing to do.
 ALARMING_LINE = re.compile(r"\[error\s*\]|\bERROR\b|Traceback|XCom not found|No tasks to run")
@@ -83,6 +87,22 @@ def version_count(settings: Any) -> int:
     from ml import registry
 
     return len(registry.list_versions(registry.client_for(settings), settings.model_name))
+
+
+def task_note(run: Any, task_id: str) -> str | None:
+    """The note on one task instance of a finished run (an ml.airflow_runner.PipelineRun), as the grid and the task's
+    page show it."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        ti = session.scalar(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id, TaskInstance.task_id == task_id
+            )
+        )
+        return ti.note if ti is not None else None
 
 
 def free_port() -> int:

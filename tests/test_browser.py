@@ -1,8 +1,10 @@
 """What a user sees, in a real browser: the Airflow UI and the MLflow UI over one pipeline run.
 
 Debian's Chromium, driven by Playwright, against ``airflow standalone`` and ``mlflow ui`` started here on a fresh
-MLOPS_HOME (tests/ui_stack.py): log in, trigger ``mlops_pipeline`` from its form with the defaults, wait for the run,
-read the grid and the train_model log, then open the run, the registered model and the version in MLflow.
+MLOPS_HOME (tests/ui_stack.py): log in, trigger ``mlops_pipeline`` from its form with the defaults (which unpauses
+it, on a scheduler that runs the daily schedule), wait for the run, read the grid and the train_model log, then open
+the run, the registered model and the version in MLflow; then a run on the same data, and a run whose version is
+rejected.
 
 Every page visited is saved as a PNG in ``$MLOPS_SCREENSHOTS`` (``make screenshots`` sets it to .mlops/screenshots).
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from airflow_api import Airflow
-from conftest import NO_NEW_DATA_RUN_STATES, PROMOTED_RUN_STATES
+from conftest import NO_NEW_DATA_RUN_STATES, PROMOTED_RUN_STATES, REJECTED_RUN_STATES
 from ui_stack import ADMIN, CHROMIUM_ARGS, UiStack, chromium_path
 
 pytestmark = pytest.mark.slow
@@ -138,7 +140,13 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     page.wait_for_url(f"{stack.airflow_url}/")
     api = Airflow(stack.airflow_url, ADMIN, password)
 
-    # A first run on a fresh home trains, validates and promotes version 1; nothing is rolled back.
+    # The DAG page says when the pipeline runs: its header names only the asset, so the description says both.
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/details")
+    page.get_by_text("Daily at 00:00 UTC, and whenever the training data is updated").first.wait_for()
+    tab.shot("airflow-dag-details")
+
+    # A first run on a fresh home trains, validates and promotes version 1; nothing is rolled back. The form unpauses
+    # the DAG, and that starts no scheduled run of its own: the user's run is the only one, and it does the work.
     run_id = _trigger_with_defaults(tab, stack, "airflow-trigger-form")
     assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
     states = _open_run(tab, stack, run_id, "v1 promoted", "airflow-run")
@@ -147,6 +155,15 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     assert re.search(r"accuracy 0\.9\d{3} \(threshold 0\.80\)", note.locator("xpath=..").inner_text())
     # The scheduler's executor imported the pipeline's libraries once, before it forked the workers that ran the tasks.
     assert "preloaded" in stack.log("airflow").read_text(errors="replace")
+    # Unpausing started no scheduled run beside it.
+    runs = api.get(f"/dags/{DAG_ID}/dagRuns")["dag_runs"]
+    assert [(run["dag_run_id"], run["run_type"]) for run in runs] == [(run_id, "manual")], runs
+    # Unpaused, the header shows the daily schedule's next run: the coming midnight (UTC, as the UI shows times).
+    details = api.get(f"/dags/{DAG_ID}")
+    assert details["is_paused"] is False and details["next_dagrun_run_after"].endswith("T00:00:00Z"), details
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}")
+    page.get_by_text(re.compile(rf"{details['next_dagrun_run_after'][:10]}[ T]00:00:00")).first.wait_for()
+    tab.shot("airflow-dag-unpaused")
 
     # train_model's log: the project's own lines, no flood, no ERROR from MLflow's progress messages.
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}/tasks/train_model")
@@ -158,6 +175,10 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     assert not any("DeprecatedImportWarning" in str(entry.get("event", "")) for entry in entries)
     errors = [entry for entry in entries if entry.get("level") == "error"]
     assert errors == []
+    # The returned dict is in the XCom tab, not spelt out as the log's last line.
+    events = [str(entry.get("event", "")) for entry in entries]
+    assert not any("Returned value was" in event for event in events)
+    assert "Done. Returned value not shown" in events
 
     # The note links to the MLflow run, which links back to this Airflow run.
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
@@ -205,4 +226,16 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
     states = _open_run(tab, stack, run_id, "no new data", "airflow-run-no-new-data")
     assert states == NO_NEW_DATA_RUN_STATES, states
+
+    # A version that fails validation: the run succeeds (the pipeline did its job) but its grid is not green all the
+    # way: validate_model ends skipped, with a task note saying why, which the grid marks on its square.
+    run_id = api.trigger(DAG_ID, {"accuracy_threshold": 1.0, "force_retrain": True})
+    assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
+    states = _open_run(tab, stack, run_id, "v2 rejected", "airflow-run-rejected")
+    assert states == REJECTED_RUN_STATES, states
+    notes = {task: ti["note"] for task, ti in api.task_instances(DAG_ID, run_id).items() if ti["note"]}
+    assert list(notes) == ["validate_model"] and notes["validate_model"].startswith("v2 rejected: accuracy "), notes
+    page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}/tasks/validate_model")
+    page.get_by_text("v2 rejected: accuracy").first.wait_for()
+    tab.shot("airflow-validate-model-rejected")
     context.close()

@@ -63,6 +63,28 @@ def test_daily_cadence_survives_serialization(dag):
     assert (second.run_after.hour, second.run_after.minute) == (0, 0)
 
 
+def test_unpausing_starts_no_run_beside_the_one_a_user_triggers(dag):
+    """The trigger form unpauses the DAG; the first scheduled run is then the next midnight, not the last one, so the
+    user's own run is the one that trains. The DAG page's header shows only the asset: the description names both."""
+    from datetime import UTC, datetime
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    assert dag.start_date is None, "with a start_date, catchup=False starts the last midnight's run on unpause"
+    now = datetime.now(UTC)
+    first = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag)).next_dagrun_info(
+        last_automated_run_info=None
+    )
+    assert first.run_after >= now - timedelta(minutes=5), first
+    assert (first.run_after.hour, first.run_after.minute) == (0, 0)
+    assert dag.description.startswith("Daily at 00:00 UTC, and whenever the training data is updated")
+
+
+def test_task_logs_end_without_the_returned_dict(dag):
+    """Airflow would log each task's returned dict whole as its last line; the XCom tab shows it."""
+    assert {task.task_id: task.show_return_value_in_logs for task in dag.tasks} == dict.fromkeys(dag.task_ids, False)
+
+
 def test_ingest_dag_updates_the_asset_the_pipeline_is_scheduled_on(dag):
     from airflow.dag_processing.dagbag import DagBag
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import production_markers, use_fresh_home
+from conftest import production_markers, task_note, use_fresh_home
 
 import mlflow
 from ml import registry
@@ -114,13 +114,18 @@ def test_failed_validation_leaves_production_and_records_why(settings):
     assert run.result("deploy_model")["deployed"] is False
     assert run.result("deploy_model")["previous_version"] == before[0]
     assert run.result("rollback_model")["rollback_performed"] is False
-    # The grid: validate_model decided; nothing was promoted, so deploy_model and the tasks after it are skipped.
-    assert [run.state_of(task) for task in ("validate_model", "deploy_model", "archive_model", "rollback_model")] == [
+    # The grid: the run succeeds, but validate_model's square is not green: it rejected the version, which ends it
+    # skipped with a note saying why; nothing was promoted, so deploy_model and the tasks after it are skipped.
+    assert run.state == "success"
+    assert [run.state_of(task) for task in ("train_model", "validate_model", "deploy_model", "archive_model")] == [
         "success",
         "skipped",
         "skipped",
         "skipped",
     ]
+    assert run.state_of("rollback_model") == "skipped"
+    assert task_note(run, "validate_model").startswith(f"v{candidate} rejected: accuracy ")
+    assert task_note(run, "deploy_model") is None
     assert run.note.startswith(f"**v{candidate} rejected**: accuracy "), run.note
     assert "is below the threshold 1.0000" in run.note
     tags = registry.get_version(registry.client_for(settings), settings.model_name, candidate).tags

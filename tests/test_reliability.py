@@ -14,7 +14,7 @@ import time
 
 import fault_hooks
 import pytest
-from conftest import PIPELINE_TASKS, production_markers, version_count
+from conftest import PIPELINE_TASKS, production_markers, task_note, version_count
 
 from ml import registry, steps, tags
 from ml.airflow_runner import run_dag
@@ -420,6 +420,9 @@ def test_an_old_run_cleared_and_run_again_never_puts_its_old_version_back(airflo
     assert old.tags[tags.VALIDATION_STATUS] == "passed", "its earlier verdict stays, for a deliberate rollback"
     assert version_count(mlops_env) == 2
     assert again.note.startswith("**v1 rejected**"), again.note
+    # Run again, the run's validate_model rejects the version it promoted the first time, and its square says so.
+    assert again.state_of("validate_model") == "skipped"
+    assert task_note(again, "validate_model").startswith("v1 rejected: version 1 was in Production and left it")
 
 
 @pytest.mark.slow

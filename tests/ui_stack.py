@@ -90,8 +90,6 @@ class UiStack:
                 "AIRFLOW__API__WORKERS": "1",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
                 "AIRFLOW__CORE__PARALLELISM": "2",
-                # Unpausing would otherwise start today's @daily run beside the one the test triggers.
-                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "MLOPS_RETRY_DELAY_SECONDS": "5",
