@@ -4,12 +4,11 @@ The registry (a SQLite store) holds two validated versions with a deployment his
 something to do: they alternate Production between the two. The three commands alternate too, so that load on the
 machine falls on all of them alike; medians are compared. Aim: at most 2x the import.
 
-    .venv/bin/python bench/cli_bench.py [--repeats 5]
+    .venv/bin/python bench/cli_bench.py [--quick] [--repeats 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from options import BenchOptions
 
 MODEL_NAME = "breast_cancer_classifier"
 
@@ -50,9 +51,9 @@ def seconds(argv: list[str], env: dict[str, str]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each command (default 5)")
-    args = parser.parse_args()
+    options = BenchOptions(__doc__, "each command run once")
+    options.size("--repeats", full=5, quick=1, meaning="runs of each command")
+    args = options.parse()
 
     workdir = Path(tempfile.mkdtemp(prefix="mlops-cli-bench-"))
     mlops = [sys.executable, "-m", "ml.cli"]

@@ -11,12 +11,11 @@ interpreters, several times, and the median kept. Run time is the median of alte
 each (the warm-up creates the MLflow store, a one-time cost that is printed apart); the part of a run spent outside its
 task instances is Airflow's own work, printed apart too.
 
-    .venv/bin/python bench/pipeline_bench.py [--runs 3] [--parses 5]
+    .venv/bin/python bench/pipeline_bench.py [--quick] [--runs 3] [--parses 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from options import BenchOptions
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE_FILE = REPO / "dags" / "mlops_pipeline.py"
@@ -126,10 +127,10 @@ def parse_seconds(path: Path, warm_up: Path, repeats: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="measured runs of each DAG (default 3)")
-    parser.add_argument("--parses", type=int, default=5, help="parses of each DAG file (default 5)")
-    args = parser.parse_args()
+    options = BenchOptions(__doc__, "one measured run and one parse of each")
+    options.size("--runs", full=3, quick=1, meaning="measured runs of each DAG")
+    options.size("--parses", full=5, quick=1, meaning="parses of each DAG file")
+    args = options.parse()
 
     workdir = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     try:

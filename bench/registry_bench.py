@@ -7,12 +7,11 @@ table definitions, because registering 1,000 versions through the client takes m
 pipeline's own (archived, validated, with run keys and accuracies). Then forced runs (dag.test()) and `mlops status`
 (a fresh process, default output) alternate between the two stores, and the medians are compared. Aim: 1.2x.
 
-    .venv/bin/python bench/registry_bench.py [--versions 1000] [--baseline 10] [--repeats 3]
+    .venv/bin/python bench/registry_bench.py [--quick] [--versions 1000] [--baseline 10] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -23,6 +22,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from options import BenchOptions
 from pipeline_bench import prepare_environment
 
 MODEL_NAME = "breast_cancer_classifier"
@@ -128,11 +128,11 @@ def status_seconds(env: dict[str, str]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--versions", type=int, default=1000, help="versions and history entries, long registry")
-    parser.add_argument("--baseline", type=int, default=10, help="versions and history entries, short registry")
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs and status calls per registry")
-    args = parser.parse_args()
+    options = BenchOptions(__doc__, "registries of 3 and 30 versions, one measured run and status call on each")
+    options.size("--versions", full=1000, quick=30, meaning="versions and history entries, long registry")
+    options.size("--baseline", full=10, quick=3, meaning="versions and history entries, short registry")
+    options.size("--repeats", full=3, quick=1, meaning="measured runs and status calls per registry")
+    args = options.parse()
 
     workdir = Path(tempfile.mkdtemp(prefix="mlops-registry-bench-"))
     sizes = (args.baseline, args.versions)

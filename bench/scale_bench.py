@@ -17,12 +17,11 @@ Prints wall time and peak memory (largest resident set of the process and the pr
 ratios to the bare script, and each pipeline task's duration from Airflow's metadata database.
 Aim: at most 1.5x the bare time plus a fixed overhead under 10 s; peak memory at most 1.5x the bare script's.
 
-    .venv/bin/python bench/scale_bench.py [--rows 1000000] [--features 30] [--keep DIR]
+    .venv/bin/python bench/scale_bench.py [--quick] [--rows 1000000] [--features 30] [--keep DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+
+from options import BenchOptions
 
 LABEL = "label"
 
@@ -110,11 +111,13 @@ def task_durations(airflow_db: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--features", type=int, default=30)
-    parser.add_argument("--keep", type=Path, help="keep the data and stores in this folder (default: a temporary one)")
-    args = parser.parse_args()
+    options = BenchOptions(__doc__, "2,000 rows")
+    options.size("--rows", full=1_000_000, quick=2_000, meaning="rows of the generated data set")
+    options.parser.add_argument("--features", type=int, default=30, help="numeric features (default 30)")
+    options.parser.add_argument(
+        "--keep", type=Path, help="keep the data and stores in this folder (default: a temporary one)"
+    )
+    args = options.parse()
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="mlops-scale-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

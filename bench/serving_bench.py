@@ -1,18 +1,18 @@
 """Our model server against ``mlflow models serve`` on the same registered model, under the same load.
 
-    .venv/bin/python bench/serving_bench.py [--seconds 4]
+    .venv/bin/python bench/serving_bench.py [--quick] [--seconds 4] [--warm-up 0.5] [--poll-interval 2]
 
-In one run: a temporary MLflow store (SQLite) gets two registered versions of a scikit-learn pipeline trained on the
-breast cancer data, version 1 becomes Production, and both servers start on ``models:/<name>@production``. Each is
-driven with single-row and 100-row requests from 1 and 8 threads (one keep-alive httpx client per thread), and the
-table gives throughput, p50 and p99 latency and the ratios ours/mlflow. Last, Production moves to version 2 and back
-(a promotion, then a rollback), and the time from each alias change to the first answer from the new version on our
-server is measured. Every process started here is stopped, also on error.
+In one run, on a temporary MLflow store (SQLite), the pipeline's own steps (``ml.steps``, as the DAG's tasks call
+them, without Airflow) train, register and validate two versions on the bundled breast cancer data: version 1 is
+deployed to Production, version 2 (stronger regularisation) is left a candidate. Both servers start on
+``models:/<name>@production``. Each is driven with single-row and 100-row requests from 1 and 8 threads (one
+keep-alive httpx client per thread), and the table gives throughput, p50 and p99 latency and the ratios ours/mlflow.
+Last, Production moves to version 2 and back (a promotion, then a rollback), and the time from each alias change to
+the first answer from the new version on our server is measured. Every process started here is stopped, also on error.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -29,20 +29,17 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+from options import BenchOptions
 from sklearn.datasets import load_breast_cancer
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
-import mlflow
-from ml import registry, tracking
+from ml import registry, steps
+from ml.context import RunContext
 from ml.settings import Settings
 
 BIN = Path(sys.executable).parent
 LOAD_SHAPES = ((1, 1), (1, 8), (100, 1), (100, 8))
-WARM_UP_SECONDS = 0.5
-OUR_POLL_INTERVAL = 2.0
+# Version 2's run: the same data, retrained with another regularisation so that it is a different model.
+CANDIDATE_PARAMS = {"force_retrain": True, "hyperparameters": {"C": 0.1}}
 
 
 @dataclass(frozen=True)
@@ -62,22 +59,17 @@ class LoadResult:
 
 
 def train_and_register(settings: Settings) -> None:
-    """Two versions of the same pipeline (different regularisation), logged like the pipeline logs its models."""
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_experiment("serving_bench")
-    features, labels = load_breast_cancer(return_X_y=True, as_frame=True)
-    for regularisation in (1.0, 0.1):
-        pipeline = Pipeline(
-            [
-                ("impute", SimpleImputer(strategy="median")),
-                ("scale", StandardScaler()),
-                ("model", LogisticRegression(C=regularisation, max_iter=1000)),
-            ]
-        ).fit(features, labels)
-        with mlflow.start_run():
-            model_uri = tracking.log_model(mlflow, pipeline, features)
-        registry.register_version(settings, model_uri, {})
-    registry.promote(settings, 1, expected_current=None, actor="bench", reason="benchmark baseline")
+    """Version 1 trained, validated and deployed, version 2 trained and validated, by the pipeline's own steps."""
+    for run_id, params, deploy in (("serving-bench-1", {}, True), ("serving-bench-2", CANDIDATE_PARAMS, False)):
+        run = RunContext("mlops_pipeline", run_id, 1, params)
+        configured = settings.for_run(params)
+        transformed = steps.transform(configured, run, steps.extract(configured, run))
+        trained = steps.train(configured, run, transformed)
+        validated = steps.validate(configured, run, trained, transformed)
+        if not validated.passed:
+            raise SystemExit(f"version {trained.model_version} failed validation: {validated.reasons}")
+        if deploy and not steps.deploy(configured, run, validated, transformed).deployed:
+            raise SystemExit(f"version {trained.model_version} was not deployed")
 
 
 def request_bodies() -> dict[int, bytes]:
@@ -97,12 +89,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], log_path: Path, ready_url: str) -> Iterator[None]:
+def started(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_ready(ready_url, process, log_path)
-        yield
+        yield process
     finally:
         stop(process)
 
@@ -134,16 +125,19 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def drive(url: str, body: bytes, threads: int, seconds: float) -> LoadResult:
-    """``threads`` clients, each sending requests back to back; counts only what completes after the warm-up."""
+def drive(url: str, body: bytes, threads: int, seconds: float, warm_up: float) -> LoadResult:
+    """``threads`` clients, each sending requests back to back; counts those sent after the warm-up.
+
+    Each client sends at least one counted request, also when one request outlasts a short window (``--quick``).
+    """
     started = time.perf_counter()
-    measure_from, stop_at = started + WARM_UP_SECONDS, started + WARM_UP_SECONDS + seconds
+    measure_from, stop_at = started + warm_up, started + warm_up + seconds
     latencies: list[list[float]] = [[] for _ in range(threads)]
     failures = [0] * threads
 
     def client(index: int) -> None:
         with httpx.Client(headers={"content-type": "application/json"}, timeout=30) as session:
-            while (now := time.perf_counter()) < stop_at:
+            while (now := time.perf_counter()) < stop_at or not latencies[index]:
                 try:
                     ok = session.post(f"{url}/invocations", content=body).status_code == 200
                 except httpx.HTTPError:
@@ -175,9 +169,13 @@ def time_to_new_version(url: str, version: int, move: Callable[[], object]) -> f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per load shape")
-    arguments = parser.parse_args(argv)
+    options = BenchOptions(__doc__, "0.2 s of load per shape after 0.1 s of warm-up, our server polling every 0.5 s")
+    options.size("--seconds", full=4.0, quick=0.2, meaning="measured seconds per load shape", convert=float)
+    options.size("--warm-up", full=0.5, quick=0.1, meaning="unmeasured seconds before each load shape", convert=float)
+    options.size(
+        "--poll-interval", full=2.0, quick=0.5, meaning="seconds between our server's registry polls", convert=float
+    )
+    arguments = options.parse(argv)
 
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as root, ExitStack() as servers:
         home = Path(root)
@@ -191,31 +189,38 @@ def main(argv: list[str] | None = None) -> int:
         model_uri = f"models:/{settings.model_name}@{settings.production_alias}"
         commands = {
             "mlflow": [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"],
-            "ours": [sys.executable, "-m", "ml.serving", "--poll-interval", str(OUR_POLL_INTERVAL)],
+            "ours": [sys.executable, "-m", "ml.serving", "--poll-interval", str(arguments.poll_interval)],
         }
         # mlflow models serve starts `uvicorn` from PATH.
         path = f"{BIN}{os.pathsep}{environ.get('PATH', '')}"
         environ |= {"MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true", "PATH": path}
+        processes = {}
         for name in ("mlflow", "ours"):
             port = urls[name].rsplit(":", 1)[1]
             command = [*commands[name], "--port" if name == "ours" else "-p", port]
             print(f"starting {name}: {' '.join(command)}", flush=True)
-            servers.enter_context(running(command, environ, home / f"{name}.log", f"{urls[name]}/ping"))
+            processes[name] = servers.enter_context(started(command, environ, home / f"{name}.log"))
+        # Both start at once: the load begins only when both answer.
+        for name, process in processes.items():
+            wait_until_ready(f"{urls[name]}/ping", process, home / f"{name}.log")
 
         bodies = request_bodies()
         results: dict[tuple[str, int, int], LoadResult] = {}
         for rows, threads in LOAD_SHAPES:
             for name in ("mlflow", "ours"):
                 print(f"  {name}: {rows} row(s), {threads} thread(s) ...", flush=True)
-                results[name, rows, threads] = drive(urls[name], bodies[rows], threads, arguments.seconds)
+                results[name, rows, threads] = drive(
+                    urls[name], bodies[rows], threads, arguments.seconds, arguments.warm_up
+                )
         print_table(results)
 
         promote = partial(registry.promote, settings, 2, expected_current=1, actor="bench", reason="swap")
         rollback = partial(registry.restore, settings, failed_version=2, restore_to=1, actor="bench", reason="back")
         promoted_after = time_to_new_version(urls["ours"], 2, promote)
         rolled_back_after = time_to_new_version(urls["ours"], 1, rollback)
+        poll = arguments.poll_interval
         print(
-            f"\nalias change -> first answer from the new version on ours (poll interval {OUR_POLL_INTERVAL:g} s):\n"
+            f"\nalias change -> first answer from the new version on ours (poll interval {poll:g} s):\n"
             f"  promotion 1 -> 2 (new version loaded): {promoted_after:.2f} s\n"
             f"  rollback 2 -> 1 (previous version kept loaded): {rolled_back_after:.2f} s"
         )
@@ -232,8 +237,8 @@ def print_table(results: dict[tuple[str, int, int], LoadResult]) -> None:
         print(
             f"{rows:>4} {threads:>3} | {theirs.throughput:>12.0f} {theirs.percentile(0.5):>7.1f} "
             f"{theirs.percentile(0.99):>7.1f} | {ours.throughput:>10.0f} {ours.percentile(0.5):>7.1f} "
-            f"{ours.percentile(0.99):>7.1f} | {ours.throughput / theirs.throughput:>7.2f} "
-            f"{ours.percentile(0.99) / theirs.percentile(0.99):>9.2f} | {theirs.failures}/{ours.failures}"
+            f"{ours.percentile(0.99):>7.1f} | {ours.throughput / theirs.throughput:>6.2f}x "
+            f"{ours.percentile(0.99) / theirs.percentile(0.99):>8.2f}x | {theirs.failures}/{ours.failures}"
         )
 
 

@@ -4,15 +4,18 @@ Starts ``airflow standalone`` on a fresh home twice in one invocation: once with
 tasks each import mlflow, scikit-learn and pandas afresh, and once with ``ml.local_executor.WarmLocalExecutor``, what
 ``make airflow-ui`` uses, whose workers fork the tasks with them already imported. On each, it triggers the stub DAG
 (the pipeline's graph, seven empty tasks) and the pipeline through the REST API, as a user's Trigger button does, and
-times each run from queued to done as Airflow records it. The first pipeline run of each creates the MLflow store and
-is printed apart; the measured pipeline runs retrain (``force_retrain``) on the same data.
+times each run from queued to done as Airflow records it. A first run of each DAG on each (the pipeline's creates the
+MLflow store) is printed apart; the measured pipeline runs retrain (``force_retrain``) on the same data.
 
-    .venv/bin/python bench/ui_bench.py [--runs 3]
+    .venv/bin/python bench/ui_bench.py [--quick] [--runs 3] [--first-runs 1]
+
+``--quick`` starts it once, with the warm executor (what ``make airflow-ui`` runs): Airflow's own differs by one
+setting, and its pipeline run, each task importing afresh, is the slowest part of the benchmark. Its table then has
+the one row, and no comparison of the two.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
@@ -24,12 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from airflow_api import Airflow  # noqa: E402
+from options import BenchOptions  # noqa: E402
 from stack import wait_until  # noqa: E402
 from ui_stack import ADMIN, UiStack  # noqa: E402
 
 from ml.cli import WARM_LOCAL_EXECUTOR  # noqa: E402
 
 EXECUTORS = {"LocalExecutor": "LocalExecutor", "WarmLocalExecutor": WARM_LOCAL_EXECUTOR}
+QUICK_EXECUTORS = ("WarmLocalExecutor",)
 DAG_FILES = (REPO / "dags" / "mlops_pipeline.py", REPO / "bench" / "dags" / "stub_pipeline.py")
 
 
@@ -52,7 +57,7 @@ def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def measure(executor: str, root: Path, runs: int) -> dict[str, list[float]]:
+def measure(executor: str, root: Path, runs: int, first_runs: int) -> dict[str, list[float]]:
     dags = root / "dags"
     dags.mkdir(parents=True)
     for source in DAG_FILES:
@@ -63,8 +68,9 @@ def measure(executor: str, root: Path, runs: int) -> dict[str, list[float]]:
         api = Airflow(stack.airflow_url, ADMIN, stack.admin_password())
         for dag_id in ("stub_pipeline", "mlops_pipeline"):
             wait_for_dag(api, dag_id)
-        first = [run_seconds(api, "stub_pipeline"), run_seconds(api, "mlops_pipeline")]
-        figures: dict[str, list[float]] = {"first": first, "stub": [], "pipeline": []}
+        figures: dict[str, list[float]] = {"first": [], "stub": [], "pipeline": []}
+        for _ in range(first_runs):
+            figures["first"] += [run_seconds(api, "stub_pipeline"), run_seconds(api, "mlops_pipeline")]
         for _ in range(runs):
             figures["stub"].append(run_seconds(api, "stub_pipeline"))
             figures["pipeline"].append(run_seconds(api, "mlops_pipeline", {"force_retrain": True}))
@@ -74,13 +80,17 @@ def measure(executor: str, root: Path, runs: int) -> dict[str, list[float]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="measured runs of each DAG per executor (default 3)")
-    args = parser.parse_args()
+    options = BenchOptions(__doc__, "the warm executor alone, one run of each DAG, none before")
+    options.size("--runs", full=3, quick=1, meaning="measured runs of each DAG per executor")
+    options.size("--first-runs", full=1, quick=0, meaning="unmeasured runs of each DAG per executor, before those")
+    args = options.parse()
 
     workdir = Path(tempfile.mkdtemp(prefix="mlops-ui-bench-"))
     try:
-        results = {name: measure(executor, workdir / name, args.runs) for name, executor in EXECUTORS.items()}
+        executors = {name: EXECUTORS[name] for name in QUICK_EXECUTORS} if args.quick else EXECUTORS
+        results = {
+            name: measure(executor, workdir / name, args.runs, args.first_runs) for name, executor in executors.items()
+        }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -90,12 +100,13 @@ def main() -> int:
     for name, figures in results.items():
         stub, pipeline = statistics.median(figures["stub"]), statistics.median(figures["pipeline"])
         medians[name] = pipeline
-        first = " / ".join(f"{seconds:.1f}" for seconds in figures["first"])
+        first = " / ".join(f"{seconds:.1f}" for seconds in figures["first"]) or "none"
         print(f"{name:<20}{stub:>10.1f}{pipeline:>14.1f}{pipeline / stub:>7.2f}x{first:>28}")
-    print(
-        f"pipeline, warm / Airflow's LocalExecutor: {medians['WarmLocalExecutor'] / medians['LocalExecutor']:.2f}x "
-        f"(medians of {args.runs})"
-    )
+    if medians.keys() == EXECUTORS.keys():
+        print(
+            f"pipeline, warm / Airflow's LocalExecutor: {medians['WarmLocalExecutor'] / medians['LocalExecutor']:.2f}x "
+            f"(medians of {args.runs})"
+        )
     for name, figures in results.items():
         print(
             f"runs, {name}: stub {', '.join(f'{s:.1f}' for s in figures['stub'])}; "

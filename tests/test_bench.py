@@ -1,0 +1,88 @@
+"""Every benchmark under bench/ runs to its table in its quick mode: one that can no longer run fails here.
+
+What the ratios are is not checked: speed stays a benchmark matter (README, Benchmarks). The benchmarks run at once,
+each in its own process on its own temporary stores and ports, as a user runs them (``python bench/<name> --quick``):
+together they take about as long as the slowest, where one after the other they would take the sum.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, REPO
+
+BENCH = REPO / "bench"
+# Each benchmark's table: how its header line begins, and how each line that must carry a ratio begins, in order.
+TABLES = {
+    "cli_bench.py": ("command (fresh process)", ["import mlflow", "mlops status", "mlops rollback"]),
+    "pipeline_bench.py": (
+        "measure ",
+        [
+            "DAG file parse",
+            "  floor: 7 empty tasks",
+            "  same, form built from ml.settings",
+            "full run",
+            "  outside the tasks",
+            "first run, new MLflow store",
+        ],
+    ),
+    "registry_bench.py": ("measure (median)", ["pipeline run (s)", "mlops status (s)"]),
+    "scale_bench.py": ("process ", ["bare read-split-fit-score", "mlops run (first)", "mlops run (forced retrain)"]),
+    "serving_bench.py": ("rows thr |", ["   1   1 |", "   1   8 |", " 100   1 |", " 100   8 |"]),
+    "ui_bench.py": ("executor ", ["WarmLocalExecutor "]),
+}
+RATIO = re.compile(r"\d+\.\d+x(?!\w)")
+# Far above what the slowest takes on a busy 2-core machine, 5 minutes.
+TIMEOUT_SECONDS = 900
+
+
+def test_every_benchmark_is_checked():
+    assert sorted(path.name for path in BENCH.glob("*_bench.py")) == sorted(TABLES)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """Every benchmark started with --quick, on the environment a user has: none of this session's settings."""
+    root = tmp_path_factory.mktemp("bench")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "MLOPS_", "MLFLOW_"))}
+    env |= {"MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"}
+    runs = {}
+    for script in TABLES:
+        output = root / f"{script}.out"
+        with output.open("wb") as sink:
+            process = subprocess.Popen(
+                [PYTHON, str(BENCH / script), "--quick"], cwd=root, env=env, stdout=sink, stderr=subprocess.STDOUT
+            )
+        runs[script] = (process, output)
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(TABLES))
+def test_benchmark_runs_to_its_table_in_quick_mode(quick_runs, script: str):
+    process, output = quick_runs[script]
+    try:
+        process.wait(timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"bench/{script} --quick did not end within {TIMEOUT_SECONDS} s:\n{output.read_text()[-3000:]}")
+    lines = output.read_text(errors="replace").splitlines()
+    tail = "\n".join(lines[-40:])
+    assert process.returncode == 0, f"bench/{script} --quick exited with {process.returncode}:\n{tail}"
+    header, rows = TABLES[script]
+    assert any(line.startswith(header) for line in lines), f"no table headed {header!r}:\n{tail}"
+    after = next(index for index, line in enumerate(lines) if line.startswith(header))
+    for row in rows:
+        found = next((line for line in lines[after:] if line.startswith(row)), None)
+        assert found is not None, f"no line {row!r} after the table's header:\n{tail}"
+        assert RATIO.search(found), f"no ratio (a number followed by x) in {found!r}"
