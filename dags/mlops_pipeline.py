@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from ml.assets import training_data_asset
+from ml.notify import RunNotifier
 from ml.settings import Settings
 
 # The trigger form's defaults and the task limits; never raises, so a bad setting fails the first task, not the import.
@@ -78,6 +79,9 @@ happened. Each run's note says what it did ("v3 promoted, accuracy ...", "no new
     max_active_runs=1,
     tags=["ml", "mlops", "mlflow"],
     doc_md=DOC,
+    # Tell people what the run did (MLOPS_NOTIFY_*), from what rollback_model, the last task, left for it.
+    on_success_callback=RunNotifier(result_task="rollback_model"),
+    on_failure_callback=RunNotifier(result_task="rollback_model", failed=True),
 )
 def training_pipeline():
     @task(task_id="extract_data")

@@ -43,13 +43,26 @@ def copy_run_note(dag_run: Any) -> str | None:
         return _copy_note(own, bound) if bound is not None else None
 
 
-def _copy_note(session: Any, dag_run: Any) -> str | None:
+def _xcom_values(session: Any, dag_id: str, run_id: str, key: str, task_id: str | None = None) -> list[Any]:
     from airflow.models.xcom import XComModel
 
+    rows = session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, key=key, task_ids=task_id)).all()
+    return [XComModel.deserialize_value(row) for row in rows]
+
+
+def run_xcom(dag_id: str, run_id: str, task_id: str, key: str) -> Any:
+    """What a task of a run pushed under ``key``, read from the metadata database, for the processes that have it
+    (``dag.test()``'s); None if it pushed nothing."""
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return next(iter(_xcom_values(session, dag_id, run_id, key, task_id)), None)
+
+
+def _copy_note(session: Any, dag_run: Any) -> str | None:
     if dag_run.note and dag_run.dag_run_note.user_id is not None:
         return None
-    rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=RUN_NOTE_KEY)).all()
-    notes = [XComModel.deserialize_value(row) for row in rows]
+    notes = _xcom_values(session, dag_run.dag_id, dag_run.run_id, RUN_NOTE_KEY)
     note = next((n for n in notes if isinstance(n, str) and n.strip()), None)
     if note is not None:
         dag_run.note = note

@@ -17,6 +17,8 @@ Result = Mapping[str, Any] | None
 MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 # The XCom key under which rollback_model leaves the note for ml.airflow_plugin.
 RUN_NOTE_KEY = "run_note"
+# The XCom key under which the same task leaves what ml.notify tells people: the run's events and their details.
+NOTICE_KEY = "notice"
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,23 @@ def refused(reason: str, production: int | None) -> str:
     """The note of a run whose parameters or settings were refused before anything ran."""
     stays = f"Production stays v{production}." if production is not None else "Production was not read."
     return f"**refused**: {reason}. {stays}"
+
+
+def events(*, extract: Result, deploy: Result, rollback: Mapping[str, Any]) -> list[str]:
+    """What a pipeline run did that people are told about (:data:`ml.settings.NOTICE_EVENTS`), from the same results
+    as its note; a run that failed adds ``failed`` when it ends."""
+    found = ["repaired"] if (extract or {}).get("repaired") else []
+    if rollback.get("rollback_performed"):
+        found.append("rolled_back")
+    elif deploy and deploy.get("deployed"):
+        found.append("promoted")
+    elif deploy and deploy.get("model_version") is not None and not deploy.get("skipped_reason"):
+        found.append("rejected")
+    return found
+
+
+def manual_rollback(*, replaced: int | None, restored: int, reason: str, actor: str, links: MlflowLinks) -> str:
+    """The note of a rollback by hand (the mlops_rollback DAG, ``mlops rollback``)."""
+    taken_out = f"v{replaced}" if replaced is not None else "no version"
+    text = f"**Production rolled back to v{restored}** by {actor}, replacing {taken_out}: {reason}."
+    return _with_links(text, links, restored, "")

@@ -41,6 +41,8 @@ USER_INFO_WITH_PASSWORD = r"^[^:/@]*:[^@]*@"
 # A URL whose password is anything but the mask is refused when a run is triggered, before Airflow stores its conf.
 NO_PASSWORD_BUT_THE_MASK = r"^(?![A-Za-z][A-Za-z0-9+.\-]*://[^/@:]*:(?!\*\*\*@)[^@]*@)"
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+# What the service tells people about (ml.notify): a run's outcome, a rollback by hand, a repair of the registry.
+NOTICE_EVENTS = ("promoted", "rejected", "rolled_back", "manual_rollback", "repaired", "failed")
 # The dialect of the trigger form's schemas. Airflow validates every Param with jsonschema at parse time, at trigger
 # time and in each task; a schema without "$schema" is checked against draft 2020-12's metaschema, seven documents
 # joined by references, which costs three times draft 7's single document. The form uses nothing newer than draft 7.
@@ -124,6 +126,29 @@ def alias_problem(alias: str) -> str | None:
     if RESERVED_ALIAS.match(alias):
         return f"production_alias {alias!r} is reserved by MLflow ('latest' and v<number> name versions); use another"
     return None
+
+
+def notice_events(value: str) -> tuple[str, ...]:
+    """The events a comma-separated list names (``all`` names every one, ``none`` none)."""
+    named = tuple(word.strip().lower() for word in value.split(",") if word.strip())
+    if named in {("all",), ("none",)}:
+        return NOTICE_EVENTS if named == ("all",) else ()
+    return named
+
+
+def notice_routing(env: str, goes: str) -> Any:
+    """Declare a setting that lists the events whose notices go to one channel."""
+
+    def problem(value: str) -> str | None:
+        unknown = [event for event in notice_events(value) if event not in NOTICE_EVENTS]
+        if unknown:
+            return (
+                f"{env} names unknown events {', '.join(unknown)}; use all, none or some of {', '.join(NOTICE_EVENTS)}"
+            )
+        return None
+
+    described = f"Which events {goes}, comma-separated: all, none, or some of {', '.join(NOTICE_EVENTS)}."
+    return setting("all", env, described, check=problem)
 
 
 def tracking_uri_problem(uri: str) -> str | None:
@@ -343,6 +368,29 @@ class Settings:
     )
     retry_delay: float = setting(
         300.0, "MLOPS_RETRY_DELAY_SECONDS", "Wait before a failed task is retried once.", minimum=0
+    )
+    notify_email_to: str = setting(
+        "", "MLOPS_NOTIFY_EMAIL_TO", "Comma-separated addresses the service's notices are e-mailed to; none: no e-mail."
+    )
+    notify_email_events: str = notice_routing("MLOPS_NOTIFY_EMAIL_EVENTS", "are e-mailed")
+    notify_smtp_conn_id: str = setting(
+        "smtp_default",
+        "MLOPS_NOTIFY_SMTP_CONN_ID",
+        "Airflow connection of the SMTP server (host, port, login, password; extras from_email, disable_ssl and "
+        "disable_tls as Airflow's SMTP provider reads them).",
+    )
+    notify_webhook_conn_id: str = setting(
+        "",
+        "MLOPS_NOTIFY_WEBHOOK_CONN_ID",
+        "Airflow connection whose URL receives the notices as a JSON POST with a markdown 'text', as chat tools' "
+        "incoming webhooks accept; none: no webhook.",
+    )
+    notify_webhook_events: str = notice_routing("MLOPS_NOTIFY_WEBHOOK_EVENTS", "go to the webhook")
+    notify_timeout: float = setting(
+        5.0,
+        "MLOPS_NOTIFY_TIMEOUT_SECONDS",
+        "Longest a notice may take to send; a channel that fails or does not answer in time is logged and skipped.",
+        exclusive_minimum=0,
     )
 
     @classmethod

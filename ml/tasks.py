@@ -18,6 +18,7 @@ from ml.results import (
     ArchiveResult,
     DeployResult,
     ExtractResult,
+    ManualRollbackResult,
     RollbackResult,
     Skip,
     TrainResult,
@@ -145,16 +146,26 @@ def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: Rollb
     links = run_note.MlflowLinks(
         settings.mlflow_ui, settings.model_name, _experiment_id(settings, str(trained.get("run_id") or ""))
     )
+    extracted, deployed = upstream_result(context, "extract_data"), upstream_result(context, "deploy_model")
     note = run_note.compose(
-        extract=upstream_result(context, "extract_data"),
+        extract=extracted,
         train=trained,
         validation=upstream_result(context, "validate_model"),
-        deploy=upstream_result(context, "deploy_model"),
+        deploy=deployed,
         rollback=rolled.to_xcom(),
         links=links,
     )
     log.info("run note: %s", note.splitlines()[0])
     ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
+    events = run_note.events(extract=extracted, deploy=deployed, rollback=rolled.to_xcom())
+    _push_notice(context, events, list((extracted or {}).get("repaired") or []))
+
+
+def _push_notice(context: Mapping[str, Any], events: list[str], details: list[str]) -> None:
+    """What ml.notify.RunNotifier tells people when the DAG run ends."""
+    ti = context.get("ti")
+    if ti is not None:
+        ti.xcom_push(key=run_note.NOTICE_KEY, value={"events": events, "details": details})
 
 
 def _experiment_id(settings: Settings, run_id: str) -> str | None:
@@ -283,8 +294,24 @@ def _nothing_ran(context: Mapping[str, Any], refusal: ConfigurationError) -> dic
 
 
 def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:
-    """The mlops_rollback DAG's one task: put a chosen version back in Production."""
-    return run_step("rollback_production", context, steps.manual_rollback)
+    """The mlops_rollback DAG's one task: put a chosen version back in Production, and note it on the run."""
+
+    def rollback_and_note(settings: Settings, run: RunContext) -> ManualRollbackResult:
+        rolled = steps.manual_rollback(settings, run)
+        note = run_note.manual_rollback(
+            replaced=rolled.replaced_version,
+            restored=rolled.production_version,
+            reason=rolled.reason,
+            actor=run.actor,
+            links=run_note.MlflowLinks(settings.mlflow_ui, settings.model_name),
+        )
+        ti = context.get("ti")
+        if ti is not None:
+            ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
+        _push_notice(context, ["manual_rollback"], [])
+        return rolled
+
+    return run_step("rollback_production", context, rollback_and_note)
 
 
 def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
