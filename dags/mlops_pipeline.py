@@ -146,6 +146,10 @@ def training_pipeline():
     validation_result = validate_model(train_result)
     deploy_result = deploy_model()
     validation_result >> deploy_result
+    if SETTINGS.approval_required:
+        from ml.approval import DeploymentApproval
+
+        validation_result >> DeploymentApproval(timeout_seconds=SETTINGS.approval_timeout) >> deploy_result
     archive_model(deploy_result)
     deploy_result >> rollback_model()
 

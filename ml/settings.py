@@ -369,6 +369,18 @@ class Settings:
     retry_delay: float = setting(
         300.0, "MLOPS_RETRY_DELAY_SECONDS", "Wait before a failed task is retried once.", minimum=0
     )
+    approval_required: bool = setting(
+        False,
+        "MLOPS_APPROVAL_REQUIRED",
+        "A validated candidate waits for a person to approve it in the Airflow UI (Required actions) before "
+        "deploy_model promotes it; rejected or unanswered, Production stays as it is.",
+    )
+    approval_timeout: float = setting(
+        86400.0,
+        "MLOPS_APPROVAL_TIMEOUT_SECONDS",
+        "How long a candidate waits for approval; no answer by then counts as a rejection.",
+        exclusive_minimum=0,
+    )
     notify_email_to: str = setting(
         "", "MLOPS_NOTIFY_EMAIL_TO", "Comma-separated addresses the service's notices are e-mailed to; none: no e-mail."
     )

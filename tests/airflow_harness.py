@@ -81,3 +81,14 @@ def run_existing(dag_id: str, run_id: str, dag=None) -> PipelineRun:
                 except Exception:
                     log.exception("task %s failed", ti.task_id)
     return collect(dag_id, run_id)
+
+
+def sweep_approval_timeouts() -> None:
+    """Do what the scheduler does with human-in-the-loop tasks whose response timeout has passed: answer them with
+    their defaults, or fail them (``SchedulerJobRunner.check_awaiting_input_timeouts``); ``dag.test()`` never does."""
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        SchedulerJobRunner(job=Job(), num_runs=1).check_awaiting_input_timeouts(session=session)

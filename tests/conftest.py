@@ -243,3 +243,13 @@ def use_fresh_home(patch: pytest.MonkeyPatch, home: Path) -> None:
         patch.delenv(name)
     patch.setenv("MLOPS_HOME", str(home))
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+
+
+@contextlib.contextmanager
+def retraining_home(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[pytest.MonkeyPatch]:
+    """A fresh home for a module's runs on the bundled data, with force_retrain: without it every run after the first
+    would end early with "no new data". Yields the patch, for the module's own settings."""
+    with pytest.MonkeyPatch.context() as patch:
+        use_fresh_home(patch, tmp_path_factory.mktemp(prefix) / "mlops")
+        patch.setenv("MLOPS_FORCE_RETRAIN", "true")
+        yield patch
