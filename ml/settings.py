@@ -79,12 +79,13 @@ class Declaration:
     check: Callable[[Any], str | None] | None = None
 
 
-def setting(default: Any, env: str, description: str, **declared: Any) -> Any:
-    """Declare a settings field (see :class:`Declaration` for the keywords)."""
+def setting(default: Any, env: str, description: str, *, secret: bool = False, **declared: Any) -> Any:
+    """Declare a settings field (see :class:`Declaration` for the keywords); a secret is left out of the repr, so a
+    settings object that reaches a log does not carry it."""
     metadata = {"setting": Declaration(env=env, description=description, **declared)}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 def url_scheme(uri: str) -> str:
@@ -338,17 +339,26 @@ class Settings:
         "How long the model server may take to follow a promotion.",
         exclusive_minimum=0,
     )
-    # Not in repr: a settings object that reaches a log must not carry the token.
-    serving_token: str = field(
-        default="",
-        repr=False,
-        metadata={
-            "setting": Declaration(
-                env="MLOPS_SERVING_TOKEN",
-                description="Bearer token of the model server: it requires it, and deploy_model's check sends it.",
-                logged=False,
-            )
-        },
+    serving_token: str = setting(
+        "",
+        "MLOPS_SERVING_TOKEN",
+        "Bearer token of the model server: it requires it, and deploy_model's check sends it.",
+        secret=True,
+        logged=False,
+    )
+    serving_webhook_url: str = setting(
+        "",
+        "MLOPS_SERVING_WEBHOOK_URL",
+        "Where the MLflow server reaches the model server's /webhooks/mlflow: set (with a tracking server and the "
+        "secret), the model server subscribes to the registry's alias events and follows a move at once; polling "
+        "stays as the fallback.",
+    )
+    serving_webhook_secret: str = setting(
+        "",
+        "MLOPS_SERVING_WEBHOOK_SECRET",
+        "The secret MLflow signs its webhook deliveries to the model server with.",
+        secret=True,
+        logged=False,
     )
     mlflow_ui_url: str = setting(
         "",

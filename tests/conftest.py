@@ -140,6 +140,15 @@ def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return Settings.from_env()
 
 
+# The model server's tests receive the registry's webhooks on loopback over plain HTTP (compose's private network
+# needs the same), and a webhook registered a moment ago must be used at once, not after the default 60 s cache.
+WEBHOOKS_TO_LOOPBACK = {
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+}
+
+
 class MlflowServer:
     """A real ``mlflow server`` process on loopback, with its own SQLite store; can be stopped and started again."""
 
@@ -171,6 +180,7 @@ class MlflowServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **WEBHOOKS_TO_LOOPBACK},
             )
         try:
             wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
