@@ -38,10 +38,11 @@ class Approver(threading.Thread):
         self.headers = {"Authorization": f"Bearer {token}"}
         self.request: dict[str, Any] = {}
         self.answer: Any = None
+        self.called_off = threading.Event()
 
     def run(self) -> None:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not self.request:
+        while time.monotonic() < deadline and not self.request and not self.called_off.is_set():
             found = self.api.get("/api/v2/dags/~/dagRuns/~/hitlDetails", headers=self.headers).json()
             waiting = [d for d in found.get("hitl_details", []) if not d["response_received"]]
             self.request = waiting[0] if waiting else {}
@@ -156,3 +157,21 @@ def test_no_answer_in_time_counts_as_a_rejection(store, approved, api, monkeypat
     info = registry.get_version(registry.client_for(settings), settings.model_name, version)
     assert info.tags[tags.DEPLOYMENT_STATUS] == "not_approved"
     assert info.tags[tags.DEPLOYMENT_REASON].startswith("not approved: nobody answered the approval request by ")
+
+
+def test_a_version_that_failed_validation_is_not_asked_about(store, approved, api):
+    settings = store
+    # Should the run ask anyway, this answer lets it finish, and the test fails on the task's state.
+    approver = Approver(api, "carol", "Approve")
+    approver.start()
+    run = run_dag(conf={"accuracy_threshold": 0.999})
+    approver.called_off.set()
+    approver.join(10)
+
+    assert run.state == "success", run.tasks
+    assert run.tasks[APPROVAL_TASK].state == "skipped"
+    assert run.result("validate_model")["validation"] == "failed"
+    version = run.result("train_model")["model_version"]
+    info = registry.get_version(registry.client_for(settings), settings.model_name, version)
+    assert info.tags[tags.DEPLOYMENT_STATUS] == "rejected"
+    assert production_markers(settings) == (1, [1])
