@@ -58,6 +58,9 @@ def run_existing(dag_id: str, run_id: str, dag=None) -> PipelineRun:
 
     dag = dag or load_dag(dag_id)
     scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    # As dag.test() does: the run's end calls the DAG's callbacks, which serialisation leaves out.
+    scheduler_dag.on_success_callback = dag.on_success_callback
+    scheduler_dag.on_failure_callback = dag.on_failure_callback
     with create_session() as session:
         dag_run = dag_run_row(session, dag_id, run_id)
         dag_run.dag = scheduler_dag
