@@ -9,6 +9,7 @@ from datetime import timedelta
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from ml.assets import training_data_asset
+from ml.notify import RunNotifier
 from ml.settings import Settings
 
 # The trigger form's defaults and the task limits; never raises, so a bad setting fails the first task, not the import.
@@ -92,6 +93,9 @@ MLflow run and the registered version.
     max_active_runs=1,
     tags=["ml", "mlops", "mlflow"],
     doc_md=DOC,
+    # Tell people what the run did (MLOPS_NOTIFY_*), from what rollback_model, the last task, left for it.
+    on_success_callback=RunNotifier(result_task="rollback_model"),
+    on_failure_callback=RunNotifier(result_task="rollback_model", failed=True),
 )
 def training_pipeline():
     @task(task_id="extract_data")
@@ -156,6 +160,10 @@ def training_pipeline():
     validation_result = validate_model(train_result)
     deploy_result = deploy_model()
     validation_result >> deploy_result
+    if SETTINGS.approval_required:
+        from ml.approval import DeploymentApproval
+
+        validation_result >> DeploymentApproval(timeout_seconds=SETTINGS.approval_timeout) >> deploy_result
     archive_model(deploy_result)
     deploy_result >> rollback_model()
 

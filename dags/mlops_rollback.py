@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
 
+from ml.notify import RunNotifier
 from ml.settings import Settings
 
 SETTINGS = Settings.from_env_or_embedded()
@@ -31,6 +32,8 @@ refused and nothing changes.
     max_active_runs=1,
     tags=["ml", "mlops", "mlflow", "rollback"],
     doc_md=DOC,
+    on_success_callback=RunNotifier(result_task="rollback_production"),
+    on_failure_callback=RunNotifier(result_task="rollback_production", failed=True),
     params={
         "target_version": Param(
             "previous",

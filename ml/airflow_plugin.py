@@ -46,6 +46,23 @@ def copy_run_note(dag_run: Any) -> str | None:
         return _copy_note(own, bound) if bound is not None else None
 
 
+def _xcom_rows(session: Any, dag_id: str, run_id: str, key: str, task_id: str | None = None) -> list[Any]:
+    from airflow.models.xcom import XComModel
+
+    return list(session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, key=key, task_ids=task_id)).all())
+
+
+def run_xcom(dag_id: str, run_id: str, task_id: str, key: str) -> Any:
+    """What a task of a run pushed under ``key``, read from the metadata database, for the processes that have it
+    (``dag.test()``'s); None if it pushed nothing."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = _xcom_rows(session, dag_id, run_id, key, task_id)
+        return XComModel.deserialize_value(rows[0]) if rows else None
+
+
 def _copy_note(session: Any, dag_run: Any) -> str | None:
     _copy_task_notes(session, dag_run)
     if dag_run.note and dag_run.dag_run_note.user_id is not None:
@@ -71,7 +88,7 @@ def _notes(session: Any, dag_run: Any, key: str) -> dict[str, str]:
     """Task id -> the non-empty text a task of this run left as an XCom under ``key``."""
     from airflow.models.xcom import XComModel
 
-    rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=key)).all()
+    rows = _xcom_rows(session, dag_run.dag_id, dag_run.run_id, key)
     notes = {row.task_id: XComModel.deserialize_value(row) for row in rows}
     return {task_id: note for task_id, note in notes.items() if isinstance(note, str) and note.strip()}
 

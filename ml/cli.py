@@ -412,6 +412,11 @@ def command_rollback(args: argparse.Namespace) -> int:
         print(f"rollback refused: {error}", file=sys.stderr)
         return 2
     print(f"Production of {settings.model_name}: v{replaced} -> v{restored}")
+    from ml import notify, run_note
+
+    links = run_note.MlflowLinks(settings.mlflow_ui, settings.model_name)
+    note = run_note.manual_rollback(replaced=replaced, restored=restored, reason=args.reason, actor=actor, links=links)
+    notify.deliver(settings, notify.Notice(events=("manual_rollback",), note=note))
     return 0
 
 

@@ -107,6 +107,10 @@ class VersionInfo:
         )
 
 
+# The history event of a version a person did not approve for Production: the one entry that is no move of it.
+NOT_APPROVED = "not_approved"
+
+
 @dataclass(frozen=True)
 class HistoryEvent:
     at: str
@@ -651,9 +655,18 @@ def history_tag(event: HistoryEvent) -> tuple[str, str]:
 
 
 def deployment_history(client: Client, name: str) -> list[HistoryEvent]:
-    """Every move of Production, oldest first, read from the registered model's tags alone."""
+    """Every move of Production, oldest first, read from the registered model's tags alone (the refusals to approve
+    a version, which moved nothing, left out)."""
     model = registered_model(client, name)
-    return history_of(name, model.tags or {}) if model else []
+    return [event for event in history_of(name, model.tags or {}) if event.event != NOT_APPROVED] if model else []
+
+
+def record_approval_refusal(
+    client: Client, name: str, version: int, production: int | None, *, actor: str, reason: str
+) -> None:
+    """Record in the deployment history that ``version`` was not approved for Production (who said so, and when, is
+    in ``reason``); Production stays ``production``."""
+    record_history(client, name, HistoryEvent(utc_now(), NOT_APPROVED, version, production, actor, reason))
 
 
 def history_of(name: str, model_tags: dict[str, str]) -> list[HistoryEvent]:

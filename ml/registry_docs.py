@@ -69,6 +69,8 @@ def version_status(stage: str, tags: Mapping[str, str]) -> str:
         )
     if status == "rejected":
         return f"**Rejected**, never deployed: {reason or 'validation failed'}."
+    if status == "not_approved":
+        return f"**Not approved** for Production: {reason}."
     if status == "superseded":
         return f"**Not deployed**: {reason or 'Production moved while this run was deciding'}."
     validation = tags.get(t.VALIDATION_STATUS)

@@ -212,6 +212,36 @@ class DeployResult:
         return _from_fields(cls, result, skip=Skip.from_xcom(result))
 
 
+# The task that asks a person to approve a validated version before deploy_model promotes it (ml.approval), and the
+# answers it offers.
+APPROVAL_TASK = "approve_deployment"
+APPROVE, REJECT = "Approve", "Reject"
+
+
+@dataclass(frozen=True)
+class ApprovalResult:
+    """A person's answer to the approval request before Production (approve_deployment's XCom)."""
+
+    approved: bool
+    # The user who answered, as Airflow knows them; empty when nobody answered in time.
+    decided_by: str
+    decided_at: str
+    timed_out: bool = False
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return f"not approved: nobody answered the approval request by {self.decided_at}"
+        verdict = "approved" if self.approved else "rejected"
+        return f"{verdict} by {self.decided_by} at {self.decided_at}"
+
+    def to_xcom(self) -> dict[str, Any]:
+        return _field_values(self)
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> ApprovalResult:
+        return _from_fields(cls, result)
+
+
 @dataclass(frozen=True)
 class ArchiveResult:
     archived: bool

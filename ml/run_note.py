@@ -19,6 +19,8 @@ MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 RUN_NOTE_KEY = "run_note"
 # The XCom key under which a task leaves a note for its own task instance (validate_model, why it rejected a version).
 TASK_NOTE_KEY = "task_note"
+# The XCom key under which the same task leaves what ml.notify tells people: the run's events and their details.
+NOTICE_KEY = "notice"
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,73 @@ def refused(reason: str, production: int | None) -> str:
     """The note of a run whose parameters or settings were refused before anything ran."""
     stays = f"Production stays v{production}." if production is not None else "Production was not read."
     return f"**refused**: {reason}. {stays}"
+
+
+def events(*, extract: Result, deploy: Result, rollback: Mapping[str, Any]) -> list[str]:
+    """What a pipeline run did that people are told about (:data:`ml.settings.NOTICE_EVENTS`), from the same results
+    as its note; a run that failed adds ``failed`` when it ends."""
+    found = ["repaired"] if (extract or {}).get("repaired") else []
+    if rollback.get("rollback_performed"):
+        found.append("rolled_back")
+    elif deploy and deploy.get("deployed"):
+        found.append("promoted")
+    elif deploy and deploy.get("model_version") is not None and not deploy.get("skipped_reason"):
+        found.append("rejected")
+    return found
+
+
+def manual_rollback(*, replaced: int | None, restored: int, reason: str, actor: str, links: MlflowLinks) -> str:
+    """The note of a rollback by hand (the mlops_rollback DAG, ``mlops rollback``)."""
+    taken_out = f"v{replaced}" if replaced is not None else "no version"
+    text = f"**Production rolled back to v{restored}** by {actor}, replacing {taken_out}: {reason}."
+    return _with_links(text, links, restored, "")
+
+
+def approval_request(
+    *,
+    validation: Mapping[str, Any],
+    train: Mapping[str, Any],
+    digest: str,
+    production_run_id: str,
+    timeout_seconds: float,
+    links: MlflowLinks,
+) -> tuple[str, str]:
+    """The subject and markdown body of the approval request before Production: what a person needs to decide."""
+    version, champion = validation.get("model_version"), validation.get("champion_version")
+    subject = f"Promote {links.model_name} v{version} to Production?"
+    threshold = validation.get("threshold")
+    lines = [
+        f"**v{version}** ({train.get('model_family') or 'model'}) passed validation and waits for your approval "
+        f"before it replaces {f'Production v{champion}' if champion is not None else 'no Production version'}.",
+        "",
+    ]
+    if champion is not None and validation.get("champion_accuracy") is not None:
+        rows = validation.get("comparison_rows")
+        on_rows = f"the same {rows} held-out rows" if rows else "the same held-out rows"
+        ours = validation.get("comparison_accuracy")
+        ours = ours if ours is not None else validation.get("accuracy")
+        lines += [
+            f"| accuracy on {on_rows} | candidate v{version} | Production v{champion} |",
+            "|---|---|---|",
+            f"| | {_accuracy(ours)} | {_accuracy(validation['champion_accuracy'])} |",
+            "",
+        ]
+        if validation.get("comparison_note"):
+            lines += [str(validation["comparison_note"]), ""]
+    limit = f"{float(threshold):.2f}" if threshold is not None else "?"
+    lines.append(f"- accuracy on the whole held-out set: {_accuracy(validation.get('accuracy'))} (threshold {limit})")
+    psi = validation.get("drift_max_psi")
+    if psi is not None:
+        level = "high" if validation.get("drift_high") else "below the threshold"
+        lines.append(f"- drift: largest PSI {float(psi):.3f} ({validation.get('drift_max_psi_feature')}), {level}")
+    else:
+        lines.append("- drift: not measured (no Production version to compare with)")
+    lines.append(f"- data digest: `{digest[:16]}`")
+    runs = [f"[MLflow run of v{version}]({url})" for url in [links.run(str(train.get("run_id") or ""))] if url]
+    runs += [f"[MLflow run of v{champion}]({url})" for url in [links.run(production_run_id)] if url]
+    runs.append(f"[{links.model_name} v{version}]({links.version(int(version))})" if version is not None else "")
+    lines += ["- " + " · ".join(filter(None, runs)), ""]
+    hours = timeout_seconds / 3600
+    wait = f"{hours:g} h" if hours >= 1 else f"{timeout_seconds:g} s"
+    lines.append(f"**Approve** promotes v{version}; **Reject**, or no answer within {wait}, keeps Production as it is.")
+    return subject, "\n".join(lines)

@@ -41,6 +41,8 @@ USER_INFO_WITH_PASSWORD = r"^[^:/@]*:[^@]*@"
 # A URL whose password is anything but the mask is refused when a run is triggered, before Airflow stores its conf.
 NO_PASSWORD_BUT_THE_MASK = r"^(?![A-Za-z][A-Za-z0-9+.\-]*://[^/@:]*:(?!\*\*\*@)[^@]*@)"
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+# What the service tells people about (ml.notify): a run's outcome, a rollback by hand, a repair of the registry.
+NOTICE_EVENTS = ("promoted", "rejected", "rolled_back", "manual_rollback", "repaired", "failed")
 # The dialect of the trigger form's schemas. Airflow validates every Param with jsonschema at parse time, at trigger
 # time and in each task; a schema without "$schema" is checked against draft 2020-12's metaschema, seven documents
 # joined by references, which costs three times draft 7's single document. The form uses nothing newer than draft 7.
@@ -80,12 +82,13 @@ class Declaration:
     check: Callable[[Any], str | None] | None = None
 
 
-def setting(default: Any, env: str, description: str, **declared: Any) -> Any:
-    """Declare a settings field (see :class:`Declaration` for the keywords)."""
+def setting(default: Any, env: str, description: str, *, secret: bool = False, **declared: Any) -> Any:
+    """Declare a settings field (see :class:`Declaration` for the keywords); a secret is left out of the repr, so a
+    settings object that reaches a log does not carry it."""
     metadata = {"setting": Declaration(env=env, description=description, **declared)}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 def url_scheme(uri: str) -> str:
@@ -127,6 +130,29 @@ def alias_problem(alias: str) -> str | None:
     if RESERVED_ALIAS.match(alias):
         return f"production_alias {alias!r} is reserved by MLflow ('latest' and v<number> name versions); use another"
     return None
+
+
+def notice_events(value: str) -> tuple[str, ...]:
+    """The events a comma-separated list names (``all`` names every one, ``none`` none)."""
+    named = tuple(word.strip().lower() for word in value.split(",") if word.strip())
+    if named in {("all",), ("none",)}:
+        return NOTICE_EVENTS if named == ("all",) else ()
+    return named
+
+
+def notice_routing(env: str, goes: str) -> Any:
+    """Declare a setting that lists the events whose notices go to one channel."""
+
+    def problem(value: str) -> str | None:
+        unknown = [event for event in notice_events(value) if event not in NOTICE_EVENTS]
+        if unknown:
+            return (
+                f"{env} names unknown events {', '.join(unknown)}; use all, none or some of {', '.join(NOTICE_EVENTS)}"
+            )
+        return None
+
+    described = f"Which events {goes}, comma-separated: all, none, or some of {', '.join(NOTICE_EVENTS)}."
+    return setting("all", env, described, check=problem)
 
 
 def tracking_uri_problem(uri: str) -> str | None:
@@ -316,17 +342,26 @@ class Settings:
         "How long the model server may take to follow a promotion.",
         exclusive_minimum=0,
     )
-    # Not in repr: a settings object that reaches a log must not carry the token.
-    serving_token: str = field(
-        default="",
-        repr=False,
-        metadata={
-            "setting": Declaration(
-                env="MLOPS_SERVING_TOKEN",
-                description="Bearer token of the model server: it requires it, and deploy_model's check sends it.",
-                logged=False,
-            )
-        },
+    serving_token: str = setting(
+        "",
+        "MLOPS_SERVING_TOKEN",
+        "Bearer token of the model server: it requires it, and deploy_model's check sends it.",
+        secret=True,
+        logged=False,
+    )
+    serving_webhook_url: str = setting(
+        "",
+        "MLOPS_SERVING_WEBHOOK_URL",
+        "Where the MLflow server reaches the model server's /webhooks/mlflow: set (with a tracking server and the "
+        "secret), the model server subscribes to the registry's alias events and follows a move at once; polling "
+        "stays as the fallback.",
+    )
+    serving_webhook_secret: str = setting(
+        "",
+        "MLOPS_SERVING_WEBHOOK_SECRET",
+        "The secret MLflow signs its webhook deliveries to the model server with.",
+        secret=True,
+        logged=False,
     )
     mlflow_ui_url: str = setting(
         "",
@@ -346,6 +381,41 @@ class Settings:
     )
     retry_delay: float = setting(
         300.0, "MLOPS_RETRY_DELAY_SECONDS", "Wait before a failed task is retried once.", minimum=0
+    )
+    approval_required: bool = setting(
+        False,
+        "MLOPS_APPROVAL_REQUIRED",
+        "A validated candidate waits for a person to approve it in the Airflow UI (Required actions) before "
+        "deploy_model promotes it; rejected or unanswered, Production stays as it is.",
+    )
+    approval_timeout: float = setting(
+        86400.0,
+        "MLOPS_APPROVAL_TIMEOUT_SECONDS",
+        "How long a candidate waits for approval; no answer by then counts as a rejection.",
+        exclusive_minimum=0,
+    )
+    notify_email_to: str = setting(
+        "", "MLOPS_NOTIFY_EMAIL_TO", "Comma-separated addresses the service's notices are e-mailed to; none: no e-mail."
+    )
+    notify_email_events: str = notice_routing("MLOPS_NOTIFY_EMAIL_EVENTS", "are e-mailed")
+    notify_smtp_conn_id: str = setting(
+        "smtp_default",
+        "MLOPS_NOTIFY_SMTP_CONN_ID",
+        "Airflow connection of the SMTP server (host, port, login, password; extras from_email, disable_ssl and "
+        "disable_tls as Airflow's SMTP provider reads them).",
+    )
+    notify_webhook_conn_id: str = setting(
+        "",
+        "MLOPS_NOTIFY_WEBHOOK_CONN_ID",
+        "Airflow connection whose URL receives the notices as a JSON POST with a markdown 'text', as chat tools' "
+        "incoming webhooks accept; none: no webhook.",
+    )
+    notify_webhook_events: str = notice_routing("MLOPS_NOTIFY_WEBHOOK_EVENTS", "go to the webhook")
+    notify_timeout: float = setting(
+        5.0,
+        "MLOPS_NOTIFY_TIMEOUT_SECONDS",
+        "Longest a notice may take to send; a channel that fails or does not answer in time is logged and skipped.",
+        exclusive_minimum=0,
     )
 
     @classmethod

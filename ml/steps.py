@@ -15,6 +15,7 @@ from ml import data, deployment, drift, evaluation, registry, tags, tracking
 from ml.context import RunContext
 from ml.results import (
     NO_NEW_DATA,
+    ApprovalResult,
     ArchiveResult,
     DeployResult,
     ExtractResult,
@@ -495,8 +496,18 @@ def _score_champion(
     return evaluation.score(predictions, test_frame[label])["accuracy"]
 
 
-def deploy(settings: Settings, run: RunContext, validated: ValidateResult, split: TransformResult) -> DeployResult:
-    """Promote a passing version to Production (stage and alias), then check that it serves as validated."""
+def deploy(
+    settings: Settings,
+    run: RunContext,
+    validated: ValidateResult,
+    split: TransformResult,
+    approval: ApprovalResult | None = None,
+) -> DeployResult:
+    """Promote a passing version to Production (stage and alias), then check that it serves as validated.
+
+    With ``approval_required``, only a version a person approved (``approval``, approve_deployment's answer) is
+    promoted; a rejection, or no answer in time, is recorded on the version and in the deployment history.
+    """
     name = settings.model_name
     if validated.skip:
         production = validated.skip.production_version
@@ -528,8 +539,19 @@ def deploy(settings: Settings, run: RunContext, validated: ValidateResult, split
         return not_deployed(reason)
     assert validated.accuracy is not None, "a passed verdict has its accuracy"
     reason = f"passed validation with accuracy {validated.accuracy:.4f}"
-    if current is not None and current.version == version:
-        previous = _int_or_none(current.tags.get(tags.DEPLOYMENT_REPLACED_VERSION))
+    already_promoted = current if current is not None and current.version == version else None
+    if settings.approval_required and already_promoted is None:
+        if approval is None or not approval.approved:
+            refusal = (
+                approval.describe() if approval else "not approved: no answer to the approval request was recorded"
+            )
+            log.warning("not deploying version %s: %s", version, refusal)
+            _record_refusal(client, name, version, "not_approved", refusal)
+            registry.record_approval_refusal(client, name, version, previous, actor=run.actor, reason=refusal)
+            return not_deployed(refusal)
+        reason = f"{reason}; {approval.describe()}"
+    if already_promoted is not None:
+        previous = _int_or_none(already_promoted.tags.get(tags.DEPLOYMENT_REPLACED_VERSION))
         log.info("version %s was already promoted by an earlier try of this run", version)
     else:
         try:

@@ -15,9 +15,13 @@ from ml import data, registry, run_note, steps
 from ml.context import RunContext
 from ml.hooks import call_hook
 from ml.results import (
+    APPROVAL_TASK,
+    APPROVE,
+    ApprovalResult,
     ArchiveResult,
     DeployResult,
     ExtractResult,
+    ManualRollbackResult,
     RollbackResult,
     Skip,
     TrainResult,
@@ -160,16 +164,26 @@ def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: Rollb
     links = run_note.MlflowLinks(
         settings.mlflow_ui, settings.model_name, _experiment_id(settings, str(trained.get("run_id") or ""))
     )
+    extracted, deployed = upstream_result(context, "extract_data"), upstream_result(context, "deploy_model")
     note = run_note.compose(
-        extract=upstream_result(context, "extract_data"),
+        extract=extracted,
         train=trained,
         validation=upstream_result(context, "validate_model"),
-        deploy=upstream_result(context, "deploy_model"),
+        deploy=deployed,
         rollback=rolled.to_xcom(),
         links=links,
     )
     log.info("run note: %s", note.splitlines()[0])
     ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
+    events = run_note.events(extract=extracted, deploy=deployed, rollback=rolled.to_xcom())
+    _push_notice(context, events, list((extracted or {}).get("repaired") or []))
+
+
+def _push_notice(context: Mapping[str, Any], events: list[str], details: list[str]) -> None:
+    """What ml.notify.RunNotifier tells people when the DAG run ends."""
+    ti = context.get("ti")
+    if ti is not None:
+        ti.xcom_push(key=run_note.NOTICE_KEY, value={"events": events, "details": details})
 
 
 def _experiment_id(settings: Settings, run_id: str) -> str | None:
@@ -225,11 +239,50 @@ def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) 
 
 
 def deploy_model(context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step(
-        "deploy_model",
-        context,
-        lambda settings, run: steps.deploy(settings, run, ValidateResult.from_xcom(_verdict(context)), _split(context)),
+    def deploy(settings: Settings, run: RunContext) -> DeployResult:
+        answered = upstream_result(context, APPROVAL_TASK) if settings.approval_required else None
+        approval = ApprovalResult.from_xcom(answered) if answered else None
+        return steps.deploy(settings, run, ValidateResult.from_xcom(_verdict(context)), _split(context), approval)
+
+    return run_step("deploy_model", context, deploy)
+
+
+def approval_request(context: Mapping[str, Any], timeout_seconds: float) -> tuple[str, str]:
+    """approve_deployment's subject and body; the task is skipped when validation left nothing to approve."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    verdict = upstream_result(context, "validate_model") or {}
+    if verdict.get("validation") != "passed":
+        raise AirflowSkipException(f"nothing to approve: validation {verdict.get('validation') or 'returned nothing'}")
+    settings, _ = resolve(context)
+    trained = upstream_result(context, "train_model") or {}
+    champion = verdict.get("champion_version")
+    production_run_id = None
+    if champion is not None:
+        production_run_id = registry.get_version(registry.client_for(settings), settings.model_name, champion).run_id
+    experiment = _experiment_id(settings, str(trained.get("run_id") or ""))
+    return run_note.approval_request(
+        validation=verdict,
+        train=trained,
+        digest=str(_split(context).digest),
+        production_run_id=production_run_id or "",
+        timeout_seconds=timeout_seconds,
+        links=run_note.MlflowLinks(settings.mlflow_ui, settings.model_name, experiment),
     )
+
+
+def approval_answer(answer: Mapping[str, Any], *, timed_out: bool) -> dict[str, Any]:
+    """approve_deployment's XCom: the person's answer to the approval request, or that nobody answered in time."""
+    user = answer.get("responded_by_user") or {}
+    answered_at = answer.get("responded_at")
+    result = ApprovalResult(
+        approved=not timed_out and list(answer.get("chosen_options") or []) == [APPROVE],
+        decided_by=str(user.get("name") or user.get("id") or "") if not timed_out else "",
+        decided_at=answered_at.isoformat(timespec="seconds") if answered_at is not None else registry.utc_now(),
+        timed_out=timed_out,
+    )
+    log.info("deployment %s", result.describe())
+    return result.to_xcom()
 
 
 def _verdict(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,8 +351,24 @@ def _nothing_ran(context: Mapping[str, Any], refusal: ConfigurationError) -> dic
 
 
 def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:
-    """The mlops_rollback DAG's one task: put a chosen version back in Production."""
-    return run_step("rollback_production", context, steps.manual_rollback)
+    """The mlops_rollback DAG's one task: put a chosen version back in Production, and note it on the run."""
+
+    def rollback_and_note(settings: Settings, run: RunContext) -> ManualRollbackResult:
+        rolled = steps.manual_rollback(settings, run)
+        note = run_note.manual_rollback(
+            replaced=rolled.replaced_version,
+            restored=rolled.production_version,
+            reason=rolled.reason,
+            actor=run.actor,
+            links=run_note.MlflowLinks(settings.mlflow_ui, settings.model_name),
+        )
+        ti = context.get("ti")
+        if ti is not None:
+            ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
+        _push_notice(context, ["manual_rollback"], [])
+        return rolled
+
+    return run_step("rollback_production", context, rollback_and_note)
 
 
 def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:

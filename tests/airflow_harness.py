@@ -58,6 +58,9 @@ def run_existing(dag_id: str, run_id: str, dag=None) -> PipelineRun:
 
     dag = dag or load_dag(dag_id)
     scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    # As dag.test() does: the run's end calls the DAG's callbacks, which serialisation leaves out.
+    scheduler_dag.on_success_callback = dag.on_success_callback
+    scheduler_dag.on_failure_callback = dag.on_failure_callback
     with create_session() as session:
         dag_run = dag_run_row(session, dag_id, run_id)
         dag_run.dag = scheduler_dag
@@ -81,3 +84,14 @@ def run_existing(dag_id: str, run_id: str, dag=None) -> PipelineRun:
                 except Exception:
                     log.exception("task %s failed", ti.task_id)
     return collect(dag_id, run_id)
+
+
+def sweep_approval_timeouts() -> None:
+    """Do what the scheduler does with human-in-the-loop tasks whose response timeout has passed: answer them with
+    their defaults, or fail them (``SchedulerJobRunner.check_awaiting_input_timeouts``); ``dag.test()`` never does."""
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        SchedulerJobRunner(job=Job(), num_runs=1).check_awaiting_input_timeouts(session=session)

@@ -160,6 +160,15 @@ def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return Settings.from_env()
 
 
+# The model server's tests receive the registry's webhooks on loopback over plain HTTP (compose's private network
+# needs the same), and a webhook registered a moment ago must be used at once, not after the default 60 s cache.
+WEBHOOKS_TO_LOOPBACK = {
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+}
+
+
 class MlflowServer:
     """A real ``mlflow server`` process on loopback, with its own SQLite store; can be stopped and started again."""
 
@@ -191,6 +200,7 @@ class MlflowServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **WEBHOOKS_TO_LOOPBACK},
             )
         try:
             wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
@@ -263,3 +273,13 @@ def use_fresh_home(patch: pytest.MonkeyPatch, home: Path) -> None:
         patch.delenv(name)
     patch.setenv("MLOPS_HOME", str(home))
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+
+
+@contextlib.contextmanager
+def retraining_home(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[pytest.MonkeyPatch]:
+    """A fresh home for a module's runs on the bundled data, with force_retrain: without it every run after the first
+    would end early with "no new data". Yields the patch, for the module's own settings."""
+    with pytest.MonkeyPatch.context() as patch:
+        use_fresh_home(patch, tmp_path_factory.mktemp(prefix) / "mlops")
+        patch.setenv("MLOPS_FORCE_RETRAIN", "true")
+        yield patch

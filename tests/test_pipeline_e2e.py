@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import production_markers, task_note, use_fresh_home
+from conftest import production_markers, retraining_home, task_note
 
 import mlflow
 from ml import registry
@@ -31,11 +31,7 @@ def version_count(settings: Settings) -> int:
 @pytest.fixture(scope="module")
 def baseline(airflow_db, tmp_path_factory):
     """A fresh SQLite MLflow store and the first pipeline run against it."""
-    home = tmp_path_factory.mktemp("e2e") / "mlops"
-    with pytest.MonkeyPatch.context() as patch:
-        use_fresh_home(patch, home)
-        # Every run here trains on the same bundled data: force_retrain, or all but the first end with "no new data".
-        patch.setenv("MLOPS_FORCE_RETRAIN", "true")
+    with retraining_home(tmp_path_factory, "e2e"):
         settings = Settings.from_env()
         yield settings, run_dag()
 

@@ -127,9 +127,9 @@ class ServerProcess:
 
 @contextmanager
 def model_server(
-    settings: Settings, log_dir: Path, *options: str, env: dict[str, str] | None = None
+    settings: Settings, log_dir: Path, *options: str, env: dict[str, str] | None = None, port: int | None = None
 ) -> Iterator[ServerProcess]:
-    port = free_port()
+    port = port or free_port()
     log = log_dir / f"model-server-{port}.log"
     command = [
         PYTHON,
@@ -746,3 +746,87 @@ def markers_of(settings: Settings) -> tuple[int | None, list[int]]:
     aliased = registry.production_version(client, settings.model_name, settings.production_alias)
     staged = [v.version for v in registry.list_versions(client, settings.model_name) if v.stage == "Production"]
     return (aliased.version if aliased else None), staged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Told by the registry: MLflow's webhooks.
+
+WEBHOOK_SECRET = "webhook-secret-5f1c"
+
+
+def signed_delivery(payload: dict[str, Any], secret: str = WEBHOOK_SECRET, **header: str) -> tuple[bytes, dict]:
+    """A delivery signed as MLflow signs one (mlflow.webhooks.delivery), with headers as given overriding."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+    import uuid
+
+    body = json.dumps(payload).encode()
+    delivery_id, timestamp = str(uuid.uuid4()), str(int(time.time()))
+    digest = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    headers = {
+        "x-mlflow-delivery-id": delivery_id,
+        "x-mlflow-timestamp": timestamp,
+        "x-mlflow-signature": "v1," + base64.b64encode(digest).decode(),
+    }
+    return body, headers | header
+
+
+def alias_moved(settings: Settings, version: str = "1") -> dict[str, Any]:
+    return {
+        "entity": "model_version_alias",
+        "action": "created",
+        "timestamp": "2026-12-04T06:00:00+00:00",
+        "data": {"name": settings.model_name, "alias": settings.production_alias, "version": version},
+    }
+
+
+def test_a_delivery_is_accepted_once_only_with_mlflows_signature_and_a_fresh_timestamp(mlops_env):
+    from ml.serving.webhook import DeliveryVerifier, RefusedDelivery, moves_alias
+
+    verifier = DeliveryVerifier(WEBHOOK_SECRET)
+    body, headers = signed_delivery(alias_moved(mlops_env))
+    assert moves_alias(verifier.verify(body, headers), mlops_env.model_name, mlops_env.production_alias)
+    with pytest.raises(RefusedDelivery, match="was received before"):
+        verifier.verify(body, headers)
+    forged_body, forged = signed_delivery(alias_moved(mlops_env), secret="guessed")
+    with pytest.raises(RefusedDelivery, match="signature does not match"):
+        verifier.verify(forged_body, forged)
+    with pytest.raises(RefusedDelivery, match="older than 300 s"):
+        verifier.verify(*signed_delivery(alias_moved(mlops_env)), now=time.time() + 600)
+    with pytest.raises(RefusedDelivery, match="lacks MLflow's signature"):
+        verifier.verify(body, {})
+    other = alias_moved(mlops_env) | {"data": {"name": "another_model", "alias": mlops_env.production_alias}}
+    assert not moves_alias(verifier.verify(*signed_delivery(other)), mlops_env.model_name, "production")
+
+
+@pytest.mark.slow
+def test_told_by_the_registrys_webhook_it_swaps_at_once_and_a_forged_event_moves_nothing(
+    mlflow_server, server_env, saved_models, tmp_path
+):
+    settings = server_env
+    promote_logged_model(settings, saved_models["real"].path)
+    port = free_port()
+    told = {
+        "MLOPS_SERVING_WEBHOOK_URL": f"http://127.0.0.1:{port}/webhooks/mlflow",
+        "MLOPS_SERVING_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+    # Polling once a minute: a swap within seconds can only come from the webhook.
+    with model_server(settings, tmp_path, "--poll-interval", "60", env=told, port=port) as server:
+        wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
+        webhooks = registry.client_for(settings).list_webhooks()
+        assert [hook.url for hook in webhooks] == [told["MLOPS_SERVING_WEBHOOK_URL"]]
+
+        forged_body, forged = signed_delivery(alias_moved(settings, "2"), secret="guessed")
+        refused = httpx.post(f"{server.url}/webhooks/mlflow", content=forged_body, headers=forged, timeout=10)
+        assert refused.status_code == 401 and "signature does not match" in refused.json()["message"]
+
+        version = promote_logged_model(settings, saved_models["inverted"].path)
+        seconds = wait_until(lambda: answering_version(server) == str(version), 20, "the swap on the webhook")
+        assert server.predict().json()["predictions"] == saved_models["inverted"].predictions
+        log_text = server.log.read_text()
+        assert "the registry says the 'production' alias moved; reading it now" in log_text
+        assert "refused a webhook delivery: the signature does not match" in log_text
+        assert WEBHOOK_SECRET not in log_text
+        print(f"alias moved -> served by the webhook in {seconds:.2f} s (polling every 60 s)")

@@ -75,10 +75,11 @@ def test_the_settings_repr_masks_credentials_and_leaves_out_the_serving_token():
             "MLFLOW_TRACKING_URI": "https://ops:tracking-pass@mlflow.internal/",
             "MLFLOW_REGISTRY_URI": "https://mlflow.internal/?token=registry-token",
             "MLOPS_SERVING_TOKEN": "serving-token",
+            "MLOPS_SERVING_WEBHOOK_SECRET": "webhook-secret",
         }
     )
     shown = repr(settings)
-    for secret in ("warehouse-pass", "tracking-pass", "registry-token", "serving-token"):
+    for secret in ("warehouse-pass", "tracking-pass", "registry-token", "serving-token", "webhook-secret"):
         assert secret not in shown
     assert "data_source='postgresql://etl:***@db.internal/warehouse'" in shown
     assert "tracking_uri='https://ops:***@mlflow.internal/'" in shown

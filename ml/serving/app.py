@@ -48,7 +48,7 @@ import uvicorn
 
 import mlflow
 from ml.redaction import mask_credentials, mask_logging_credentials
-from ml.serving import metrics
+from ml.serving import metrics, webhook
 from ml.serving.follower import ProductionFollower
 from ml.serving.loader import LoadedModel
 from ml.serving.protocol import MAX_REQUEST_HEAD_BYTES, read_timeout_protocol
@@ -68,9 +68,18 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 JSON_CONTENT_TYPE = "application/json"
 VERSION_HEADER = b"x-model-version"
-ROUTES = {"/invocations": "POST", "/ping": "GET", "/health": "GET", "/version": "GET", "/metrics": "GET"}
+ROUTES = {
+    "/invocations": "POST",
+    "/ping": "GET",
+    "/health": "GET",
+    "/version": "GET",
+    "/metrics": "GET",
+    webhook.PATH: "POST",
+}
 # Probes answer without a token: orchestrators' health checks carry none, and they reveal no data or secret.
 OPEN_PATHS = frozenset({"/ping", "/health"})
+# Authenticated by MLflow's signature instead of the bearer token, which MLflow cannot send.
+SIGNED_PATHS = frozenset({webhook.PATH})
 HIDDEN_ERROR = "an error; send the bearer token for its text"
 
 
@@ -118,10 +127,12 @@ class ModelServer:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         *,
         token: str = "",
+        webhook_secret: str = "",
     ) -> None:
         self.follower = follower
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics.ServingMetrics()
+        self.deliveries = webhook.DeliveryVerifier(webhook_secret) if webhook_secret else None
         self._expected_authorization = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -166,6 +177,8 @@ class ModelServer:
         if method != allowed and not (method == "HEAD" and allowed == "GET"):
             answers = f"{allowed} and HEAD" if allowed == "GET" else allowed
             return error_response(405, "METHOD_NOT_ALLOWED", f"{path} answers {answers}, not {method}")
+        if path in SIGNED_PATHS:
+            return self._registry_event(await _read_body(scope, receive, self.max_body_bytes), scope)
         if path not in OPEN_PATHS and not self._authorized(scope):
             return error_response(
                 401,
@@ -200,6 +213,21 @@ class ModelServer:
             log.warning("version %s could not score a request: %s", model.version, error)
             raise InputError(_unscorable(frame, error)) from error
         return json_response(200, {"predictions": _jsonable(predictions)})
+
+    def _registry_event(self, body: bytes, scope: Scope) -> Response:
+        """A webhook delivery from the MLflow server: a verified move of our alias wakes the follower."""
+        if self.deliveries is None:
+            return error_response(404, "NOT_FOUND", f"{webhook.PATH} is off: MLOPS_SERVING_WEBHOOK_SECRET is not set")
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            payload = self.deliveries.verify(body, headers)
+        except webhook.RefusedDelivery as error:
+            log.warning("refused a webhook delivery: %s", error)
+            return error_response(401, "UNAUTHENTICATED", f"refused: {error}")
+        if webhook.moves_alias(payload, self.follower.name, self.follower.alias):
+            log.info("the registry says the %r alias moved; reading it now", self.follower.alias)
+            self.follower.wake()
+        return json_response(200, {"status": "received"})
 
     def _authorized(self, scope: Scope) -> bool:
         """Whether the request carries the server's token; every request is, without one."""
@@ -344,6 +372,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _subscribe_to_registry_events(settings: Settings) -> None:
+    """Subscribe to the registry's alias events where the store is an MLflow server and the webhook is configured;
+    polling alone otherwise, or where the subscription fails (logged once)."""
+    if not (settings.serving_webhook_url and settings.serving_webhook_secret):
+        return
+    if not settings.tracking_uri.startswith(("http://", "https://")):
+        log.info("the registry is a local store, which sends no webhooks: following it by polling alone")
+        return
+    try:
+        webhook.subscribe(settings)
+    except Exception as error:  # a registry without webhooks (older than MLflow 3.3), or refusing this URL
+        log.warning("not subscribed to the registry's alias events (%s); following it by polling alone", error)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mask_logging_credentials()
@@ -393,7 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="mlops-serving-") as downloads:
         follower = ProductionFollower(settings, arguments.poll_interval, Path(downloads))
-        server = ModelServer(follower, arguments.max_body_bytes, token=settings.serving_token)
+        server = ModelServer(
+            follower,
+            arguments.max_body_bytes,
+            token=settings.serving_token,
+            webhook_secret=settings.serving_webhook_secret,
+        )
+        _subscribe_to_registry_events(settings)
         config = uvicorn.Config(
             server,
             host=arguments.host,

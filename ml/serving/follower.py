@@ -59,6 +59,7 @@ class ProductionFollower:
         self._previous: LoadedModel | None = None
         self._failures: dict[int, _Failure] = {}
         self._stopping = threading.Event()
+        self._woken = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -67,8 +68,13 @@ class ProductionFollower:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        self._woken.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Read the registry now rather than at the next poll (the registry said the alias moved)."""
+        self._woken.set()
 
     def poll_once(self) -> None:
         try:
@@ -118,7 +124,8 @@ class ProductionFollower:
                 self.poll_once()
             except Exception:  # the thread must outlive a bug in one poll, or the server would stop following
                 log.exception("polling the %r alias failed", self.alias)
-            self._stopping.wait(self.poll_interval)
+            self._woken.wait(self.poll_interval)
+            self._woken.clear()
 
     def _switch_to(self, target: VersionInfo) -> None:
         previous = self.current
