@@ -9,6 +9,7 @@ whose file lies outside the configured DAGs folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import subprocess
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from airflow.models.dagrun import DagRun
     from airflow.sdk import DAG
     from sqlalchemy.orm import Session
+
+    from ml.task_log_files import FailedTry
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class PipelineRun:
     state: str
     tasks: dict[str, TaskOutcome] = field(default_factory=dict)
     note: str = ""
+    # Why each failed try failed, retried ones included; known to the process that ran the tasks (run_dag).
+    failed_tries: tuple[FailedTry, ...] = ()
 
     @property
     def run_key(self) -> str:
@@ -210,11 +215,14 @@ def load_dag(dag_id: str) -> DAG:
 
 
 def run_dag(dag_id: str = "mlops_pipeline", conf: dict[str, Any] | None = None, dag: DAG | None = None) -> PipelineRun:
+    """Run the DAG once; each task's log goes to its task log file, the terminal keeps one line per traceback."""
+    from ml.task_log_files import task_log_router
+
     dag = dag or load_dag(dag_id)
     log.info("running %s through Airflow (dag.test) with %s", dag.dag_id, conf or "default parameters")
-    with quiet_skip_cascade():
+    with quiet_skip_cascade(), task_log_router().routing() as router:
         dag_run = dag.test(run_conf=conf or None)
-    return collect(dag.dag_id, dag_run.run_id)
+    return dataclasses.replace(collect(dag.dag_id, dag_run.run_id), failed_tries=tuple(router.failed_tries))
 
 
 class SkipCascadeFilter(logging.Filter):

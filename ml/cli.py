@@ -138,6 +138,11 @@ def run_pipeline(conf: dict[str, Any]) -> int:
     prepare_in_process_runs(preload.RUN_MODULES)
     from airflow.sdk.exceptions import ParamValidationError
 
+    from ml.redaction import register_secrets, secrets_of
+    from ml.settings import Settings
+
+    register_secrets(secrets_of(Settings.from_env()))
+
     if interruption.requested():
         return EXIT_INTERRUPTED
     try:
@@ -201,6 +206,7 @@ def run_exit_code(run: Any, interrupted_by: int | None = None) -> int:
 
 def format_run_summary(run: Any, interrupted_by: int | None = None) -> str:
     from ml import registry
+    from ml.redaction import one_line
     from ml.settings import Settings
 
     settings = Settings.from_env()
@@ -209,7 +215,11 @@ def format_run_summary(run: Any, interrupted_by: int | None = None) -> str:
     validated = run.result("validate_model")
     deployed = run.result("deploy_model")
     rolled_back = run.result("rollback_model")
-    production = registry.production_version(client, settings.model_name, settings.production_alias)
+    try:
+        production = registry.production_version(client, settings.model_name, settings.production_alias)
+        production_now = f"v{production.version}" if production else "none"
+    except Exception as error:
+        production_now = f"unknown: the registry did not answer ({one_line(error)})"
     failed = [task for task, outcome in sorted(run.tasks.items()) if outcome.state == "failed"]
     lines = [
         f"DAG run {run.dag_id} / {run.run_id}: {run.state}",
@@ -222,7 +232,7 @@ def format_run_summary(run: Any, interrupted_by: int | None = None) -> str:
         f"  promoted to Production    : {'yes' if deployed.get('deployed') else 'no'}"
         + (f" ({deployed['reason']})" if deployed.get("reason") and not deployed.get("deployed") else ""),
         f"  rolled back               : {'yes' if rolled_back.get('rollback_performed') else 'no'}",
-        f"  Production now            : {f'v{production.version}' if production else 'none'}",
+        f"  Production now            : {production_now}",
     ]
     extracted = run.result("extract_data")
     if extracted.get("skipped_reason"):
@@ -234,7 +244,11 @@ def format_run_summary(run: Any, interrupted_by: int | None = None) -> str:
     if run.note:
         lines.append(f"  run note                  : {run.note.splitlines()[0]}")
     if failed:
-        lines.append(f"  failed tasks              : {', '.join(failed)} (see the task logs in the Airflow UI)")
+        lines.append(f"  failed tasks              : {', '.join(failed)}")
+    lines += [f"  {f'{t.task_id}, try {t.try_number}':<26}: {t.reason}" for t in run.failed_tries]
+    if run.failed_tries:
+        folder = os.path.commonpath([t.log.parent.parent for t in run.failed_tries])
+        lines.append(f"  tracebacks                : in the task logs under {folder} (and in the Airflow UI)")
     if interrupted_by:
         lines.append(f"  stopped                   : by {signal.Signals(interrupted_by).name}; rollback_model ran")
     lines += [

@@ -11,6 +11,7 @@ from typing import Any
 
 from ml import data, evaluation, registry, tracking
 from ml.hooks import call_hook
+from ml.redaction import mask_credentials
 from ml.results import TransformResult
 from ml.settings import Settings
 
@@ -28,7 +29,9 @@ def probe_tracking_server(uri: str) -> None:
     try:
         httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
     except httpx.HTTPError as error:
-        raise TrackingServerUnavailable(f"MLflow tracking server {uri} does not answer: {error}") from error
+        raise TrackingServerUnavailable(
+            f"MLflow tracking server {mask_credentials(uri)} does not answer: {mask_credentials(str(error))}"
+        ) from error
 
 
 def check_deployment(settings: Settings, version: int, split: TransformResult, validated_accuracy: float) -> list[str]:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from ml import data, registry, run_note, steps
+from ml import data, redaction, registry, run_note, steps
 from ml.context import RunContext
 from ml.hooks import call_hook
 from ml.results import (
@@ -70,8 +70,11 @@ def run_context(context: Mapping[str, Any]) -> RunContext:
 
 
 def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
+    """The task's settings and run; every credential they hold is masked from here on, in whatever the task shows."""
     run = run_context(context)
-    return Settings.from_env().for_run(run.params, run.declared_params), run
+    settings = Settings.from_env()
+    redaction.register_secrets(redaction.secrets_of(settings))
+    return settings.for_run(run.params, run.declared_params), run
 
 
 def upstream_result(context: Mapping[str, Any], task_id: str) -> dict[str, Any] | None:
@@ -375,11 +378,11 @@ def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
     """The mlops_ingest DAG's one task: land a batch, describe it on the asset event, or skip if there is none."""
     from ml import ingest
 
-    run = run_context(context)
-    params = run.params
     try:
+        settings, run = resolve(context)
+        params = run.params
         result = ingest.land(
-            Settings.from_env().for_run(params, run.declared_params),
+            settings,
             batch=params.get("batch"),
             shift=params.get("shift") or {},
             file_format=str(params.get("file_format") or "csv"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from ml.context import RunContext
 from ml.preload import MODEL_LOGGING_MODULES, import_for_tasks
-from ml.redaction import mask_credentials
+from ml.redaction import has_user_info, mask_credentials
 from ml.settings import Settings
 from ml.task_logs import import_skops_quietly, skops_scan_quieted
 
@@ -30,12 +31,17 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
 RUN_NAME_TAG = "mlflow.runName"
+MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def connect(settings: Settings) -> ModuleType:
     """The mlflow module, pointed at the configured stores, with the experiment created if need be and active."""
     import mlflow
 
+    if has_user_info(settings.tracking_uri):
+        # MLflow prints each run's link on stdout, built from the tracking URI, password included; the run note and
+        # the run's description link to the run without it.
+        os.environ[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT] = "true"
     mlflow.set_tracking_uri(settings.tracking_uri)
     if settings.registry_uri:
         mlflow.set_registry_uri(settings.registry_uri)
