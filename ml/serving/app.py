@@ -375,10 +375,10 @@ def is_loopback(host: str) -> bool:
 def _subscribe_to_registry_events(settings: Settings) -> None:
     """Subscribe to the registry's alias events where the store is an MLflow server and the webhook is configured;
     polling alone otherwise, or where the subscription fails (logged once)."""
-    if not (settings.serving_webhook_url and settings.serving_webhook_secret):
+    if not settings.serving_webhook_url:
         return
-    if not settings.tracking_uri.startswith(("http://", "https://")):
-        log.info("the registry is a local store, which sends no webhooks: following it by polling alone")
+    if problem := webhook.subscription_problem(settings):
+        log.info("%s: following the registry by polling alone", problem)
         return
     try:
         webhook.subscribe(settings)

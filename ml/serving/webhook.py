@@ -97,6 +97,15 @@ def webhook_name(settings: Settings) -> str:
     return f"mlops-serving-{settings.model_name}-{settings.production_alias}"
 
 
+def subscription_problem(settings: Settings) -> str | None:
+    """Why this configuration cannot subscribe to the registry's alias events, or None when it can."""
+    if not (settings.serving_webhook_url and settings.serving_webhook_secret):
+        return "MLOPS_SERVING_WEBHOOK_URL and MLOPS_SERVING_WEBHOOK_SECRET must both be set to subscribe"
+    if not settings.tracking_uri.startswith(("http://", "https://")):
+        return "the registry is a local store, which sends no webhooks"
+    return None
+
+
 def subscribe(settings: Settings) -> str:
     """Register (or update) this server's webhook on the MLflow server; returns the webhook's id.
 
