@@ -71,7 +71,17 @@ NATIVE_ONLY_ENV = {
 # Set in compose only.
 COMPOSE_ONLY_ENV = {
     "DUMB_INIT_SETSID": "the worker's warm shutdown in the official image (docker-stack docs, signal propagation)",
-    "CONNECTION_CHECK_MAX_COUNT": "the model server has no Airflow database for the image's entrypoint to wait for",
+    "CONNECTION_CHECK_MAX_COUNT": "the model server and its subscription step have no Airflow database to wait for",
+}
+
+# The MLflow server delivers its webhooks to the model server over plain HTTP on a private network (compose's) or
+# loopback (natively): MLflow allows only https to public addresses by default. It also caches each event's webhook
+# list for 60 s, so an alias event within a minute of serving-subscribe would reach no one; alias events are rare, so
+# reading the list again after 1 s costs nothing.
+MLFLOW_WEBHOOK_ENV = {
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "1",
 }
 
 
@@ -206,6 +216,14 @@ SERVICES: dict[str, Service] = {
             health_path="/ping",
             depends_on={"mlflow": _HEALTHY},
         ),
+        Service(
+            # MLflow lets only admins create webhooks and the model server reads as a read-only user: this step
+            # subscribes it to the registry's alias events with the admin's credentials, then exits.
+            name="serving-subscribe",
+            command=("python", "-m", "ml.serving.subscribe"),
+            depends_on={"mlflow": _HEALTHY},
+            one_shot=True,
+        ),
     )
 }
 
@@ -241,6 +259,8 @@ class StackValues:
     data_store: str
     model_name: str
     serving_token: str
+    serving_webhook_url: str  # where the MLflow server reaches the model server's /webhooks/mlflow
+    serving_webhook_secret: str  # what MLflow signs its deliveries with
 
 
 def _airflow_env(v: StackValues) -> dict[str, str]:
@@ -268,6 +288,16 @@ def _airflow_env(v: StackValues) -> dict[str, str]:
     }
 
 
+def _model_registry_env(v: StackValues, username: str, password: str) -> dict[str, str]:
+    """The model's registry, as the given MLflow user sees it."""
+    return {
+        "MLFLOW_TRACKING_URI": v.mlflow_tracking_uri,
+        "MLFLOW_TRACKING_USERNAME": username,
+        "MLFLOW_TRACKING_PASSWORD": password,
+        "MLOPS_MODEL_NAME": v.model_name,
+    }
+
+
 def service_env(name: str, v: StackValues) -> dict[str, str]:
     """The environment variables a service needs, natively and in compose (see ``NATIVE_ONLY_ENV`` for the rest)."""
     if name == "airflow-init":
@@ -289,14 +319,20 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             "MLFLOW_AUTH_READER_PASSWORD": v.mlflow_reader_password,
             "MLFLOW_FLASK_SERVER_SECRET_KEY": v.mlflow_flask_secret_key,
             "MLFLOW_SERVER_ALLOWED_HOSTS": v.mlflow_allowed_hosts,
+            **MLFLOW_WEBHOOK_ENV,
         }
     if name == "serving":
         return {
-            "MLFLOW_TRACKING_URI": v.mlflow_tracking_uri,
-            "MLFLOW_TRACKING_USERNAME": v.mlflow_reader_username,
-            "MLFLOW_TRACKING_PASSWORD": v.mlflow_reader_password,
-            "MLOPS_MODEL_NAME": v.model_name,
+            **_model_registry_env(v, v.mlflow_reader_username, v.mlflow_reader_password),
             "MLOPS_SERVING_TOKEN": v.serving_token,
+            # The secret alone: the model server checks deliveries with it; serving-subscribe registers the webhook.
+            "MLOPS_SERVING_WEBHOOK_SECRET": v.serving_webhook_secret,
+        }
+    if name == "serving-subscribe":
+        return {
+            **_model_registry_env(v, v.mlflow_username, v.mlflow_password),
+            "MLOPS_SERVING_WEBHOOK_URL": v.serving_webhook_url,
+            "MLOPS_SERVING_WEBHOOK_SECRET": v.serving_webhook_secret,
         }
     raise KeyError(f"unknown service {name!r}")
 

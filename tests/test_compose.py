@@ -232,3 +232,21 @@ def test_images_install_the_lock_and_place_files_where_compose_expects_them():
 
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert ".venv" in ignored and ".env" in ignored
+
+
+def test_registry_webhooks_reach_the_model_server_with_one_secret_and_an_admin_subscribes(services):
+    """MLflow delivers alias events to the model server; only serving-subscribe holds the admin's credentials."""
+    mlflow, serving, subscribe = (_env(services[name]) for name in ("mlflow", "serving", "serving-subscribe"))
+    for key, value in stack.MLFLOW_WEBHOOK_ENV.items():
+        assert mlflow[key] == value, key
+    serving_port = SERVICES["serving"].port
+    assert subscribe["MLOPS_SERVING_WEBHOOK_URL"] == f"http://serving:{serving_port}/webhooks/mlflow"
+    assert subscribe["MLOPS_SERVING_WEBHOOK_URL"].split("://")[0] in mlflow["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"]
+    assert subscribe["MLOPS_SERVING_WEBHOOK_SECRET"] == serving["MLOPS_SERVING_WEBHOOK_SECRET"]
+    assert subscribe["MLFLOW_TRACKING_USERNAME"] == mlflow["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert subscribe["MLFLOW_TRACKING_PASSWORD"] == mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    # The model server keeps its read-only login and never tries to subscribe itself.
+    assert serving["MLFLOW_TRACKING_USERNAME"] == mlflow["MLFLOW_AUTH_READER_USERNAME"]
+    assert "MLOPS_SERVING_WEBHOOK_URL" not in serving
+    assert subscribe["MLFLOW_TRACKING_URI"] == serving["MLFLOW_TRACKING_URI"]
+    assert services["serving-subscribe"]["image"] == services["serving"]["image"]

@@ -8,7 +8,10 @@ AIRFLOW_HOME and the environment of ``tests/stack.py`` (which ``tests/test_compo
 triggers ``mlops_pipeline`` through the REST API, checks through MLflow's REST API that Production moved to version
 1 and that the tasks went through the Celery worker, then triggers a run that must fail validation and checks that
 Production stayed. It also measures the issue's benchmark: trigger-to-Production time of mlops_pipeline against
-trigger-to-success of a stub DAG with seven empty tasks (bench/dags/stub_pipeline.py), on the same stack.
+trigger-to-success of a stub DAG with seven empty tasks (bench/dags/stub_pipeline.py), on the same stack. Last, it
+subscribes the model server to the registry's webhooks as compose does (serving-subscribe), moves Production under a
+small load and times the first answer from the new version: told by the webhook, against a twin server that polls
+at the default interval.
 
 Run it:  .venv/bin/pytest -m stack -s tests/test_stack.py
 """
@@ -16,9 +19,11 @@ Run it:  .venv/bin/pytest -m stack -s tests/test_stack.py
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +37,8 @@ from airflow_api import Airflow
 from conftest import PROMOTED_RUN_STATES
 from stack import SERVICES, Placement, Process, StackValues
 
+from ml.serving.app import DEFAULT_POLL_INTERVAL
+
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 REPO = stack.REPO
@@ -42,6 +49,7 @@ REDIS_DB = 7  # dedicated to this test; each run also gets its own Celery queue,
 MODEL_NAME = "breast_cancer_classifier"
 STARTUP_TIMEOUT = 300
 RUN_TIMEOUT = 600
+LOAD_PAUSE = 0.02  # between one server's predictions: at most 50 a second each, fewer on two shared cores
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -119,6 +127,8 @@ class NativeStack:
             data_store=str(self.data_store),
             model_name=MODEL_NAME,
             serving_token=secrets.token_urlsafe(24),
+            serving_webhook_url=f"http://127.0.0.1:{self.ports['serving']}/webhooks/mlflow",
+            serving_webhook_secret=secrets.token_urlsafe(24),
         )
 
     def _pg(self, scheme: str, database: str) -> str:
@@ -190,6 +200,16 @@ class NativeStack:
         self.processes[name] = process
         return process
 
+    def start_polling_server(self, port: int) -> Process:
+        """A second model server, as compose's but without the webhook's secret: it follows Production by polling
+        alone, at the default interval."""
+        env = {key: value for key, value in self.env("serving").items() if key != "MLOPS_SERVING_WEBHOOK_SECRET"}
+        placement = dataclasses.replace(self.placement("serving"), port=port)
+        argv = SERVICES["serving"].argv(placement, native=True)
+        process = stack.start("serving-polling", argv, env, self.logs, cwd=self.root / "homes" / "serving")
+        self.processes[process.name] = process
+        return process
+
     def run_one_shot(self, name: str, timeout: float) -> None:
         process = self.start(name)
         try:
@@ -239,6 +259,14 @@ class Mlflow:
             return None
         assert response.status_code == 200, f"alias lookup: {response.status_code} {response.text}"
         return int(response.json()["model_version"]["version"])
+
+    def set_alias(self, name: str, alias: str, version: int) -> float:
+        """Point ``alias`` at ``version``; returns when the registry confirmed it (time.monotonic())."""
+        response = self.http.post(
+            "/registered-models/alias", json={"name": name, "alias": alias, "version": str(version)}
+        )
+        assert response.status_code == 200, f"setting the alias: {response.status_code} {response.text}"
+        return time.monotonic()
 
     def version_tags(self, name: str, version: int) -> dict[str, str]:
         response = self.http.get("/model-versions/get", params={"name": name, "version": str(version)})
@@ -388,7 +416,7 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
             "stub_pipeline": task_timeline(airflow.task_instances("stub_pipeline", stub_run)),
         }
 
-        _check_serving(s)
+        serving = _check_serving(s, Mlflow(s.mlflow_url, *s.mlflow_user))
 
     baseline = min(figures["stub_1"], figures["stub_2"])
     total = time.monotonic() - began
@@ -400,6 +428,9 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         f"then {figures['stub_2']:.1f} s\n"
         f"  ratio pipeline / stub: {figures['pipeline'] / baseline:.2f}x (baseline: the faster stub run)\n"
         f"  stack start-up {startup:.0f} s; whole test {total:.0f} s\n"
+        f"  alias moved -> first answer from the new version, {serving['requests']:.0f} requests under load, "
+        f"none failed: webhook {serving['webhook']:.2f} s, polling every {DEFAULT_POLL_INTERVAL:.0f} s (default) "
+        f"{serving['polling']:.2f} s; serving checks took {serving['took']:.0f} s\n"
         "  per task, seconds from the previous task's end to this one's start, then running:\n"
         + "\n".join(f"    {dag_id:<15} {timeline}" for dag_id, timeline in timelines.items())
     )
@@ -420,27 +451,104 @@ def task_timeline(task_instances: dict[str, dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
-def _check_serving(s: NativeStack) -> None:
-    """Start the model server as compose does, if it has been built yet, and check it serves Production."""
+def _check_serving(s: NativeStack, mlflow: Mlflow) -> dict[str, float]:
+    """Subscribe the model server to the registry's webhooks as compose does, start it and a polling-only twin, move
+    Production under a small load and time each one's first answer from the new version."""
     import httpx
+    from sklearn.datasets import load_breast_cancer
 
-    if not (REPO / "ml" / "serving" / "__main__.py").exists():
-        print("\nserving: ml/serving/__main__.py is not built yet; the model server was not started")
-        return
-    process = s.start("serving")
-    try:
+    began = time.monotonic()
+    s.run_one_shot("serving-subscribe", timeout=120)
+    subscribed = s.processes["serving-subscribe"].tail()
+    assert "subscribed to the registry's alias events" in subscribed, subscribed
+    assert s.values.mlflow_password not in subscribed and s.values.serving_webhook_secret not in subscribed
+    rows = load_breast_cancer(as_frame=True).data.head(3)
+    body = {"dataframe_split": {"columns": list(rows.columns), "data": rows.values.tolist()}}
+    polling_port = _free_port()
+    told = Served(s.start("serving"), s.ports["serving"], s.values.serving_token, body)
+    polled = Served(s.start_polling_server(polling_port), polling_port, s.values.serving_token, body)
+    for server in (told, polled):
         stack.wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{s.ports['serving']}/ping", timeout=5).status_code == 200,
+            lambda server=server: httpx.get(f"{server.url}/health", timeout=10).status_code == 200,
             120,
-            "model server /ping",
-            [process],
+            f"{server.process.name} /health",
+            [server.process],
         )
-    except (RuntimeError, TimeoutError) as error:
-        print(f"\nserving: not ready ({error}); last lines of its log:\n{process.tail(30)}")
-        raise
-    health_url = f"http://127.0.0.1:{s.ports['serving']}/health"
-    stack.wait_until(
-        lambda: httpx.get(health_url, timeout=10).status_code == 200, 120, "model server /health", [process]
-    )
-    health = httpx.get(health_url, timeout=10)
-    print(f"\nserving: /ping 200, /health {health.status_code} {health.text[:400]}")
+        assert server.answering_version() == "1"
+    health = httpx.get(f"{told.url}/health", timeout=10)
+    print(f"\nserving: /health {health.status_code} {health.text[:400]}")
+
+    # Production moves to version 2 (the run that failed validation made it): both servers must follow it while
+    # answering every request.
+    loads = [Load(server, "2") for server in (told, polled)]
+    for load in loads:
+        load.start()
+    time.sleep(1)
+    moved_at = mlflow.set_alias(MODEL_NAME, "production", 2)
+    for load in loads:
+        load.join(timeout=30)
+    for load in loads:
+        assert not load.is_alive(), f"{load.server.process.name} did not answer from version 2 within 30 s"
+        assert not load.failures, f"{load.server.process.name}: {load.failures[:3]}"
+    assert "the registry says the 'production' alias moved; reading it now" in told.process.log.read_text()
+    assert "reading it now" not in polled.process.log.read_text()
+    webhook, polling = (load.first_new_answer_at - moved_at for load in loads)
+    assert webhook < DEFAULT_POLL_INTERVAL, f"the webhook took {webhook:.2f} s, no faster than polling"
+    return {
+        "webhook": webhook,
+        "polling": polling,
+        "requests": sum(load.requests for load in loads),
+        "took": time.monotonic() - began,
+    }
+
+
+@dataclasses.dataclass
+class Served:
+    process: Process
+    port: int
+    token: str
+    body: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def predict(self):
+        import httpx
+
+        return httpx.post(
+            f"{self.url}/invocations",
+            json=self.body,
+            headers={"authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+
+    def answering_version(self) -> str:
+        return self.predict().headers["x-model-version"]
+
+
+class Load(threading.Thread):
+    """A steady trickle of predictions (one each LOAD_PAUSE) until the server answers from ``version``."""
+
+    def __init__(self, server: Served, version: str) -> None:
+        super().__init__(daemon=True)
+        self.server, self.version = server, version
+        self.requests = 0
+        self.failures: list[str] = []
+        self.first_new_answer_at = float("inf")
+
+    def run(self) -> None:
+        while True:
+            try:
+                answer = self.server.predict()
+            except Exception as error:
+                self.failures.append(repr(error))
+            else:
+                if answer.status_code != 200:
+                    self.failures.append(f"{answer.status_code} {answer.text[:200]}")
+                elif answer.headers["x-model-version"] == self.version:
+                    self.first_new_answer_at = time.monotonic()
+                    return
+            finally:
+                self.requests += 1
+            time.sleep(LOAD_PAUSE)
