@@ -65,8 +65,9 @@ Each task is stopped after `MLOPS_TASK_TIMEOUT_SECONDS` (one hour by default).
 Runs daily at 00:00 UTC **or** when the training-data asset is updated (see the asset's page for the events and the
 runs they triggered). The first daily run is the first midnight after the DAG is unpaused: unpausing starts no run of
 its own, so the first run you trigger is the one that trains. If the extracted data has the same digest as the data
-the Production version was trained on, the run is a no-op: the tasks after extract_data are skipped, nothing is
-registered and Production is untouched; `force_retrain` retrains anyway. Each training run measures drift (PSI and a
+the Production version was trained on, the run is a no-op: extract_data succeeds and skips every task after it
+without starting it (try 0, no duration), nothing is registered and Production is untouched; `force_retrain` retrains
+anyway. Each training run measures drift (PSI and a
 KS test per feature, label balance) against the Production version's data and logs it to MLflow (`drift/`); above
 `drift_threshold` the candidate must beat Production by `drift_margin` instead of being within the tolerance.
 
@@ -93,9 +94,10 @@ MLflow run and the registered version.
     max_active_runs=1,
     tags=["ml", "mlops", "mlflow"],
     doc_md=DOC,
-    # Tell people what the run did (MLOPS_NOTIFY_*), from what rollback_model, the last task, left for it.
-    on_success_callback=RunNotifier(result_task="rollback_model"),
-    on_failure_callback=RunNotifier(result_task="rollback_model", failed=True),
+    # Tell people what the run did (MLOPS_NOTIFY_*), from what rollback_model, the last task, left for it, or
+    # extract_data, when it found no new data and skipped every task after it.
+    on_success_callback=RunNotifier(result_tasks=("rollback_model", "extract_data")),
+    on_failure_callback=RunNotifier(result_tasks=("rollback_model", "extract_data"), failed=True),
 )
 def training_pipeline():
     @task(task_id="extract_data")
@@ -126,8 +128,9 @@ def training_pipeline():
 
         return tasks.validate_model(train_result, context)
 
-    # Runs when validate_model was skipped too, so it reads validate_model's verdict from XCom itself: a skipped
-    # validate_model leaves none, and Airflow logs an argument bound to a missing XCom as an error.
+    # Runs when validate_model was skipped too (it rejected the version), so it reads validate_model's verdict from
+    # XCom itself: a validate_model that never started leaves none, and Airflow logs an argument bound to a missing
+    # XCom as an error.
     @task(task_id="deploy_model", trigger_rule="none_failed")
     def deploy_model(**context):
         """Promote a version that passed validation to Production (stage and alias), then check that the deployed

@@ -32,8 +32,8 @@ refused and nothing changes.
     max_active_runs=1,
     tags=["ml", "mlops", "mlflow", "rollback"],
     doc_md=DOC,
-    on_success_callback=RunNotifier(result_task="rollback_production"),
-    on_failure_callback=RunNotifier(result_task="rollback_production", failed=True),
+    on_success_callback=RunNotifier(result_tasks=("rollback_production",)),
+    on_failure_callback=RunNotifier(result_tasks=("rollback_production",), failed=True),
     params={
         "target_version": Param(
             "previous",

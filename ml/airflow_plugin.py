@@ -2,11 +2,11 @@
 and a task that asked for one (validate_model, when it rejects a version) its task instance note.
 
 Tasks cannot write a DAG run's note: in Airflow 3 they have no access to the metadata database, and the Task SDK has
-no call for it. So the task that knows the outcome (rollback_model, which runs last, whatever happened) pushes the note
-as an XCom under :data:`RUN_NOTE_KEY`, and this listener, called by the scheduler (or by ``dag.test()``) in the
-transaction that ends the run, copies it onto the run. A note someone wrote by hand (the UI and the REST API record
-who) is left alone; the service's own note is replaced when the run ends again (cleared and run anew). Task notes
-come the same way, from :data:`TASK_NOTE_KEY` XComs.
+no call for it. So the task that knows the outcome (rollback_model, which runs last, whatever happened, or extract_data
+when it found no new data and skipped the rest) pushes the note as an XCom under :data:`RUN_NOTE_KEY`, and this
+listener, called by the scheduler (or by ``dag.test()``) in the transaction that ends the run, copies it onto the run.
+A note someone wrote by hand (the UI and the REST API record who) is left alone; the service's own note is replaced
+when the run ends again (cleared and run anew). Task notes come the same way, from :data:`TASK_NOTE_KEY` XComs.
 
 Registered through the ``airflow.plugins`` entry point (pyproject.toml), so every Airflow process of this environment
 loads it; it imports nothing beyond Airflow.

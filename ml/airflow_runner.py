@@ -228,8 +228,8 @@ def run_dag(dag_id: str = "mlops_pipeline", conf: dict[str, Any] | None = None, 
 class SkipCascadeFilter(logging.Filter):
     """Drops ``dag.test()``'s "No tasks to run" warning for a scheduling pass that was still skipping tasks.
 
-    Each pass of ``dag.test()``'s loop skips one more level of the tasks downstream of a skipped one: on unchanged data,
-    train_model in one pass and validate_model in the next, before deploy_model can run. Such a pass leaves nothing to
+    Each pass of ``dag.test()``'s loop settles one more level of the tasks downstream of a failed or skipped one: after
+    a failed transform_data, train_model in one pass and validate_model in the next. Such a pass leaves nothing to
     run, and ``dag.test()`` warns about the tasks not yet reached, which a reader takes for a failure; the scheduler
     makes the same passes silently. The warning still shows when it may mean something: a task in it is waiting (for
     a retry, say) rather than not yet evaluated, or the pass made no progress (the same tasks as the pass before).

@@ -214,14 +214,15 @@ def _post_webhook(conn_id: str, payload: Mapping[str, Any], timeout: float) -> N
 class RunNotifier(BaseNotifier):
     """Tells people what a finished DAG run did: a DAG's ``on_success_callback`` and ``on_failure_callback``.
 
-    The events and the note are what ``result_task`` (the task that runs last, whatever happened) pushed under
-    :data:`~ml.run_note.NOTICE_KEY` and :data:`~ml.run_note.RUN_NOTE_KEY`; a failed run is one event more. Airflow
+    The events and the note are what the first of ``result_tasks`` that left them (the task that runs last, whatever
+    happened, or one that ended the run early) pushed under :data:`~ml.run_note.NOTICE_KEY` and
+    :data:`~ml.run_note.RUN_NOTE_KEY`; a failed run is one event more. Airflow
     runs DAG callbacks in the DAG processor (or in ``dag.test()``), after the run has ended.
     """
 
-    def __init__(self, *, result_task: str, failed: bool = False) -> None:
+    def __init__(self, *, result_tasks: tuple[str, ...], failed: bool = False) -> None:
         super().__init__()
-        self.result_task = result_task
+        self.result_tasks = result_tasks
         self.failed = failed
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
@@ -257,13 +258,16 @@ class RunNotifier(BaseNotifier):
         )
 
     def _pushed(self, context: Any, dag_id: str, run_id: str, key: str) -> Any:
-        """What ``result_task`` pushed under ``key``: through the task SDK in the DAG processor, from the metadata
-        database in ``dag.test()``, whose callbacks run outside any task and have no channel to the API server."""
+        """What the first of ``result_tasks`` that pushed anything under ``key`` pushed: through the task SDK in the
+        DAG processor, from the metadata database in ``dag.test()``, whose callbacks run outside any task and have no
+        channel to the API server."""
         from airflow.sdk.execution_time import task_runner
 
         ti = context.get("ti")
         if ti is not None and getattr(task_runner, "SUPERVISOR_COMMS", None) is not None:
-            return ti.xcom_pull(task_ids=self.result_task, key=key)
-        from ml.airflow_plugin import run_xcom
+            pulled = (ti.xcom_pull(task_ids=task_id, key=key) for task_id in self.result_tasks)
+        else:
+            from ml.airflow_plugin import run_xcom
 
-        return run_xcom(dag_id, run_id, self.result_task, key)
+            pulled = (run_xcom(dag_id, run_id, task_id, key) for task_id in self.result_tasks)
+        return next((pushed for pushed in pulled if pushed is not None), None)

@@ -2,7 +2,8 @@
 
 "**v3 promoted**, accuracy 0.9737 ...", "**no new data** ...", "**v4 rejected**: ...", "**v5 rolled back**: ...".
 Composed from the run's task results (the XCom dicts of the pipeline's contract) by rollback_model, the task that runs
-last whatever happened; :mod:`ml.airflow_plugin` puts it on the run.
+last whatever happened, or by extract_data when it found no new data and the run ends with it; :mod:`ml.airflow_plugin`
+puts it on the run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from urllib.parse import quote
 Result = Mapping[str, Any] | None
 # MLflow 3's UI opens in its GenAI view (no Model registry in the sidebar) unless the link asks for model training.
 MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
-# The XCom key under which rollback_model leaves the note for ml.airflow_plugin.
+# The XCom key under which rollback_model (extract_data, on no new data) leaves the note for ml.airflow_plugin.
 RUN_NOTE_KEY = "run_note"
 # The XCom key under which a task leaves a note for its own task instance (validate_model, why it rejected a version).
 TASK_NOTE_KEY = "task_note"
@@ -70,13 +71,6 @@ def compose(
 ) -> str:
     production = rollback.get("production_version")
     stays = f"Production stays v{production}." if production is not None else "There is no Production version."
-    if extract and extract.get("skipped_reason"):
-        digest = str(extract.get("digest") or "")[:12]
-        text = (
-            f"**{extract['skipped_reason']}**: Production v{production} was trained on this snapshot "
-            f"(digest `{digest}`); nothing was trained."
-        )
-        return _with_links(text, links, production, "")
     run_id = str((train or {}).get("run_id") or "")
     version = (deploy or {}).get("version") or (train or {}).get("model_version") or rollback.get("rolled_back_version")
     if rollback.get("rollback_performed"):
@@ -110,6 +104,17 @@ def compose(
             f"**v{version} not deployed**: the run failed before deployment. {stays}", links, version, run_id
         )
     return f"**failed** before a version was registered. {stays}"
+
+
+def no_new_data(extract: Mapping[str, Any], links: MlflowLinks) -> str:
+    """The note of a run that ended after extract_data, which found the data Production was trained on."""
+    production = extract.get("production_version")
+    digest = str(extract.get("digest") or "")[:12]
+    text = (
+        f"**{extract.get('skipped_reason')}**: Production v{production} was trained on this snapshot "
+        f"(digest `{digest}`); nothing was trained."
+    )
+    return _with_links(text, links, production, "")
 
 
 def refused(reason: str, production: int | None) -> str:

@@ -214,7 +214,43 @@ def _split(context: Mapping[str, Any]) -> TransformResult:
 
 
 def extract_data(context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step("extract_data", context, steps.extract)
+    extracted = run_step("extract_data", context, steps.extract)
+    ti = context.get("ti")
+    if ti is not None and Skip.from_xcom(extracted) is not None:
+        _skip_the_rest_of_the_run(context, extracted)
+    return extracted
+
+
+def _skip_the_rest_of_the_run(context: Mapping[str, Any], extracted: dict[str, Any]) -> NoReturn:
+    """End a run on the data Production was trained on after extract_data, which succeeds: Airflow marks every task
+    after it skipped without starting it (try 0, no duration), as it does the tasks after a skipped one.
+
+    rollback_model, which leaves a run's note and notice otherwise, does not run either, so they are left here.
+    """
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    settings, _ = resolve(context)
+    ti = context["ti"]
+    note = run_note.no_new_data(extracted, run_note.MlflowLinks(settings.mlflow_ui, settings.model_name))
+    log.info("run note: %s", note)
+    # A task that raises returns nothing: its result becomes its XCom here, as the contract says.
+    ti.xcom_push(key="return_value", value=extracted)
+    ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
+    events = run_note.events(extract=extracted, deploy=None, rollback={})
+    _push_notice(context, events, list(extracted.get("repaired") or []))
+    raise DownstreamTasksSkipped(tasks=sorted(context["task"].get_flat_relative_ids(upstream=False)))
+
+
+def _unless_no_new_data(context: Mapping[str, Any]) -> None:
+    """Skip a task that started although extract_data found no new data: cleared by hand, say. deploy_model and
+    rollback_model run after skipped tasks by their trigger rules, but in such a run they have nothing to do."""
+    unchanged = Skip.from_xcom(upstream_result(context, "extract_data"))
+    if unchanged is not None and context.get("ti") is not None:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException(
+            f"{unchanged.reason}: Production version {unchanged.production_version} was trained on this data"
+        )
 
 
 def transform_data(extract_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +278,8 @@ def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) 
 
 
 def deploy_model(context: Mapping[str, Any]) -> dict[str, Any]:
+    _unless_no_new_data(context)
+
     def deploy(settings: Settings, run: RunContext) -> DeployResult:
         answered = upstream_result(context, APPROVAL_TASK) if settings.approval_required else None
         approval = ApprovalResult.from_xcom(answered) if answered else None
@@ -289,18 +327,11 @@ def approval_answer(answer: Mapping[str, Any], *, timed_out: bool) -> dict[str, 
 
 
 def _verdict(context: Mapping[str, Any]) -> dict[str, Any]:
-    """validate_model's verdict or, when the run had nothing to do, transform_data's result, which says why.
-
-    deploy_model's trigger rule (none_failed) runs it when Airflow skipped validate_model too, which then returned
-    nothing. The run's only reason to skip is transform_data's: without it, a missing verdict is an error.
-    """
+    """validate_model's verdict, which it leaves even when it rejects a version and ends skipped."""
     verdict = upstream_result(context, "validate_model")
-    if verdict:
-        return verdict
-    transformed = upstream_result(context, "transform_data") or {}
-    if Skip.from_xcom(transformed) is None:
-        raise MissingResultError("validate_model returned no verdict, although transform_data found data to train on")
-    return transformed
+    if not verdict:
+        raise MissingResultError("validate_model returned no verdict")
+    return verdict
 
 
 def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -313,6 +344,7 @@ def archive_model(deploy_result: Mapping[str, Any], context: Mapping[str, Any]) 
 
 def rollback_model(context: Mapping[str, Any]) -> dict[str, Any]:
     """Runs whatever happened upstream, so it reads deploy_model's result itself: a failed deploy_model leaves none."""
+    _unless_no_new_data(context)
     try:
         resolve(context)
     except ConfigurationError as refusal:

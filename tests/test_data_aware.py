@@ -341,20 +341,48 @@ def test_unchanged_data_ends_early_and_registers_nothing(loop, capfd, caplog):
         "no new data",
         before,
     )
-    # The tasks that ran and skipped themselves still return their dicts; the ones Airflow skipped never ran.
-    for task in ("transform_data", "deploy_model", "rollback_model"):
-        assert run.result(task)["skipped_reason"] == "no new data", task
-    for task in ("train_model", "validate_model", "archive_model"):
-        assert run.result(task) == {}, task
-    assert run.result("transform_data")["data_transformed"] is False
-    assert run.result("deploy_model")["deployed"] is False
-    assert run.result("rollback_model")["rollback_performed"] is False
+    # Every skipped task looks the same in the grid: extract_data skipped them all, so none started (try 0, no
+    # duration) and none returned anything, deploy_model and rollback_model included, whatever their trigger rules.
+    skipped = {task: outcome for task, outcome in run.tasks.items() if task != "extract_data"}
+    assert {task: (outcome.try_number, outcome.seconds or 0.0) for task, outcome in skipped.items()} == {
+        task: (0, 0.0) for task in skipped
+    }
+    assert {task: run.result(task) for task in skipped} == {task: {} for task in skipped}
+    assert run.tasks["extract_data"].try_number == 1
     assert (production(settings), len(versions(settings))) == (before, count)
     assert run.note.startswith("**no new data**"), run.note
     summary = format_run_summary(run)
     assert "no new data" in summary and "version registered        : none" in summary
+    assert "promoted to Production    : no\n" in summary and "rolled back               : no\n" in summary
     # A run that had nothing to do logs nothing that reads as a failure.
     assert alarming_lines(output.out + output.err + logged) == []
+    loop["no_new_data_run"] = run
+
+
+@pytest.mark.slow
+def test_deploy_and_rollback_started_by_hand_after_no_new_data_have_nothing_to_do(loop):
+    """Cleared by hand, deploy_model and rollback_model start, as their trigger rules let them, and skip at once."""
+    from airflow.models.taskinstance import clear_task_instances
+    from airflow.utils.session import create_session
+    from airflow_harness import run_existing
+
+    from ml.airflow_runner import dag_run_row
+
+    settings, first = loop["settings"], loop["no_new_data_run"]
+    before, count = production(settings), len(versions(settings))
+    with create_session() as session:
+        dag_run = dag_run_row(session, "mlops_pipeline", first.run_id)
+        started = {"deploy_model", "rollback_model"}
+        cleared = [ti for ti in dag_run.get_task_instances(session=session) if ti.task_id in started]
+        clear_task_instances(cleared, session)
+    run = run_existing("mlops_pipeline", first.run_id)
+    assert run.state == "success", run.tasks
+    assert {task: (run.state_of(task), run.tasks[task].try_number) for task in started} == {
+        task: ("skipped", 1) for task in started
+    }
+    assert {task: run.result(task) for task in started} == {task: {} for task in started}
+    assert run.note == first.note
+    assert (production(settings), len(versions(settings))) == (before, count)
 
 
 @pytest.mark.slow

@@ -216,21 +216,31 @@ def test_an_unknown_event_in_a_routing_setting_is_refused_naming_the_setting(mlo
 
 
 @pytest.mark.slow
-def test_airflow_tells_of_a_promotion_and_of_a_refused_manual_rollback_through_the_dags_callbacks(
-    airflow_db, channels_env, mailbox, receiver
+def test_airflow_tells_of_a_promotion_a_refused_manual_rollback_and_a_repair_through_the_dags_callbacks(
+    airflow_db, channels_env, mailbox, receiver, monkeypatch
 ):
+    from ml import registry
     from ml.airflow_runner import run_dag
 
     promoted = run_dag()
     refused = run_dag("mlops_rollback", conf={"target_version": "7"})
+    # The same data again, after a hand archived Production's stage: extract_data repairs the registry, finds no new
+    # data and ends the run there, rollback_model never starting, so the notice is the one extract_data left.
+    registry.client_for(channels_env).transition_model_version_stage(channels_env.model_name, "1", "Archived")
+    monkeypatch.delenv("MLOPS_FORCE_RETRAIN")
+    repaired = run_dag()
 
-    assert (promoted.state, refused.state) == ("success", "failed")
-    first, second = (post["json"] for post in receiver.posts)
+    assert (promoted.state, refused.state, repaired.state) == ("success", "failed", "success")
+    assert repaired.tasks["rollback_model"].try_number == 0
+    first, second, third = (post["json"] for post in receiver.posts)
     assert first["events"] == ["promoted"] and first["run_id"] == promoted.run_id
     assert first["text"].startswith(promoted.note + "\n[Airflow run mlops_pipeline / "), first["text"]
     assert second["events"] == ["failed"] and second["dag_id"] == "mlops_rollback"
     assert second["text"].startswith("**failed** at rollback_production.\n[Airflow run mlops_rollback / "), second
-    assert [m["Subject"].split("] ")[1][:11] for m in mailbox.messages] == ["v1 promoted", "failed at r"]
+    assert third["events"] == ["repaired"] and third["run_id"] == repaired.run_id
+    assert third["text"].startswith("**no new data**: Production v1") and repaired.note in third["text"], third
+    assert "the stage and alias of version 1 disagreed" in third["text"], third["text"]
+    assert [m["Subject"].split("] ")[1][:11] for m in mailbox.messages] == ["v1 promoted", "failed at r", "no new data"]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ml.run_note import MlflowLinks, compose
+from ml.run_note import MlflowLinks, compose, no_new_data
 
 LINKS = MlflowLinks(ui_url="http://mlflow.example:5000/", model_name="clf", experiment_id="7")
 HEALTHY = {
@@ -43,13 +43,9 @@ def test_a_promotion_compared_on_the_rows_production_never_saw_gives_both_scores
 
 
 def test_no_new_data():
-    note = compose(
-        extract={"digest": "853b528d22f0521e", "skipped_reason": "no new data", "production_version": 1},
-        train=None,
-        validation=None,
-        deploy=None,
-        rollback={**HEALTHY, "production_version": 1, "skipped_reason": "no new data"},
-        links=LINKS,
+    note = no_new_data(
+        {"digest": "853b528d22f0521e", "unchanged": True, "skipped_reason": "no new data", "production_version": 1},
+        LINKS,
     )
     assert note.startswith("**no new data**: Production v1 was trained on this snapshot (digest `853b528d22f0`)")
     assert "MLflow run" not in note and "[clf v1](" in note

@@ -114,7 +114,7 @@ def test_every_line_becomes_one_record(text, caplog):
 
 
 def test_dag_test_notices_are_dropped_only_while_skips_cascade(caplog):
-    """dag.test() warns "No tasks to run" after each pass that only skipped tasks, as on a run with no new data; a task
+    """dag.test() warns "No tasks to run" after each pass that only settled tasks after a failed one; a task
     waiting (for a retry, say), a pass that made no progress, or a warning outside a run still shows."""
     from collections import namedtuple
 
