@@ -1,12 +1,13 @@
 """Our model server against ``mlflow models serve`` on the same registered model, under the same load.
 
-    .venv/bin/python bench/serving_bench.py [--quick] [--seconds 4] [--warm-up 0.5] [--poll-interval 2]
+    .venv/bin/python bench/serving_bench.py [--quick] [--seconds 8] [--rounds 4] [--warm-up 0.5] [--poll-interval 2]
 
 In one run, on a temporary MLflow store (SQLite), the pipeline's own steps (``ml.steps``, as the DAG's tasks call
 them, without Airflow) train, register and validate two versions on the bundled breast cancer data: version 1 is
 deployed to Production, version 2 (stronger regularisation) is left a candidate. Both servers start on
 ``models:/<name>@production``. Each is driven with single-row and 100-row requests from 1 and 8 threads (one
-keep-alive httpx client per thread), and the table gives throughput, p50 and p99 latency and the ratios ours/mlflow.
+keep-alive httpx client per thread), the servers taking turns in rounds, and the table gives throughput, p50 and p99
+latency and the ratios ours/mlflow.
 Ours runs twice, side by side: without recording (the first table) and recording every request with its features
 (``MLOPS_RECORDING_SAMPLE_RATE=1``) into the data store; the second table gives the ratios recording on/off, and the
 records written and dropped.
@@ -54,6 +55,15 @@ class LoadResult:
     failures: int
     seconds: float
     latencies: list[float]
+
+    @classmethod
+    def joined(cls, parts: list[LoadResult]) -> LoadResult:
+        return cls(
+            sum(part.requests for part in parts),
+            sum(part.failures for part in parts),
+            sum(part.seconds for part in parts),
+            [latency for part in parts for latency in part.latencies],
+        )
 
     @property
     def throughput(self) -> float:
@@ -176,8 +186,14 @@ def time_to_new_version(url: str, version: int, move: Callable[[], object]) -> f
 
 def main(argv: list[str] | None = None) -> int:
     options = BenchOptions(__doc__, "0.2 s of load per shape after 0.1 s of warm-up, our server polling every 0.5 s")
-    options.size("--seconds", full=4.0, quick=0.2, meaning="measured seconds per load shape", convert=float)
-    options.size("--warm-up", full=0.5, quick=0.1, meaning="unmeasured seconds before each load shape", convert=float)
+    options.size("--seconds", full=8.0, quick=0.2, meaning="measured seconds per load shape and server", convert=float)
+    options.size("--warm-up", full=0.5, quick=0.1, meaning="unmeasured seconds before each round", convert=float)
+    options.size(
+        "--rounds",
+        full=4,
+        quick=1,
+        meaning="rounds per load shape, the servers taking turns, so that a change in the machine's load falls on all",
+    )
     options.size(
         "--poll-interval", full=2.0, quick=0.5, meaning="seconds between our server's registry polls", convert=float
     )
@@ -225,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         bodies = request_bodies()
         results: dict[tuple[str, int, int], LoadResult] = {}
         for rows, threads in LOAD_SHAPES:
-            for name in SERVERS:
-                print(f"  {name}: {rows} row(s), {threads} thread(s) ...", flush=True)
-                results[name, rows, threads] = drive(
-                    urls[name], bodies[rows], threads, arguments.seconds, arguments.warm_up
-                )
+            print(f"  {rows} row(s), {threads} thread(s): {arguments.rounds} round(s) of each server ...", flush=True)
+            slices: dict[str, list[LoadResult]] = {name: [] for name in SERVERS}
+            for _ in range(arguments.rounds):
+                for name in SERVERS:
+                    seconds = arguments.seconds / arguments.rounds
+                    slices[name].append(drive(urls[name], bodies[rows], threads, seconds, arguments.warm_up))
+            for name, parts in slices.items():
+                results[name, rows, threads] = LoadResult.joined(parts)
         print_table(results)
         print_recording_table(results, record_counts(urls[RECORDING]))
 

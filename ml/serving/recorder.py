@@ -65,6 +65,7 @@ class Recorder:
         self._pending: deque[records.Answered] = deque()
         self._recent: OrderedDict[str, RecordedRequest] = OrderedDict()
         self._recent_lock = threading.Lock()
+        self._lookup_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,17 +111,19 @@ class Recorder:
 
     def stored(self, request_ids: Iterable[str]) -> dict[str, RecordedRequest]:
         """The requests among ``request_ids`` whose records the data store holds from the feedback window (slow:
-        it reads the window's record files; call it off the event loop)."""
+        it reads the window's record files; call it off the event loop). One look at a time: many clients sending
+        unknown ids at once wait in turn rather than read the store side by side."""
         wanted = set(request_ids)
         if not wanted or not self.feedback_window:
             return {}
-        now = datetime.now(UTC)
-        found = records.read_records(
-            self.data_store,
-            now - self.feedback_window,
-            now + timedelta(minutes=1),
-            columns=["request_id", "row", "version"],
-        )
+        with self._lookup_lock:
+            now = datetime.now(UTC)
+            found = records.read_records(
+                self.data_store,
+                now - self.feedback_window,
+                now + timedelta(minutes=1),
+                columns=["request_id", "row", "version"],
+            )
         found = found[found["request_id"].isin(wanted)]
         latest = found.groupby("request_id").agg(version=("version", "last"), rows=("row", "max"))
         return {str(key): RecordedRequest(int(row.version), int(row.rows) + 1) for key, row in latest.iterrows()}
