@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +55,8 @@ class LoadResult:
     failures: int
     seconds: float
     latencies: list[float]
+    sent: int  # the warm-up's requests included
+    cpu_seconds: float = 0.0  # the server process's over the load shape (0 where the system does not say)
 
     @classmethod
     def joined(cls, parts: list[LoadResult]) -> LoadResult:
@@ -63,7 +65,12 @@ class LoadResult:
             sum(part.failures for part in parts),
             sum(part.seconds for part in parts),
             [latency for part in parts for latency in part.latencies],
+            sum(part.sent for part in parts),
         )
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_seconds * 1000 / max(1, self.sent)
 
     @property
     def throughput(self) -> float:
@@ -150,6 +157,7 @@ def drive(url: str, body: bytes, threads: int, seconds: float, warm_up: float) -
     measure_from, stop_at = started + warm_up, started + warm_up + seconds
     latencies: list[list[float]] = [[] for _ in range(threads)]
     failures = [0] * threads
+    sent = [0] * threads
 
     def client(index: int) -> None:
         with httpx.Client(headers={"content-type": "application/json"}, timeout=30) as session:
@@ -158,6 +166,7 @@ def drive(url: str, body: bytes, threads: int, seconds: float, warm_up: float) -
                     ok = session.post(f"{url}/invocations", content=body).status_code == 200
                 except httpx.HTTPError:
                     ok = False
+                sent[index] += 1
                 if now >= measure_from:
                     latencies[index].append(time.perf_counter() - now)
                     failures[index] += not ok
@@ -168,7 +177,7 @@ def drive(url: str, body: bytes, threads: int, seconds: float, warm_up: float) -
     for worker in workers:
         worker.join()
     merged = [latency for per_thread in latencies for latency in per_thread]
-    return LoadResult(len(merged) - sum(failures), sum(failures), seconds, merged)
+    return LoadResult(len(merged) - sum(failures), sum(failures), seconds, merged, sum(sent))
 
 
 def time_to_new_version(url: str, version: int, move: Callable[[], object]) -> float:
@@ -243,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         for rows, threads in LOAD_SHAPES:
             print(f"  {rows} row(s), {threads} thread(s): {arguments.rounds} round(s) of each server ...", flush=True)
             slices: dict[str, list[LoadResult]] = {name: [] for name in SERVERS}
+            cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
             for _ in range(arguments.rounds):
                 for name in SERVERS:
                     seconds = arguments.seconds / arguments.rounds
                     slices[name].append(drive(urls[name], bodies[rows], threads, seconds, arguments.warm_up))
+            record_counts(urls[RECORDING])  # the shape's records written: their cost is the shape's
             for name, parts in slices.items():
-                results[name, rows, threads] = LoadResult.joined(parts)
+                spent = cpu_seconds(processes[name].pid) - cpu_before[name]
+                results[name, rows, threads] = replace(LoadResult.joined(parts), cpu_seconds=spent)
         print_table(results)
         print_recording_table(results, record_counts(urls[RECORDING]))
 
@@ -280,6 +292,16 @@ def print_table(results: dict[tuple[str, int, int], LoadResult]) -> None:
         )
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used, user and system (Linux's /proc; 0 elsewhere). Unlike throughput, it hardly
+    changes with what else the machine runs, so it shows what recording costs on a busy machine too."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def record_counts(url: str) -> dict[str, float]:
     """The recording server's record counters, read after every request has been answered and its records written."""
     counters = ("records_recorded", "records_flushed", "records_dropped")
@@ -302,14 +324,16 @@ def record_counts(url: str) -> dict[str, float]:
 def print_recording_table(results: dict[tuple[str, int, int], LoadResult], counts: dict[str, float]) -> None:
     print(
         f"\nrecording every request (sampling 1.0, features on) against not recording, ours:\n"
-        f"{'rows thr | off req/s':<21} {'p99 ms':>7} | {'on req/s':>9} {'p99 ms':>7} | {'x req/s':>7} {'p99 ratio':>9}"
+        f"{'rows thr | off req/s':<21} {'p99 ms':>7} | {'on req/s':>9} {'p99 ms':>7} | {'x req/s':>7} {'p99 ratio':>9} "
+        f"| {'CPU ms/request off':>18} {'on':>5} {'ratio':>6}"
     )
     for rows, threads in LOAD_SHAPES:
         off, on = results["ours", rows, threads], results[RECORDING, rows, threads]
         print(
             f"{rows:>4} {threads:>3} | {off.throughput:>9.0f} {off.percentile(0.99):>7.1f} | "
             f"{on.throughput:>9.0f} {on.percentile(0.99):>7.1f} | {on.throughput / off.throughput:>6.2f}x "
-            f"{on.percentile(0.99) / off.percentile(0.99):>8.2f}x"
+            f"{on.percentile(0.99) / off.percentile(0.99):>8.2f}x | {off.cpu_ms_per_request:>18.2f} "
+            f"{on.cpu_ms_per_request:>5.2f} {on.cpu_ms_per_request / max(off.cpu_ms_per_request, 1e-9):>5.2f}x"
         )
     print(
         f"records (one per scored row): {counts['records_recorded']:.0f} recorded, "
