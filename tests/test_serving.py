@@ -659,7 +659,7 @@ def test_what_waits_is_written_when_the_server_stops(recording_variants):
     time.sleep(0.5)
     assert not server.data_store.exists()  # the flush interval is 10 minutes away
     os.killpg(server.pid, signal.SIGTERM)
-    assert len(recorded(server.data_store, {request_id})) == 3
+    assert len(recorded(server.data_store, {request_id}, timeout=30)) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
