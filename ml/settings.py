@@ -363,6 +363,49 @@ class Settings:
         secret=True,
         logged=False,
     )
+    recording: bool = setting(
+        True,
+        "MLOPS_RECORDING",
+        "The model server records the requests it answers (features, prediction, version, time, request id) as "
+        "Parquet in the data store, off the request path, and takes their true labels on POST /feedback.",
+    )
+    recording_sample_rate: float = setting(
+        1.0,
+        "MLOPS_RECORDING_SAMPLE_RATE",
+        "Share of answered requests the model server records, drawn at random per request.",
+        minimum=0,
+        maximum=1,
+    )
+    recording_features: bool = setting(
+        True,
+        "MLOPS_RECORDING_FEATURES",
+        "Record each request's input features; off, a record keeps the request id, time, version and prediction.",
+    )
+    recording_queue_size: int = setting(
+        10000,
+        "MLOPS_RECORDING_QUEUE_SIZE",
+        "Most answered requests waiting to be written; past it a request's records are dropped and counted.",
+        minimum=1,
+    )
+    recording_batch_size: int = setting(
+        1000,
+        "MLOPS_RECORDING_BATCH_SIZE",
+        "Waiting requests that start a write before the flush interval is up.",
+        minimum=1,
+    )
+    recording_flush_seconds: float = setting(
+        5.0,
+        "MLOPS_RECORDING_FLUSH_SECONDS",
+        "Longest a recorded request waits before it is written.",
+        exclusive_minimum=0,
+    )
+    feedback_window_hours: float = setting(
+        24.0,
+        "MLOPS_FEEDBACK_WINDOW_HOURS",
+        "How far back POST /feedback looks in the data store for a request id the server no longer holds in memory "
+        "(it holds the latest 100,000); 0: memory only.",
+        minimum=0,
+    )
     mlflow_ui_url: str = setting(
         "",
         "MLOPS_MLFLOW_UI_URL",

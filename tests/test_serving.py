@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -27,13 +27,14 @@ import pytest
 from conftest import PYTHON, free_port, wait_for_http
 from mlflow.models import infer_signature
 from mlflow.types import ColSpec, Schema
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 import mlflow
-from ml import registry
+from ml import records, registry
 from ml.serving.schema import InputError, InputSchema
 from ml.settings import Settings
 
@@ -45,6 +46,7 @@ BATCH = FEATURES.iloc[::10]
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_BODY_BYTES = 1_000_000
 READ_TIMEOUT = 3.0
+FLUSH_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def promote_logged_model(settings: Settings, model: Path) -> int:
 class ServerProcess:
     url: str
     log: Path
+    data_store: Path | None = None
+    pid: int = 0
 
     def predict(self, frame: pd.DataFrame = BATCH) -> httpx.Response:
         body = {"dataframe_split": {"columns": list(frame.columns), "data": frame.values.tolist()}}
@@ -157,7 +161,8 @@ def model_server(
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/metrics", timeout=60, process=process)
-        yield ServerProcess(f"http://127.0.0.1:{port}", log)
+        data_store = (env or {}).get("MLOPS_DATA_STORE")
+        yield ServerProcess(f"http://127.0.0.1:{port}", log, Path(data_store) if data_store else None, process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -190,8 +195,9 @@ def steady(saved_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     home = tmp_path_factory.mktemp("steady")
     settings = Settings.from_env({"MLOPS_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})
     promote(settings, register(settings, saved_models["real"].path))
+    recording = {"MLOPS_DATA_STORE": str(home / "datastore"), "MLOPS_RECORDING_FLUSH_SECONDS": str(FLUSH_SECONDS)}
     with model_server(
-        settings, home, "--max-body-bytes", str(MAX_BODY_BYTES), "--read-timeout", str(READ_TIMEOUT)
+        settings, home, "--max-body-bytes", str(MAX_BODY_BYTES), "--read-timeout", str(READ_TIMEOUT), env=recording
     ) as server:
         wait_until(lambda: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading version 1")
         yield server
@@ -364,6 +370,309 @@ def test_head_answers_as_get_without_a_body(steady, path):
     assert (head.status_code, head.headers["x-model-version"]) == (get.status_code, "1")
     assert head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recording what is served, and the true labels told afterwards (the steady server records, flushing every 0.2 s).
+
+REQUEST_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+RECORD_FILE = re.compile(
+    r"records/version=1/date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{12}\.parquet$"
+)
+
+
+def recorded(store: Path, request_ids: set[str], timeout: float = 10.0) -> pd.DataFrame:
+    """The records of these requests, once every one of them is in the store."""
+    window = (pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=2), pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1))
+    found = pd.DataFrame()
+
+    def all_in() -> bool:
+        nonlocal found
+        found = records.read_records(str(store), *window)
+        found = found[found["request_id"].isin(request_ids)]
+        return set(found["request_id"]) == request_ids
+
+    wait_until(all_in, timeout, f"records of {sorted(request_ids)}")
+    return found
+
+
+def scrape(server: ServerProcess) -> dict[str, Any]:
+    """/metrics parsed by Prometheus' own parser: each family by name."""
+    page = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert page.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {family.name: family for family in text_string_to_metric_families(page.text)}
+
+
+def sample(families: dict[str, Any], family: str, **labels: str) -> float:
+    return sum(
+        item.value
+        for item in families[family].samples
+        if item.name == f"{family}_total" or item.name == family
+        if all(item.labels.get(key) == value for key, value in labels.items())
+    )
+
+
+@pytest.mark.slow
+def test_answered_requests_are_recorded_with_the_request_id_of_their_answer(steady, saved_models):
+    started = pd.Timestamp.now(tz="UTC")
+    three = steady.predict(BATCH.head(3))
+    chosen = httpx.post(
+        f"{steady.url}/invocations",
+        json={"dataframe_split": {"columns": list(BATCH.columns), "data": BATCH.iloc[3:4].values.tolist()}},
+        headers={"x-request-id": "client-order-7.a_b"},
+    )
+    assert three.status_code == chosen.status_code == 200
+    assert REQUEST_ID_PATTERN.fullmatch(three.headers["x-request-id"])
+    assert chosen.headers["x-request-id"] == "client-order-7.a_b"
+
+    found = recorded(steady.data_store, {three.headers["x-request-id"], "client-order-7.a_b"})
+    mine = found[found["request_id"] == three.headers["x-request-id"]].sort_values("row")
+    assert mine["row"].tolist() == [0, 1, 2]
+    assert mine["prediction"].tolist() == [str(label) for label in saved_models["real"].predictions[:3]]
+    assert set(mine["version"]) == {1} and set(mine["model_name"]) == {"breast_cancer_classifier"}
+    assert ((mine["received_at"] >= started) & (mine["received_at"] <= pd.Timestamp.now(tz="UTC"))).all()
+    pd.testing.assert_frame_equal(
+        records.features_of(mine).reset_index(drop=True), BATCH.head(3).reset_index(drop=True), check_dtype=False
+    )
+    theirs = found[found["request_id"] == "client-order-7.a_b"]
+    assert theirs["row"].tolist() == [0] and theirs["prediction"].tolist() == [str(saved_models["real"].predictions[3])]
+
+    files = sorted(str(path) for path in (steady.data_store / "records").rglob("*.parquet"))
+    assert files and all(RECORD_FILE.search(path) for path in files), files
+    received = mine["received_at"].iloc[0]
+    assert (f"{received:%Y-%m-%d}", f"{received:%H}") in {RECORD_FILE.search(path).groups() for path in files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["../../etc/passwd", "a" * 65, "-starts-with-a-dash", "has space"])
+def test_a_request_id_that_is_no_short_safe_token_gets_400(steady, given):
+    answer = httpx.post(
+        f"{steady.url}/invocations", content=json.dumps(SPLIT), headers=JSON_HEADERS | {"x-request-id": given}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error_code"] == "INVALID_REQUEST_ID"
+    assert "X-Request-Id must be 1 to 64 letters" in answer.json()["message"]
+    assert "x-request-id" not in answer.headers
+
+
+@pytest.mark.slow
+def test_feedback_is_written_beside_the_records_it_labels(steady, saved_models):
+    answer = steady.predict(BATCH.head(2))
+    request_id = answer.headers["x-request-id"]
+    told = {"feedback": [{"request_id": request_id, "label": 0}, {"request_id": request_id, "row": 1, "label": 1}]}
+    accepted = httpx.post(f"{steady.url}/feedback", json=told)
+    assert (accepted.status_code, accepted.json()) == (200, {"accepted": 2})
+
+    now = pd.Timestamp.now(tz="UTC")
+    labels = records.read_feedback(str(steady.data_store), now - pd.Timedelta(hours=1), now + pd.Timedelta(minutes=1))
+    mine = labels[labels["request_id"] == request_id].sort_values("row")
+    assert mine[["row", "label", "version"]].values.tolist() == [[0, "0", 1], [1, "1", 1]]
+    files = list((steady.data_store / "feedback").rglob("*"))
+    assert files and all(path.is_dir() or path.match("feedback/date=*/hour=*/*Z-*.parquet") for path in files), files
+    joined = records.with_labels(recorded(steady.data_store, {request_id}), labels)
+    assert joined.sort_values("row")["label"].tolist() == ["0", "1"]
+    assert joined.sort_values("row")["prediction"].tolist() == [str(p) for p in saved_models["real"].predictions[:2]]
+
+
+@pytest.mark.slow
+def test_feedback_finds_a_request_in_the_store_that_another_server_recorded(steady):
+    """A replica sharing the data store recorded it: the id is not in this server's memory, but in the store."""
+    answered = records.Answered("recorded-by-a-replica", time.time(), "breast_cancer_classifier", 1, [1, 0], None)
+    records.write_records(str(steady.data_store), [answered])
+    told = {"feedback": [{"request_id": "recorded-by-a-replica", "row": 1, "label": 0}]}
+    accepted = httpx.post(f"{steady.url}/feedback", json=told)
+    assert (accepted.status_code, accepted.json()) == (200, {"accepted": 1})
+    told["feedback"][0]["row"] = 2
+    beyond = httpx.post(f"{steady.url}/feedback", json=told)
+    assert beyond.status_code == 404 and "scored 2 rows; there is no row 2" in beyond.json()["message"]
+
+
+def _labels(*items: dict[str, Any]) -> str:
+    return json.dumps({"feedback": list(items)})
+
+
+BAD_FEEDBACK = {
+    "malformed-json": (lambda known: '{"feedback": [', 400, "the body is not valid JSON"),
+    "not-an-object": (lambda known: "[]", 400, 'one key, "feedback"'),
+    "empty": (lambda known: _labels(), 400, '"feedback" must be a non-empty list'),
+    "too-many-items": (
+        lambda known: _labels(*[{"request_id": known, "label": 0}] * 1001),
+        413,
+        '"feedback" holds 1001 labels; send at most 1000',
+    ),
+    "oversized-body": (
+        lambda known: _labels({"request_id": known, "label": "x" * 1_100_000}),
+        413,
+        "larger than 1048576 bytes",
+    ),
+    "unknown-id": (
+        lambda known: _labels({"request_id": known, "label": 0}, {"request_id": "nobody-sent-this", "label": 1}),
+        404,
+        "feedback[1]: request 'nobody-sent-this' is not one this server recorded",
+    ),
+    "row-out-of-range": (
+        lambda known: _labels({"request_id": known, "row": 5, "label": 0}),
+        404,
+        "feedback[0]: request '{known}' scored 2 rows; there is no row 5",
+    ),
+    "label-of-another-type": (
+        lambda known: _labels({"request_id": known, "label": 0}, {"request_id": known, "row": 1, "label": "1"}),
+        400,
+        'feedback[1]: label must be a number, as the model\'s classes are, got "1"',
+    ),
+    "unknown-class": (
+        lambda known: _labels({"request_id": known, "label": 7}),
+        400,
+        "feedback[0]: label 7 is not a class the model knows (0, 1)",
+    ),
+    "boolean-label": (
+        lambda known: _labels({"request_id": known, "label": True}),
+        400,
+        "feedback[0]: label must be a number or a string, got true",
+    ),
+    "not-a-number": (lambda known: f'{{"feedback": [{{"request_id": "{known}", "label": NaN}}]}}', 400, "NaN"),
+    "no-label": (lambda known: _labels({"request_id": known}), 400, "feedback[0] has no label"),
+    "unknown-key": (
+        lambda known: _labels({"request_id": known, "labl": 0}),
+        400,
+        "feedback[0] has unknown keys 'labl'",
+    ),
+    "unsafe-id": (
+        lambda known: _labels({"request_id": "../x", "label": 0}),
+        400,
+        'feedback[0]: request_id must be the X-Request-Id of an answer, got "../x"',
+    ),
+    "labelled-twice": (
+        lambda known: _labels({"request_id": known, "label": 0}, {"request_id": known, "row": 0, "label": 1}),
+        400,
+        "feedback[1]: request '{known}' row 0 is labelled twice",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def known_request(steady) -> str:
+    """A request of two rows the steady server answered and recorded."""
+    return steady.predict(BATCH.head(2)).headers["x-request-id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_FEEDBACK))
+def test_bad_feedback_gets_a_4xx_naming_the_item_and_nothing_is_kept(steady, known_request, case):
+    body, status, message = BAD_FEEDBACK[case]
+    before = scrape(steady)
+    answer = httpx.post(f"{steady.url}/feedback", content=body(known_request), headers=JSON_HEADERS)
+    assert answer.status_code == status, answer.text
+    assert message.format(known=known_request) in answer.json()["message"]
+    assert sample(scrape(steady), "mlops_serving_feedback_labels") == sample(before, "mlops_serving_feedback_labels")
+
+
+@pytest.mark.slow
+def test_metrics_parse_as_prometheus_text_with_every_family(steady):
+    steady.predict(BATCH.head(5))
+    httpx.post(f"{steady.url}/invocations", content=b"{", headers=JSON_HEADERS)
+    wait_until(lambda: sample(scrape(steady), "mlops_serving_records_flushed") >= 5, 10, "records flushed")
+    families = scrape(steady)
+    assert sample(families, "mlops_serving_requests", path="/invocations", code="200", version="1") >= 1
+    assert sample(families, "mlops_serving_errors", path="/invocations", error_code="BAD_REQUEST", version="1") >= 1
+    assert families["mlops_serving_invocation_seconds"].type == "histogram"
+    histogram = {item.name: item.value for item in families["mlops_serving_invocation_seconds"].samples}
+    assert histogram["mlops_serving_invocation_seconds_count"] >= 2
+    predicted = sum(sample(families, "mlops_serving_predictions", version="1", **{"class": c}) for c in ("0", "1"))
+    assert predicted >= 5
+    assert sample(families, "mlops_serving_records_recorded") >= sample(families, "mlops_serving_records_flushed") >= 5
+    assert sample(families, "mlops_serving_records_dropped", reason="queue_full") == 0
+    assert sample(families, "mlops_serving_records_dropped", reason="store_error") == 0
+    assert sample(families, "mlops_serving_recording_enabled") == 1
+    for family in ("model_version", "production_version", "model_swaps", "registry_up", "feedback_labels"):
+        assert f"mlops_serving_{family}" in families, family
+
+
+@pytest.fixture(scope="module")
+def recording_variants(saved_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """Servers on one registry, started at once: sampling nothing, recording off, recording without features with
+    room for three waiting requests, and writing only when it stops."""
+    home = tmp_path_factory.mktemp("recording")
+    settings = Settings.from_env({"MLOPS_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})
+    promote(settings, register(settings, saved_models["real"].path))
+    variants = {
+        "sampling-nothing": {"MLOPS_RECORDING_SAMPLE_RATE": "0"},
+        "off": {"MLOPS_RECORDING": "false"},
+        "narrow": {"MLOPS_RECORDING_FEATURES": "false", "MLOPS_RECORDING_QUEUE_SIZE": "3"},
+        "on-stop": {"MLOPS_RECORDING_FLUSH_SECONDS": "600"},
+    }
+    servers: dict[str, ServerProcess] = {}
+    with ExitStack() as stack:
+
+        def start(name: str) -> None:
+            env = {"MLOPS_RECORDING_FLUSH_SECONDS": "0.5", **variants[name], "MLOPS_DATA_STORE": str(home / name)}
+            # Version 1 stays in Production: a slow poll leaves the two cores to the other tests.
+            servers[name] = stack.enter_context(model_server(settings, home, "--poll-interval", "5", env=env))
+
+        starting = [threading.Thread(target=start, args=(name,)) for name in variants]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        assert set(servers) == set(variants), "a server did not start; see the logs in " + str(home)
+        for server in servers.values():
+            wait_until(lambda server=server: server.health()["status"] == "ok", FIRST_LOAD_DEADLINE, "loading")
+        yield servers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sampling-nothing", "off"])
+def test_sampling_nothing_or_recording_off_records_nothing(recording_variants, variant):
+    server = recording_variants[variant]
+    answers = [server.predict(BATCH.head(2)) for _ in range(5)]
+    assert all(answer.status_code == 200 and answer.headers["x-request-id"] for answer in answers)
+    time.sleep(1.0)  # two flush intervals
+    assert not server.data_store.exists() or not list(server.data_store.rglob("*.parquet"))
+    families = scrape(server)
+    assert sample(families, "mlops_serving_records_recorded") == 0
+    assert sample(families, "mlops_serving_recording_enabled") == (variant != "off")
+    told = httpx.post(
+        f"{server.url}/feedback", json={"feedback": [{"request_id": answers[0].headers["x-request-id"], "label": 0}]}
+    )
+    assert told.status_code == 404
+    assert ("is not one this server recorded" if variant != "off" else "/feedback is off") in told.json()["message"]
+
+
+@pytest.mark.slow
+def test_recording_without_features_then_a_full_queue_and_a_broken_store_drop_records_not_requests(
+    recording_variants, saved_models
+):
+    server = recording_variants["narrow"]
+    first = server.predict(BATCH.head(2))
+    found = recorded(server.data_store, {first.headers["x-request-id"]})
+    assert list(found.columns) == list(records.RECORD_COLUMNS)
+    assert found.sort_values("row")["prediction"].tolist() == [str(p) for p in saved_models["real"].predictions[:2]]
+
+    # The store breaks: where its records folder was, there is now a file.
+    (server.data_store / "records").rename(server.data_store / "records-before")
+    (server.data_store / "records").write_text("not a folder")
+    answers = [server.predict(BATCH.head(1)) for _ in range(20)]
+    assert [answer.status_code for answer in answers] == [200] * 20
+
+    def dropped(reason: str) -> float:
+        return sample(scrape(server), "mlops_serving_records_dropped", reason=reason)
+
+    wait_until(lambda: dropped("store_error") >= 1, 10, "records dropped by the broken store")
+    assert dropped("queue_full") >= 1
+    health = server.health()["recording"]
+    assert health["dropped"]["store_error"] >= 1 and "NotADirectoryError" in health["last_error"]
+    wait_until(lambda: "the data store refused" in server.log.read_text(), 10, "the log line saying records are lost")
+    assert server.predict(BATCH.head(1)).status_code == 200
+
+
+@pytest.mark.slow
+def test_what_waits_is_written_when_the_server_stops(recording_variants):
+    server = recording_variants["on-stop"]
+    request_id = server.predict(BATCH.head(3)).headers["x-request-id"]
+    time.sleep(0.5)
+    assert not server.data_store.exists()  # the flush interval is 10 minutes away
+    os.killpg(server.pid, signal.SIGTERM)
+    assert len(recorded(server.data_store, {request_id}, timeout=30)) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -601,6 +910,7 @@ def test_with_a_token_only_the_probes_answer_without_it(mlops_env, saved_models,
             assert answer.headers["www-authenticate"].startswith("Bearer")
         for path in ("/version", "/metrics"):
             assert httpx.get(server.url + path).status_code == 401, path
+        assert httpx.post(f"{server.url}/feedback", json={"feedback": []}).status_code == 401
         bearer = {"authorization": f"Bearer {TOKEN}"}
         answer = httpx.post(f"{server.url}/invocations", content=body, headers=JSON_HEADERS | bearer)
         assert answer.status_code == 200

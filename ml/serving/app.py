@@ -10,10 +10,13 @@ Start it with ``mlops serve`` or ``python -m ml.serving`` (``--help`` lists the 
 - ``GET /health``: the same status codes, with details: ``ok``, ``loading``, ``degraded`` (a version failed to load,
   the registry is unreachable or has no Production version; the loaded version keeps serving) or ``unavailable``.
 - ``GET /version``: name, version, run_id, loaded_at and alias of the version answering.
-- ``GET /metrics``: Prometheus text format.
+- ``GET /metrics``: Prometheus text format (:mod:`ml.serving.metrics`).
+- ``POST /feedback``: the true labels of answered requests, by request id (:mod:`ml.serving.feedback`).
 
-Every response carries ``X-Model-Version``: the version that answered (``none`` before any is loaded). Every ``GET``
-endpoint answers ``HEAD`` too.
+Every response carries ``X-Model-Version``: the version that answered (``none`` before any is loaded). Every
+``/invocations`` response carries ``X-Request-Id``: the client's, when it sends a short safe one, else one the server
+makes. Every ``GET`` endpoint answers ``HEAD`` too. Answered requests are recorded in the data store off the request
+path (:mod:`ml.serving.recorder`, :mod:`ml.records`).
 
 Authentication: with a token configured (``MLOPS_SERVING_TOKEN``), every endpoint but the probes ``/ping`` and
 ``/health`` needs ``Authorization: Bearer <token>`` (401 otherwise). Without one the server listens on loopback only:
@@ -30,6 +33,7 @@ request without adding parallelism.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -37,6 +41,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +52,13 @@ import pandas as pd
 import uvicorn
 
 import mlflow
+from ml import records
 from ml.redaction import mask_credentials, mask_logging_credentials
-from ml.serving import metrics, webhook
+from ml.serving import feedback, metrics, webhook
 from ml.serving.follower import ProductionFollower
 from ml.serving.loader import LoadedModel
 from ml.serving.protocol import MAX_REQUEST_HEAD_BYTES, read_timeout_protocol
+from ml.serving.recorder import Recorder
 from ml.serving.schema import InputError
 from ml.settings import ConfigurationError, Settings, local_store_problem
 
@@ -68,8 +75,10 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 JSON_CONTENT_TYPE = "application/json"
 VERSION_HEADER = b"x-model-version"
+REQUEST_ID_HEADER = b"x-request-id"
 ROUTES = {
     "/invocations": "POST",
+    "/feedback": "POST",
     "/ping": "GET",
     "/health": "GET",
     "/version": "GET",
@@ -86,10 +95,12 @@ HIDDEN_ERROR = "an error; send the bearer token for its text"
 def _without_error_texts(health: dict[str, Any]) -> dict[str, Any]:
     """``/health`` for a caller without the token: the states alone. An error's text names internal addresses, paths
     and user names, which an open probe must not hand out."""
-    registry = dict(health["registry"])
-    if registry.get("last_error"):
-        registry["last_error"] = HIDDEN_ERROR
-    return {**health, "registry": registry, "last_error": HIDDEN_ERROR if health.get("last_error") else None}
+    registry, recording = dict(health["registry"]), dict(health["recording"])
+    for part in (registry, recording):
+        if part.get("last_error"):
+            part["last_error"] = HIDDEN_ERROR
+    last_error = HIDDEN_ERROR if health.get("last_error") else None
+    return {**health, "registry": registry, "recording": recording, "last_error": last_error}
 
 
 # The follower is its own retry loop: it polls again within seconds and retries a failed load with backoff. The MLflow
@@ -124,14 +135,16 @@ class ModelServer:
     def __init__(
         self,
         follower: ProductionFollower,
+        recorder: Recorder,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         *,
         token: str = "",
         webhook_secret: str = "",
     ) -> None:
         self.follower = follower
+        self.recorder = recorder
         self.max_body_bytes = max_body_bytes
-        self.metrics = metrics.ServingMetrics()
+        self.metrics = metrics.ServingMetrics(follower, recorder)
         self.deliveries = webhook.DeliveryVerifier(webhook_secret) if webhook_secret else None
         self._expected_authorization = f"Bearer {token}".encode() if token else None
 
@@ -142,17 +155,21 @@ class ModelServer:
             await self._http(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
+        started, received_at = time.perf_counter(), time.time()
         model = self.follower.current  # read once: the answer and its version header come from this one model
         path = scope["path"]
+        request_id = self._request_id(scope) if path == "/invocations" else None
         try:
-            response = await self._route(scope, receive, model)
+            if request_id is None and path == "/invocations":
+                raise InputError(feedback.REQUEST_ID_RULE, error_code="INVALID_REQUEST_ID")
+            response = await self._route(scope, receive, model, request_id, received_at)
         except InputError as error:
             response = error_response(error.status, error.error_code, error.message)
         except Exception:
             log.exception("unexpected error answering %s %s", scope["method"], path)
             response = error_response(500, "INTERNAL_ERROR", "unexpected server error; see the server's log")
-        version = str(model.version).encode() if model else b"none"
+        version = str(model.version) if model else "none"
+        identified = ((REQUEST_ID_HEADER, request_id.encode()),) if request_id else ()
         await send(
             {
                 "type": "http.response.start",
@@ -160,16 +177,27 @@ class ModelServer:
                 "headers": [
                     (b"content-type", response.content_type.encode()),
                     (b"content-length", str(len(response.body)).encode()),
-                    (VERSION_HEADER, version),
+                    (VERSION_HEADER, version.encode()),
+                    *identified,
                     *response.headers,
                 ],
             }
         )
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else response.body})
         label = path if path in ROUTES else "other"
-        self.metrics.record(label, response.status, response.error_code, time.perf_counter() - started)
+        self.metrics.record(label, response.status, response.error_code, version, time.perf_counter() - started)
 
-    async def _route(self, scope: Scope, receive: Receive, model: LoadedModel | None) -> Response:
+    @staticmethod
+    def _request_id(scope: Scope) -> str | None:
+        """The client's request id, a new one when it sent none, None when the one it sent is not safe to keep."""
+        given = _header(scope, REQUEST_ID_HEADER)
+        if not given:
+            return uuid.uuid4().hex
+        return given if feedback.REQUEST_ID.fullmatch(given) else None
+
+    async def _route(
+        self, scope: Scope, receive: Receive, model: LoadedModel | None, request_id: str | None, received_at: float
+    ) -> Response:
         path, method = scope["path"], scope["method"]
         if path not in ROUTES:
             return error_response(404, "NOT_FOUND", f"no endpoint {path}; try {', '.join(ROUTES)}")
@@ -188,12 +216,13 @@ class ModelServer:
             )
         if path == "/invocations":
             body = await _read_body(scope, receive, self.max_body_bytes)
-            return self._invocations(body, _header(scope, b"content-type"), model)
+            return self._invocations(body, _header(scope, b"content-type"), model, str(request_id), received_at)
+        if path == "/feedback":
+            return await self._feedback(await _read_body(scope, receive, feedback.MAX_FEEDBACK_BYTES), model)
         if path == "/metrics":
-            page = self.metrics.render(model, self.follower.status)
-            return Response(200, page.encode(), content_type=metrics.CONTENT_TYPE)
+            return Response(200, self.metrics.render(), content_type=metrics.CONTENT_TYPE)
         if path == "/health":
-            health = self.follower.health()
+            health = {**self.follower.health(), "recording": self.recorder.status()}
             if not self._authorized(scope):
                 health = _without_error_texts(health)
             return Response(200 if model else 503, mask_credentials(json.dumps(health)).encode())
@@ -203,7 +232,9 @@ class ModelServer:
             return json_response(200, model.describe())
         return json_response(200, {"status": "ok", "version": model.version})
 
-    def _invocations(self, body: bytes, content_type: str, model: LoadedModel | None) -> Response:
+    def _invocations(
+        self, body: bytes, content_type: str, model: LoadedModel | None, request_id: str, received_at: float
+    ) -> Response:
         if model is None:
             return error_response(503, "MODEL_NOT_LOADED", self._not_loaded_message())
         frame = model.schema.parse(body, content_type)
@@ -212,7 +243,42 @@ class ModelServer:
         except Exception as error:  # input the checks let through but the model refuses
             log.warning("version %s could not score a request: %s", model.version, error)
             raise InputError(_unscorable(frame, error)) from error
-        return json_response(200, {"predictions": _jsonable(predictions)})
+        answers = _jsonable(predictions)
+        if isinstance(answers, list):
+            self.recorder.offer(request_id, received_at, model, frame, answers)
+            if model.classes is not None:
+                self.metrics.count_predictions(model.version, answers)
+        return json_response(200, {"predictions": answers})
+
+    async def _feedback(self, body: bytes, model: LoadedModel | None) -> Response:
+        """Check the labels, find the requests they name, and write them to the data store before answering."""
+        if not self.recorder.enabled:
+            return error_response(
+                404, "NOT_FOUND", "/feedback is off: the server records no requests (MLOPS_RECORDING)"
+            )
+        labels = feedback.parse_feedback(body, model.classes if model else None)
+        ids = {label.request_id for label in labels}
+        found = self.recorder.recent(ids)
+        if missing := ids - set(found):
+            try:
+                found |= await asyncio.to_thread(self.recorder.stored, missing)
+            except Exception as error:
+                log.warning("could not look for recorded requests in the data store: %s", mask_credentials(str(error)))
+        if problem := feedback.unknown_problem(labels, found, self.recorder.feedback_window.total_seconds() / 3600):
+            return error_response(404, "UNKNOWN_REQUEST_ID", problem)
+        rows = records.labels_frame(
+            [(label.request_id, label.row, label.label, found[label.request_id].version) for label in labels],
+            self.follower.name,
+        )
+        try:
+            await asyncio.to_thread(records.write_feedback, self.recorder.data_store, rows)
+        except Exception as error:
+            log.warning("could not write %d labels to the data store: %s", len(rows), mask_credentials(str(error)))
+            return error_response(
+                503, "STORE_UNAVAILABLE", "the data store did not take the labels; nothing was kept: send them again"
+            )
+        self.recorder.labels += len(rows)
+        return json_response(200, {"accepted": len(rows)})
 
     def _registry_event(self, body: bytes, scope: Scope) -> Response:
         """A webhook delivery from the MLflow server: a verified move of our alias wakes the follower."""
@@ -245,9 +311,11 @@ class ModelServer:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.follower.start()
+                self.recorder.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.follower.stop()
+                await asyncio.to_thread(self.recorder.stop)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -435,8 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="mlops-serving-") as downloads:
         follower = ProductionFollower(settings, arguments.poll_interval, Path(downloads))
+        recorder = Recorder(settings)
+        if recorder.enabled:
+            log.info(
+                "recording %g of answered requests%s in %s",
+                recorder.sample_rate,
+                "" if recorder.with_features else " (without their features)",
+                mask_credentials(records.records_uri(settings.data_store)),
+            )
         server = ModelServer(
             follower,
+            recorder,
             arguments.max_body_bytes,
             token=settings.serving_token,
             webhook_secret=settings.serving_webhook_secret,

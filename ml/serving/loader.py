@@ -32,6 +32,8 @@ class LoadedModel:
     loaded_at: str
     schema: InputSchema
     predict: Callable[[pd.DataFrame], Any]
+    # The classes a classifier predicts, as Python values; None for a model that does not say (not scikit-learn).
+    classes: tuple[Any, ...] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ def load_version(name: str, alias: str, info: VersionInfo, download_root: Path) 
         loaded_at=utc_now(),
         schema=InputSchema.from_signature(pyfunc_model.metadata.get_input_schema()),
         predict=_predict_function(pyfunc_model),
+        classes=_classes(pyfunc_model),
     )
     _warm(loaded, pyfunc_model.input_example)
     return loaded
@@ -73,6 +76,12 @@ def _predict_function(pyfunc_model: PyFuncModel) -> Callable[[pd.DataFrame], Any
         # predict function directly, as PyFuncModel does after its checks.
         return getattr(pyfunc_model._model_impl, flavor.get("predict_fn", "predict"))
     return pyfunc_model.predict
+
+
+def _classes(pyfunc_model: PyFuncModel) -> tuple[Any, ...] | None:
+    estimator = getattr(pyfunc_model._model_impl, "sklearn_model", None)
+    classes = getattr(estimator, "classes_", None)
+    return tuple(classes.tolist()) if classes is not None and hasattr(classes, "tolist") else None
 
 
 def _warm(loaded: LoadedModel, example: Any) -> None:
