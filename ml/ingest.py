@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 
@@ -205,7 +204,7 @@ class FolderTarget:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.path = data.store_filesystem(self.uri)
 
     def describe(self) -> str:
         return self.uri
@@ -229,10 +228,11 @@ class FolderTarget:
         return sorted(recorded, key=lambda r: int(r["batch"]))
 
     def holds(self, record: Mapping[str, Any]) -> bool:
-        return bool(record.get("location")) and self.fs.exists(fsspec.core.url_to_fs(record["location"])[1])
+        return bool(record.get("location")) and self.fs.exists(data.store_filesystem(record["location"])[1])
 
     def write(self, frame: pd.DataFrame, record: dict[str, Any], file_format: str) -> str:
-        self.fs.makedirs(self.path, exist_ok=True)
+        if not data.is_object_store(self.fs):  # where it would create a mistyped bucket instead (s3fs does)
+            self.fs.makedirs(self.path, exist_ok=True)
         name = f"batch-{int(record['batch']):04d}.{file_format}"
         final, temporary = f"{self.path}/{name}", f"{self.path}/.{name}.tmp"
         with self.fs.open(temporary, "wb") as handle:
