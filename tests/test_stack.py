@@ -35,6 +35,7 @@ import pytest
 import stack
 from airflow_api import Airflow
 from conftest import PROMOTED_RUN_STATES
+from s3 import S3Credentials, WeedServer
 from stack import SERVICES, Placement, Process, StackValues
 
 from ml.serving.app import DEFAULT_POLL_INTERVAL
@@ -77,8 +78,11 @@ def _admin_sql(*statements: str) -> None:
 class NativeStack:
     """Databases, folders and processes of one stack; everything it creates it removes again."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, s3: WeedServer | None = None) -> None:
+        """``s3``: the S3 server that holds the stack's bucket (snapshots and MLflow's artifacts); without one, the
+        stack is only described (tests/test_compose.py compares its environment)."""
         self.root = root
+        self.s3 = s3
         self.suffix = secrets.token_hex(4)
         self.databases = {
             "airflow": f"mlops_stack_{self.suffix}",
@@ -91,8 +95,10 @@ class NativeStack:
         self.processes: dict[str, Process] = {}
         self.logs = root / "logs"
         self.dags = root / "dags"
-        self.data_store = root / "datastore"
-        self.artifacts = root / "mlflow-artifacts"
+        self.bucket = f"mlops-stack-{self.suffix}"
+        self.data_store = f"s3://{self.bucket}/datastore"
+        self.artifacts = f"s3://{self.bucket}/artifacts"
+        keys = s3.service if s3 else S3Credentials("<access key>", "<secret key>")
         self.admin = ("admin", secrets.token_urlsafe(12))
         self.mlflow_user = ("mlops", secrets.token_urlsafe(12))
         self.mlflow_reader = ("reader", secrets.token_urlsafe(12))
@@ -124,7 +130,10 @@ class NativeStack:
             mlflow_auth_config_path=str(root / "mlflow-auth" / "basic_auth.ini"),
             mlflow_flask_secret_key=secrets.token_urlsafe(32),
             mlflow_allowed_hosts="127.0.0.1,127.0.0.1:*,localhost,localhost:*",
-            data_store=str(self.data_store),
+            data_store=self.data_store,
+            s3_endpoint_url=s3.endpoint if s3 else "http://127.0.0.1:0",
+            s3_access_key_id=keys.access_key,
+            s3_secret_access_key=keys.secret_key,
             model_name=MODEL_NAME,
             serving_token=secrets.token_urlsafe(24),
             serving_webhook_url=f"http://127.0.0.1:{self.ports['serving']}/webhooks/mlflow",
@@ -137,8 +146,10 @@ class NativeStack:
     # --- set-up and tear-down ---
 
     def create(self) -> None:
-        for folder in (self.logs, self.dags, self.data_store, self.artifacts):
+        for folder in (self.logs, self.dags):
             folder.mkdir(parents=True, exist_ok=True)
+        if self.s3 is not None:
+            self.s3.filesystem(self.s3.admin).mkdir(self.bucket)
         # The stack's DAGs folder: the service's DAG and the benchmark's stub, nothing else.
         (self.dags / "mlops_pipeline.py").symlink_to(REPO / "dags" / "mlops_pipeline.py")
         (self.dags / "stub_pipeline.py").symlink_to(REPO / "bench" / "dags" / "stub_pipeline.py")
@@ -174,7 +185,7 @@ class NativeStack:
             host="127.0.0.1",
             port=self.ports.get(name, 0),
             workers=1,
-            artifacts=str(self.artifacts),
+            artifacts=self.artifacts,
             source=str(REPO),
         )
 
@@ -232,8 +243,8 @@ class NativeStack:
 
 
 @contextmanager
-def native_stack(root: Path) -> Iterator[NativeStack]:
-    the_stack = NativeStack(root)
+def native_stack(root: Path, s3: WeedServer) -> Iterator[NativeStack]:
+    the_stack = NativeStack(root, s3)
     the_stack.create()
     try:
         yield the_stack
@@ -290,12 +301,12 @@ def services_available() -> None:
         pytest.skip(message)
 
 
-def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -> None:
+def test_pipeline_runs_on_the_native_stack(services_available, s3_server, tmp_path: Path) -> None:
     import httpx
 
     began = time.monotonic()
     figures: dict[str, float] = {}
-    with native_stack(tmp_path) as s:
+    with native_stack(tmp_path, s3_server) as s:
         # MLflow (basic-auth, PostgreSQL, proxied artifacts) and airflow-init run side by side.
         mlflow_process = s.start("mlflow")
         s.run_one_shot("airflow-init", timeout=STARTUP_TIMEOUT)
@@ -390,11 +401,13 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         tags = mlflow.version_tags(MODEL_NAME, 1)
         assert tags["mlops.validation.status"] == "passed"
         assert tags["mlops.deployment.airflow_run_id"] == run_id
-        # Artifacts went through the server's proxy into its artifacts destination, not onto the worker's disk.
-        assert list(s.artifacts.rglob("MLmodel")), "no model in the MLflow server's artifacts destination"
+        # Artifacts went through the server's proxy into its artifacts destination in the bucket, not onto the
+        # worker's disk; the snapshot and the split are in the bucket too.
+        stored = s3_server.filesystem(s3_server.admin).find(s.bucket)
+        assert [p for p in stored if p.startswith(f"{s.bucket}/artifacts/") and p.endswith("/MLmodel")], stored
         for home in (s.root / "homes").iterdir():
             assert not (home / "mlruns").exists() and not (home / "mlartifacts").exists(), home
-        assert list(s.data_store.rglob("*.parquet")), "no snapshot in the shared data store"
+        assert [p for p in stored if p.startswith(f"{s.bucket}/datastore/snapshots/")], stored
 
         # A run that fails validation: Production stays on version 1, the new version is tagged failed.
         # Same data as the first run: force_retrain, or the run ends early with "no new data".
