@@ -64,7 +64,8 @@ FIXED_ENV = {
 NATIVE_ONLY_ENV = {
     "AIRFLOW_HOME": "a temporary home per process (the image's is /opt/airflow)",
     "PATH": "the virtual environment's bin/ first, so components that spawn `airflow` find it",
-    "HOME": "inherited",
+    "HOME": "inherited; a worker's own (tests/test_stack.py, as on a host of its own)",
+    "TMPDIR": "a worker's own, as on a host of its own",
     "LANG": "inherited",
     "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "no @daily run on unpause: the test triggers every run itself",
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2 shared cores on the test machine",
