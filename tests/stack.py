@@ -70,6 +70,8 @@ NATIVE_ONLY_ENV = {
     "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "no @daily run on unpause: the test triggers every run itself",
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2 shared cores on the test machine",
     "MLOPS_RETRY_DELAY_SECONDS": "a failed task retries after 5 s instead of 5 min",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "a killed worker's task is retried after 20 s, not 5 min",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "looked for every 2 s, not 10 s",
     "MLFLOW_ENABLE_TELEMETRY": "no telemetry from tests",
     "DO_NOT_TRACK": "no telemetry from tests",
 }

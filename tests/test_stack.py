@@ -9,7 +9,8 @@ The data store and MLflow's artifacts are in a bucket of the session's S3 server
 share no folder, as on two hosts: each has its own working folder, HOME, TMPDIR and DAGs folder. It triggers
 ``mlops_pipeline`` through the REST API, checks through MLflow's REST API that Production moved to version 1, and
 shows which worker ran which task (both did; each task's log is in its worker's folder alone), then triggers a run
-that must fail validation and checks that Production stayed. It also measures the issue's benchmark:
+that must fail validation, kills the worker running its train_model and checks that the retry ran on the other worker
+and that Production stayed, with one version for the run. It also measures the issue's benchmark:
 trigger-to-Production time of mlops_pipeline against trigger-to-success of a stub DAG with seven empty tasks
 (bench/dags/stub_pipeline.py), on the same stack. Last, it subscribes the model server to the registry's webhooks as
 compose does (serving-subscribe), moves Production under a small load and times the first answer from the new
@@ -206,6 +207,8 @@ class NativeStack:
                 AIRFLOW_HOME=str(home),
                 AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
                 AIRFLOW__CELERY__WORKER_CONCURRENCY="2",
+                AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
+                AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="2",
                 MLOPS_RETRY_DELAY_SECONDS="5",
             )
         if name in WORKERS:
@@ -430,14 +433,27 @@ def test_pipeline_runs_on_the_native_stack(services_available, s3_server, tmp_pa
         assert [p for p in stored if p.startswith(f"{s.bucket}/datastore/snapshots/")], stored
 
         # A run that fails validation: Production stays on version 1, the new version is tagged failed.
-        # Same data as the first run: force_retrain, or the run ends early with "no new data".
+        # Same data as the first run: force_retrain, or the run ends early with "no new data". The worker running its
+        # train_model is killed (SIGKILL, its task processes with it): the scheduler finds the task's heartbeat gone,
+        # and the retry runs on the other worker and registers the run's one version; nothing is lost.
         failing = airflow.trigger("mlops_pipeline", {"accuracy_threshold": 1.0, "force_retrain": True})
+        victim = _kill_the_worker_running(s, airflow, "mlops_pipeline", failing, "train_model", watched)
+        watched = [process for process in watched if process.name != victim]
         airflow.wait_for_run("mlops_pipeline", failing, watched)
-        states = {task: ti["state"] for task, ti in airflow.task_instances("mlops_pipeline", failing).items()}
+        failing_tis = airflow.task_instances("mlops_pipeline", failing)
+        states = {task: ti["state"] for task, ti in failing_tis.items()}
         assert mlflow.production_version(MODEL_NAME) == 1, states
         assert mlflow.version_tags(MODEL_NAME, 2)["mlops.validation.status"] == "failed", states
+        assert mlflow.http.get("/model-versions/get", params={"name": MODEL_NAME, "version": "3"}).status_code == 404
         assert states["train_model"] == "success" and states["validate_model"] == "skipped", states
         assert states["archive_model"] == states["rollback_model"] == "skipped", states
+        train = failing_tis["train_model"]
+        (survivor,) = (name for name in WORKERS if name != victim)
+        assert train["try_number"] == 2
+        assert train["id"] in s.processes[survivor].log.read_text(errors="replace")
+        retried = s.root / "homes" / survivor / "logs" / "dag_id=mlops_pipeline" / f"run_id={failing}"
+        assert (retried / "task_id=train_model" / "attempt=2.log").exists()
+        print(f"train_model: try 1 on {victim}, killed; try 2 on {survivor}")
 
         # The baseline once more, on a warm stack.
         t0 = time.monotonic()
@@ -467,6 +483,25 @@ def test_pipeline_runs_on_the_native_stack(services_available, s3_server, tmp_pa
         "  per task, seconds from the previous task's end to this one's start, then running:\n"
         + "\n".join(f"    {dag_id:<15} {timeline}" for dag_id, timeline in timelines.items())
     )
+
+
+def _kill_the_worker_running(
+    s: NativeStack, airflow: Airflow, dag_id: str, run_id: str, task_id: str, watched: list[Process]
+) -> str:
+    """SIGKILL the worker (its whole process group) as soon as it runs the task; returns its name."""
+    import os
+    import signal
+
+    def running_on() -> str | None:
+        ti = airflow.task_instances(dag_id, run_id).get(task_id)
+        if ti is None or ti["state"] != "running":
+            return None
+        return next((name for name in WORKERS if ti["id"] in s.processes[name].log.read_text(errors="replace")), None)
+
+    victim = stack.wait_until(running_on, RUN_TIMEOUT, f"{task_id} to run", watched, interval=0.2)
+    os.killpg(s.processes[victim].popen.pid, signal.SIGKILL)
+    s.processes[victim].popen.wait(timeout=10)
+    return victim
 
 
 def _workers_of(s: NativeStack, dag_id: str, run_id: str, tis: dict[str, dict[str, Any]]) -> dict[str, str]:
