@@ -64,6 +64,9 @@ def test_unknown_bucket_fails_at_once_naming_it(s3_bucket, cancer):
     with pytest.raises(data.DataSourceError, match=f"bucket {missing!r} does not exist") as listing:
         data.load_source(f"s3://{missing}/incoming/")
     assert not isinstance(listing.value, data.DataSourceUnavailableError)
+    with pytest.raises(data.DataSourceError, match=f"batch folder s3://{missing}/incoming: bucket") as landing:
+        ingest.land(Settings.from_env({"MLOPS_DATA_SOURCE": f"s3://{missing}/incoming/"}))
+    assert not isinstance(landing.value, data.DataSourceUnavailableError)
 
 
 def test_refused_keys_fail_at_once_without_showing_them(s3_bucket, s3_server, cancer, monkeypatch):
@@ -77,6 +80,7 @@ def test_refused_keys_fail_at_once_without_showing_them(s3_bucket, s3_server, ca
         lambda: data.read_frame(snapshot.uri),
         lambda: data.write_snapshot(cancer.head(100), store),
         lambda: data.load_source(f"s3://{s3_bucket}/incoming/"),
+        lambda: ingest.land(Settings.from_env({"MLOPS_DATA_SOURCE": f"s3://{s3_bucket}/incoming/"})),
     ):
         with pytest.raises(data.DataSourceError, match="the object store refuses these credentials") as refused:
             attempt()
