@@ -182,5 +182,5 @@ def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
     assert models, stored
     assert not (tmp_path / "mlflow" / "artifacts").exists()
     secret = s3_server.service.secret_key.encode()
-    assert secret not in (airflow_db / "airflow.db").read_bytes()
-    assert secret not in (tmp_path / "mlflow" / "mlflow.db").read_bytes()
+    for database in [*airflow_db.glob("airflow.db*"), *(tmp_path / "mlflow").glob("mlflow.db*")]:
+        assert secret not in database.read_bytes(), database
