@@ -165,6 +165,10 @@ class WeedServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
         self.process = None
+        # weed listens on Unix sockets too, always in /tmp and named by port, and leaves them behind when stopped.
+        for port in self.ports.values():
+            for socket_file in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                socket_file.unlink(missing_ok=True)
 
 
 def free_ports(count: int) -> list[int]:
