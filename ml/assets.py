@@ -4,7 +4,7 @@ Light on purpose: DAG files import it at top level, so it imports nothing heavie
 settings. The asset's URI is where the data lives (``MLOPS_DATA_ASSET_URI`` overrides it):
 
 - a local folder or file: ``file:///abs/path`` (a relative path is resolved against the current directory);
-- an fsspec URL (``s3://bucket/incoming/``, ...): the URL itself;
+- an fsspec URL (``s3://bucket/incoming/``, ...): the URL itself (Airflow drops a trailing ``/``);
 - a SQL table: ``x-mlops-<dialect>://<host or local>/<database>/<table>`` (credentials left out);
 - a bundled data set: ``x-mlops://sklearn/<name>``.
 

@@ -37,6 +37,8 @@ SNAPSHOT_NAME = re.compile(r"(?:^|/)snapshots/(?P<digest>[0-9a-f]{64})\.parquet$
 LONGEST_ECHOED_VALUE = 40
 # A file is empty when it holds nothing but white space; a local Parquet file is looked at this far to tell.
 EMPTY_FILE_PEEK = 4096
+# fsspec protocols of object stores: a "folder" there is a key prefix, not a directory to make.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl"})
 
 
 class DataSourceError(ValueError):
@@ -141,19 +143,69 @@ def load_source(source: str, query: str = "", label: str = "target") -> pd.DataF
     return _load_file(source, kind)
 
 
+def store_filesystem(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path of a store or source URI (a local path included).
+
+    An object store's listings are not cached: the filesystem object lives as long as the process, and another
+    process (a worker on another host, ``mlops ingest``) may have written since it last listed. Endpoint and keys come
+    from the environment as the cloud's own clients read them (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY`` for S3).
+    """
+    if url_scheme(uri) in OBJECT_STORE_PROTOCOLS:
+        return fsspec.core.url_to_fs(uri, use_listings_cache=False)
+    return fsspec.core.url_to_fs(uri)
+
+
+def is_object_store(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return any(protocol in OBJECT_STORE_PROTOCOLS for protocol in protocols)
+
+
+def store_failure(fs: Any, path: str, error: Exception, what: str, missing: str = "does not exist") -> DataSourceError:
+    """Why a store or a remote file could not be used, as a refusal or as a retry; ``what`` names it (credentials
+    masked), ``missing`` says what a missing file means.
+
+    An object store that refuses the keys or has no such bucket refuses them the same way next time: that fails at
+    once, and the bucket is looked at to say which it is. A server that does not answer, a dropped connection or a
+    timeout may pass, and so may anything on a local disk but a missing file (a permission not granted yet while a file
+    is still being copied in).
+    """
+    reason = mask_credentials(str(error)) or type(error).__name__
+    if is_object_store(fs) and isinstance(error, (PermissionError, FileNotFoundError)):
+        bucket = fs._strip_protocol(path).split("/", 1)[0]
+        try:
+            fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            return DataSourceError(f"{what}: bucket {bucket!r} does not exist; create it, or correct the URL")
+        except PermissionError as refused:
+            return DataSourceError(
+                f"{what}: the object store refuses these credentials ({mask_credentials(str(refused))}); check the "
+                "keys the workers read (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)"
+            )
+        except Exception as unanswered:
+            return DataSourceUnavailableError(
+                f"{what}: {reason}; the bucket cannot be listed either: {mask_credentials(str(unanswered))}"
+            )
+        if isinstance(error, PermissionError):
+            return DataSourceError(
+                f"{what}: access denied ({reason}); the credentials may list bucket {bucket!r} but not do this"
+            )
+    if isinstance(error, FileNotFoundError):
+        return DataSourceError(f"{what} {missing}")
+    return DataSourceUnavailableError(f"{what}: {reason}")
+
+
 def folder_files(uri: str) -> list[str]:
     """The data files of a folder source, as URLs, in name order; hidden (``.``) and ``_`` files are left out."""
+    shown = f"data folder {mask_credentials(uri)}"
+    fs, path = store_filesystem(uri)
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
         if not fs.isdir(path):
-            raise DataSourceError(f"data folder {mask_credentials(uri)} does not exist")
+            # A prefix no object is under, in a bucket that may not exist or keys that may be refused: say which.
+            raise FileNotFoundError(path)
         entries = fs.ls(path, detail=False)
-    except DataSourceError:
-        raise
     except Exception as error:
-        raise DataSourceUnavailableError(
-            f"cannot list data folder {mask_credentials(uri)}: {mask_credentials(str(error))}"
-        ) from error
+        raise store_failure(fs, path, error, shown) from error
     names = {}
     for entry in entries:
         name = str(entry).rstrip("/").rsplit("/", 1)[-1]
@@ -351,23 +403,21 @@ def _make_read_only(connection: Any) -> None:
 
 def _load_file(uri: str, kind: str) -> pd.DataFrame:
     shown = mask_credentials(uri)
+    fs, path = store_filesystem(uri)
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
         if kind == "parquet" and isinstance(fs, LocalFileSystem):
             with fs.open(path, "rb") as handle:
                 return _load_local_parquet(handle, shown)
-        with fsspec.open(uri, "rb") as handle:
+        with fs.open(path, "rb") as handle:
             raw = handle.read()
-    except FileNotFoundError as error:
-        raise DataSourceError(f"data file {shown} does not exist") from error
     except IsADirectoryError as error:
         raise DataSourceError(
             f"data file {shown} is a directory; a folder source is named without a file suffix, or with a trailing /"
         ) from error
     except (DataSourceError, DataValidationError):
         raise
-    except Exception as error:  # a store that does not answer, a permission not granted yet: another try may pass
-        raise DataSourceUnavailableError(f"cannot open data file {shown}: {mask_credentials(str(error))}") from error
+    except Exception as error:
+        raise store_failure(fs, path, error, f"data file {shown}") from error
     if not raw.strip():
         raise DataValidationError(f"data file {shown} is empty")
     if kind == "csv":
@@ -564,17 +614,22 @@ def write_frame(frame: pd.DataFrame, uri: str) -> None:
 
 
 def _write_atomically(uri: str, write: Callable[[BinaryIO], None]) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = store_filesystem(uri)
     parent = fs._parent(path)
-    fs.makedirs(parent, exist_ok=True)
     temporary = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.partial"
     try:
-        with fs.open(temporary, "wb") as handle:
-            write(handle)
-        fs.mv(temporary, path)
-    finally:
-        if fs.exists(temporary):
-            fs.rm(temporary)
+        # An object store has no folders to make, and making one would create a mistyped bucket (s3fs does).
+        if not is_object_store(fs):
+            fs.makedirs(parent, exist_ok=True)
+        try:
+            with fs.open(temporary, "wb") as handle:
+                write(handle)
+            fs.mv(temporary, path)
+        finally:
+            if fs.exists(temporary):
+                fs.rm(temporary)
+    except Exception as error:
+        raise store_failure(fs, path, error, f"data store object {mask_credentials(uri)} (writing)") from error
 
 
 def read_frame(uri: str) -> pd.DataFrame:
@@ -582,8 +637,9 @@ def read_frame(uri: str) -> pd.DataFrame:
     frame read (its file is read once): whatever lies beside it, only its content can vouch for it."""
     shown = mask_credentials(uri)
     named = SNAPSHOT_NAME.search(uri)
+    fs, path = store_filesystem(uri)
     try:
-        with fsspec.open(uri, "rb") as handle:
+        with fs.open(path, "rb") as handle:
             try:
                 frame = pd.read_parquet(handle)
             except Exception as error:
@@ -592,15 +648,11 @@ def read_frame(uri: str) -> pd.DataFrame:
                         f"snapshot {shown} is damaged ({_parse_failure(error)}); the next extract_data replaces it"
                     ) from error
                 raise _parquet_failure(handle, f"data store object {shown}", error) from error
-    except FileNotFoundError as error:
-        raise DataSourceError(
-            f"data store object {shown} does not exist; was it written by an earlier task?"
-        ) from error
     except (DataSourceError, DataValidationError):
         raise
-    except Exception as error:  # a store that does not answer: another try may pass
-        raise DataSourceUnavailableError(
-            f"cannot read data store object {shown}: {mask_credentials(str(error))}"
+    except Exception as error:  # refused keys fail at once; a store that does not answer is retried
+        raise store_failure(
+            fs, path, error, f"data store object {shown}", "does not exist; was it written by an earlier task?"
         ) from error
     if named and not holds_content(frame, named["digest"]):
         raise SnapshotDigestError(
@@ -625,8 +677,12 @@ def write_snapshot(frame: pd.DataFrame, data_store: str) -> Snapshot:
     digest = content_digest(frame)
     uri = store_uri(data_store, "snapshots", f"{digest}.parquet")
     snapshot = Snapshot(uri=uri, digest=digest, rows=len(frame), columns=[str(c) for c in frame.columns])
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
+    fs, path = store_filesystem(uri)
+    try:
+        exists = fs.exists(path)
+    except Exception as error:
+        raise store_failure(fs, path, error, f"snapshot {mask_credentials(uri)}") from error
+    if exists:
         try:
             read_frame(uri)
             return snapshot

@@ -21,20 +21,21 @@ without an asset event).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 
 from ml import data
+from ml.redaction import mask_credentials
 from ml.settings import SQL_SCHEMES, ConfigurationError, Settings
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class FolderTarget:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.path = data.store_filesystem(self.uri)
 
     def describe(self) -> str:
         return self.uri
@@ -217,34 +218,47 @@ class FolderTarget:
         with self.fs.open(manifest, "r") as handle:
             return json.load(handle).get("batches", [])
 
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """The folder's failures as the data's: a bucket that does not exist or refused keys fail at once, a store that
+        does not answer is retried (:func:`ml.data.store_failure`)."""
+        try:
+            yield
+        except Exception as error:
+            raise data.store_failure(self.fs, self.path, error, f"batch folder {mask_credentials(self.uri)}") from error
+
     def records(self) -> list[dict[str, Any]]:
-        recorded = self._manifest()
-        numbers = {int(r["batch"]) for r in recorded}
-        # Files copied in by hand (or landed before a crash) count as landed too.
-        if self.fs.isdir(self.path):
-            for entry in self.fs.ls(self.path, detail=False):
-                match = BATCH_FILE.match(str(entry).rstrip("/").rsplit("/", 1)[-1])
-                if match and int(match.group(1)) not in numbers:
-                    recorded.append({"batch": int(match.group(1)), "location": self.fs.unstrip_protocol(str(entry))})
+        with self._reaching():
+            recorded = self._manifest()
+            numbers = {int(r["batch"]) for r in recorded}
+            # Files copied in by hand (or landed before a crash) count as landed too.
+            if self.fs.isdir(self.path):
+                for entry in self.fs.ls(self.path, detail=False):
+                    match = BATCH_FILE.match(str(entry).rstrip("/").rsplit("/", 1)[-1])
+                    if match and int(match.group(1)) not in numbers:
+                        location = self.fs.unstrip_protocol(str(entry))
+                        recorded.append({"batch": int(match.group(1)), "location": location})
         return sorted(recorded, key=lambda r: int(r["batch"]))
 
     def holds(self, record: Mapping[str, Any]) -> bool:
-        return bool(record.get("location")) and self.fs.exists(fsspec.core.url_to_fs(record["location"])[1])
+        return bool(record.get("location")) and self.fs.exists(data.store_filesystem(record["location"])[1])
 
     def write(self, frame: pd.DataFrame, record: dict[str, Any], file_format: str) -> str:
-        self.fs.makedirs(self.path, exist_ok=True)
         name = f"batch-{int(record['batch']):04d}.{file_format}"
         final, temporary = f"{self.path}/{name}", f"{self.path}/.{name}.tmp"
-        with self.fs.open(temporary, "wb") as handle:
-            if file_format == "csv":
-                handle.write(frame.to_csv(index=False).encode())
-            else:
-                data.to_parquet(frame, handle)
-        # Record first: a crash between the two leaves a manifest entry whose file is missing, which a retry of the
-        # same run lands again, instead of a file that no run knows it landed.
         location = self.fs.unstrip_protocol(final)
-        self._record({**record, "location": location})
-        self.fs.mv(temporary, final)
+        with self._reaching():
+            if not data.is_object_store(self.fs):  # where it would create a mistyped bucket instead (s3fs does)
+                self.fs.makedirs(self.path, exist_ok=True)
+            with self.fs.open(temporary, "wb") as handle:
+                if file_format == "csv":
+                    handle.write(frame.to_csv(index=False).encode())
+                else:
+                    data.to_parquet(frame, handle)
+            # Record first: a crash between the two leaves a manifest entry whose file is missing, which a retry of
+            # the same run lands again, instead of a file that no run knows it landed.
+            self._record({**record, "location": location})
+            self.fs.mv(temporary, final)
         return location
 
     def _record(self, record: dict[str, Any]) -> None:

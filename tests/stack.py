@@ -27,9 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 # Where things live inside the containers (docker-compose.yaml and the two Dockerfiles use the same paths).
 CONTAINER_SOURCE = "/opt/mlops/src"  # the project's source tree in the Airflow image (scripts, pyproject)
 CONTAINER_DAGS = "/opt/airflow/dags"
-CONTAINER_DATA_STORE = "/opt/mlops/datastore"  # the named volume `mlops-data`, mounted in every Airflow container
+CONTAINER_DATA_STORE = "/opt/mlops/datastore"  # the image's default data store, for a container run on its own
 CONTAINER_PASSWORDS_FILE = "/opt/airflow/auth/passwords.json"  # the named volume `airflow-auth`
-CONTAINER_ARTIFACTS = "/mlflow/artifacts"  # the named volume `mlflow-artifacts`, in the mlflow container only
+# In compose, snapshots and MLflow's artifacts live in the S3 bucket of the `s3` service, which `s3-init` creates:
+# nothing else is shared between the Airflow containers and the workers.
+COMPOSE_BUCKET = "${S3_BUCKET:-mlops}"
+COMPOSE_DATA_STORE = f"s3://{COMPOSE_BUCKET}/datastore"
+COMPOSE_ARTIFACTS = f"s3://{COMPOSE_BUCKET}/artifacts"
+COMPOSE_S3_ENDPOINT = "http://s3:8333"
 CONTAINER_AUTH_CONFIG = "/tmp/mlflow-auth/basic_auth.ini"
 
 AIRFLOW_SERVICES = (
@@ -59,11 +64,14 @@ FIXED_ENV = {
 NATIVE_ONLY_ENV = {
     "AIRFLOW_HOME": "a temporary home per process (the image's is /opt/airflow)",
     "PATH": "the virtual environment's bin/ first, so components that spawn `airflow` find it",
-    "HOME": "inherited",
+    "HOME": "inherited; a worker's own (tests/test_stack.py, as on a host of its own)",
+    "TMPDIR": "a worker's own, as on a host of its own",
     "LANG": "inherited",
     "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "no @daily run on unpause: the test triggers every run itself",
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2 shared cores on the test machine",
     "MLOPS_RETRY_DELAY_SECONDS": "a failed task retries after 5 s instead of 5 min",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "a killed worker's task is retried after 20 s, not 5 min",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "looked for every 2 s, not 10 s",
     "MLFLOW_ENABLE_TELEMETRY": "no telemetry from tests",
     "DO_NOT_TRACK": "no telemetry from tests",
 }
@@ -130,7 +138,7 @@ def compose_placement(service: Service) -> Placement:
         host="0.0.0.0",
         port=service.port or 0,
         workers=2,
-        artifacts=CONTAINER_ARTIFACTS,
+        artifacts=COMPOSE_ARTIFACTS,
         source=CONTAINER_SOURCE,
     )
 
@@ -184,7 +192,7 @@ SERVICES: dict[str, Service] = {
                 "celery --app airflow.providers.celery.executors.celery_executor.app"
                 ' inspect ping -d "celery@${HOSTNAME}"'
             ),
-            depends_on={**_AIRFLOW_DEPENDS, "airflow-apiserver": _HEALTHY, "mlflow": _HEALTHY},
+            depends_on={**_AIRFLOW_DEPENDS, "airflow-apiserver": _HEALTHY, "mlflow": _HEALTHY, "s3-init": _DONE},
         ),
         Service(
             name="mlflow",
@@ -205,7 +213,7 @@ SERVICES: dict[str, Service] = {
             ),
             port=5000,
             health_path="/health",
-            depends_on={"postgres": _HEALTHY},
+            depends_on={"postgres": _HEALTHY, "s3-init": _DONE},
             native_prefix=("sh", "{source}/mlflow/entrypoint.sh"),
         ),
         Service(
@@ -256,7 +264,10 @@ class StackValues:
     mlflow_auth_config_path: str
     mlflow_flask_secret_key: str
     mlflow_allowed_hosts: str
-    data_store: str
+    data_store: str  # s3://<bucket>/datastore
+    s3_endpoint_url: str  # the S3 server every worker and the MLflow server reach
+    s3_access_key_id: str
+    s3_secret_access_key: str
     model_name: str
     serving_token: str
     serving_webhook_url: str  # where the MLflow server reaches the model server's /webhooks/mlflow
@@ -285,6 +296,17 @@ def _airflow_env(v: StackValues) -> dict[str, str]:
         "MLFLOW_TRACKING_PASSWORD": v.mlflow_password,
         "MLOPS_DATA_STORE": v.data_store,
         "MLOPS_MODEL_NAME": v.model_name,
+        **_s3_env(v, "AWS_ENDPOINT_URL"),
+    }
+
+
+def _s3_env(v: StackValues, endpoint_variable: str) -> dict[str, str]:
+    """What reaches the S3 bucket: the keys, and the endpoint under the name its reader looks for (boto3 and s3fs
+    read AWS_ENDPOINT_URL, MLflow's S3 artifact store MLFLOW_S3_ENDPOINT_URL)."""
+    return {
+        endpoint_variable: v.s3_endpoint_url,
+        "AWS_ACCESS_KEY_ID": v.s3_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": v.s3_secret_access_key,
     }
 
 
@@ -320,6 +342,7 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             "MLFLOW_FLASK_SERVER_SECRET_KEY": v.mlflow_flask_secret_key,
             "MLFLOW_SERVER_ALLOWED_HOSTS": v.mlflow_allowed_hosts,
             **MLFLOW_WEBHOOK_ENV,
+            **_s3_env(v, "MLFLOW_S3_ENDPOINT_URL"),
         }
     if name == "serving":
         return {

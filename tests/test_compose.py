@@ -14,7 +14,9 @@ import yaml
 from stack import COMPOSE_ONLY_ENV, FIXED_ENV, NATIVE_ONLY_ENV, SERVICES, compose_placement, service_env
 
 REPO = stack.REPO
-INFRASTRUCTURE = {"postgres", "redis"}
+INFRASTRUCTURE = {"postgres", "redis", "s3"}
+# Started natively by the stack test too (tests/s3.py makes its bucket): compose's one-shot step that creates it.
+ONE_SHOT_INFRASTRUCTURE = {"s3-init"}
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN")
 VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
 
@@ -51,7 +53,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_compose_has_exactly_the_described_services(services):
-    assert set(services) == set(SERVICES) | INFRASTRUCTURE
+    assert set(services) == set(SERVICES) | INFRASTRUCTURE | ONE_SHOT_INFRASTRUCTURE
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -129,13 +131,13 @@ def test_url_schemes_match_the_native_stack(services, tmp_path, name):
 
     native = NativeStack(tmp_path).env(name)
     for key, value in _env(services[name]).items():
+        value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)  # a variable with a default: as compose reads it unset
         if "://" in value and key in native:
             assert value.split("://")[0] == native[key].split("://")[0], key
 
 
 def test_airflow_services_share_urls_volumes_and_data_store(services):
     api, mlflow = SERVICES["airflow-apiserver"], SERVICES["mlflow"]
-    data_volumes = set()
     for name in stack.AIRFLOW_SERVICES:
         env, mounts = _env(services[name]), _mounts(services[name])
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://airflow-apiserver:{api.port}/execution/"
@@ -148,12 +150,10 @@ def test_airflow_services_share_urls_volumes_and_data_store(services):
             SERVICES["airflow-scheduler"].health_port
         )
         assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{mlflow.port}"
-        # The snapshots' store: one named volume, at MLOPS_DATA_STORE, in every Airflow container.
-        assert env["MLOPS_DATA_STORE"] == stack.CONTAINER_DATA_STORE
-        assert stack.CONTAINER_DATA_STORE in mounts, f"{name} does not mount the data store"
-        data_volumes.add(mounts[stack.CONTAINER_DATA_STORE])
+        # The snapshots' store: the bucket, in every Airflow container; no volume of data.
+        assert env["MLOPS_DATA_STORE"] == stack.COMPOSE_DATA_STORE
+        assert stack.CONTAINER_DATA_STORE not in mounts, f"{name} mounts a data store volume"
         assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == stack.CONTAINER_PASSWORDS_FILE
-    assert len(data_volumes) == 1 and not next(iter(data_volumes)).startswith((".", "/"))
     passwords_dir = str(Path(stack.CONTAINER_PASSWORDS_FILE).parent)
     writer, reader = _mounts(services["airflow-init"]), _mounts(services["airflow-apiserver"])
     assert writer[passwords_dir] == reader[passwords_dir]
@@ -166,7 +166,7 @@ def test_mlflow_server_configuration(services):
         # psycopg2: MLflow 3.17's registry breaks promotions on PostgreSQL with psycopg 3 (mlflow/mlflow#24592).
         assert env[key].startswith("postgresql+psycopg2://") and "@postgres:5432/" in env[key], key
     assert env["MLFLOW_AUTH_CONFIG_PATH"] == stack.CONTAINER_AUTH_CONFIG
-    assert stack.CONTAINER_ARTIFACTS in mounts
+    assert not mounts, "the MLflow server keeps its artifacts in the bucket, in no volume"
     assert "mlflow:5000" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     # Every variable the basic-auth template needs without a default is set.
     template = (REPO / "mlflow" / "basic_auth.ini").read_text()
@@ -250,3 +250,38 @@ def test_registry_webhooks_reach_the_model_server_with_one_secret_and_an_admin_s
     assert "MLOPS_SERVING_WEBHOOK_URL" not in serving
     assert subscribe["MLFLOW_TRACKING_URI"] == serving["MLFLOW_TRACKING_URI"]
     assert services["serving-subscribe"]["image"] == services["serving"]["image"]
+
+
+def test_snapshots_and_artifacts_share_the_bucket_and_workers_share_no_volume(services, compose):
+    """The S3 service and its bucket are the one storage the workers share: the data store and MLflow's artifacts
+    are in the bucket that s3-init creates, reached with one endpoint and one pair of keys from .env."""
+    s3, init = services["s3"], services["s3-init"]
+    assert s3["image"].startswith("chrislusf/seaweedfs:") and init["image"] == s3["image"]
+    assert "-s3" in s3["command"] and "-s3.port=8333" in s3["command"]
+    assert stack.COMPOSE_S3_ENDPOINT.endswith(":8333")
+    assert any("8333/healthz" in part for part in _health_test(s3)) and s3.get("restart") == "always"
+    assert "healthcheck" not in init and "restart" not in init
+    assert init["depends_on"] == {"s3": {"condition": "service_healthy"}}
+    assert "s3.bucket.create -name $$S3_BUCKET" in init["command"][0]
+    assert _env(init)["S3_BUCKET"] == stack.COMPOSE_BUCKET
+    keys = {name: _env(s3)[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    assert all(re.fullmatch(r"\$\{\w+:\?[^}]+\}", value) for value in keys.values()), keys
+
+    worker, mlflow = _env(services["airflow-worker"]), _env(services["mlflow"])
+    assert worker["MLOPS_DATA_STORE"] == stack.COMPOSE_DATA_STORE == f"s3://{stack.COMPOSE_BUCKET}/datastore"
+    command = services["mlflow"]["command"]
+    assert command[command.index("--artifacts-destination") + 1] == stack.COMPOSE_ARTIFACTS
+    assert "--serve-artifacts" in command
+    endpoint = f"${{S3_ENDPOINT_URL:-{stack.COMPOSE_S3_ENDPOINT}}}"
+    assert worker["AWS_ENDPOINT_URL"] == mlflow["MLFLOW_S3_ENDPOINT_URL"] == endpoint
+    for env in (worker, mlflow):
+        assert {name: env[name] for name in keys} == keys
+    # The model server loads models through the MLflow server: it holds no S3 keys.
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(_env(services["serving"]))
+
+    for name in ("airflow-worker", "mlflow"):
+        assert services[name]["depends_on"]["s3-init"] == {"condition": "service_completed_successfully"}
+    # Task logs are the only volume a worker mounts (the UI reads them; each worker's log server serves them too).
+    assert set(_mounts(services["airflow-worker"]).values()) == {"airflow-logs"}
+    assert set(compose["volumes"]) == {"postgres-db-volume", "s3-data", "airflow-logs", "airflow-auth"}
+    assert "boto3" in (REPO / "mlflow" / "Dockerfile").read_text()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines, use_fresh_home
+from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines, set_paused, use_fresh_home
 
 from ml import data, ingest, registry
 from ml.assets import data_asset_uri
@@ -196,15 +196,6 @@ def production(settings: Settings) -> int | None:
 
 def versions(settings: Settings) -> list[registry.VersionInfo]:
     return registry.list_versions(registry.client_for(settings), settings.model_name)
-
-
-def set_paused(dag_id: str, paused: bool) -> None:
-    from airflow.models.dag import DagModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import update
-
-    with create_session() as session:
-        session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=paused))
 
 
 def queued_for(dag_id: str) -> list[tuple[int, str]]:

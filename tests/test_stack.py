@@ -3,15 +3,18 @@
 PostgreSQL (127.0.0.1:5432, trust auth, user postgres) and Redis (127.0.0.1:6379) must be running; the test is
 skipped, loudly, only when one of them is absent. It creates fresh databases (Airflow, MLflow, MLflow's users),
 starts the MLflow server with basic-auth through the image's own entrypoint script, runs airflow-init's script, then
-starts Airflow's api-server, scheduler, dag-processor and a Celery worker, each in its own process group with its own
-AIRFLOW_HOME and the environment of ``tests/stack.py`` (which ``tests/test_compose.py`` compares with compose). It
-triggers ``mlops_pipeline`` through the REST API, checks through MLflow's REST API that Production moved to version
-1 and that the tasks went through the Celery worker, then triggers a run that must fail validation and checks that
-Production stayed. It also measures the issue's benchmark: trigger-to-Production time of mlops_pipeline against
-trigger-to-success of a stub DAG with seven empty tasks (bench/dags/stub_pipeline.py), on the same stack. Last, it
-subscribes the model server to the registry's webhooks as compose does (serving-subscribe), moves Production under a
-small load and times the first answer from the new version: told by the webhook, against a twin server that polls
-at the default interval.
+starts Airflow's api-server, scheduler, dag-processor and two Celery workers, each in its own process group with its
+own AIRFLOW_HOME and the environment of ``tests/stack.py`` (which ``tests/test_compose.py`` compares with compose).
+The data store and MLflow's artifacts are in a bucket of the session's S3 server (tests/s3.py), and the two workers
+share no folder, as on two hosts: each has its own working folder, HOME, TMPDIR and DAGs folder. It triggers
+``mlops_pipeline`` through the REST API, checks through MLflow's REST API that Production moved to version 1, and
+shows which worker ran which task (both did; each task's log is in its worker's folder alone), then triggers a run
+that must fail validation, kills the worker running its train_model and checks that the retry ran on the other worker
+and that Production stayed, with one version for the run. It also measures the issue's benchmark:
+trigger-to-Production time of mlops_pipeline against trigger-to-success of a stub DAG with seven empty tasks
+(bench/dags/stub_pipeline.py), on the same stack. Last, it subscribes the model server to the registry's webhooks as
+compose does (serving-subscribe), moves Production under a small load and times the first answer from the new
+version: told by the webhook, against a twin server that polls at the default interval.
 
 Run it:  .venv/bin/pytest -m stack -s tests/test_stack.py
 """
@@ -35,6 +38,7 @@ import pytest
 import stack
 from airflow_api import Airflow
 from conftest import PROMOTED_RUN_STATES
+from s3 import S3Credentials, WeedServer
 from stack import SERVICES, Placement, Process, StackValues
 
 from ml.serving.app import DEFAULT_POLL_INTERVAL
@@ -50,6 +54,9 @@ MODEL_NAME = "breast_cancer_classifier"
 STARTUP_TIMEOUT = 300
 RUN_TIMEOUT = 600
 LOAD_PAUSE = 0.02  # between one server's predictions: at most 50 a second each, fewer on two shared cores
+# Two Celery workers, as on two hosts: each has its own working folder, HOME, TMPDIR, AIRFLOW_HOME and DAGs folder, and
+# they share no folder; the second has its own Celery node name and log server port, as a second host would.
+WORKERS = ("airflow-worker", "airflow-worker-2")
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -77,22 +84,29 @@ def _admin_sql(*statements: str) -> None:
 class NativeStack:
     """Databases, folders and processes of one stack; everything it creates it removes again."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, s3: WeedServer | None = None) -> None:
+        """``s3``: the S3 server that holds the stack's bucket (snapshots and MLflow's artifacts); without one, the
+        stack is only described (tests/test_compose.py compares its environment)."""
         self.root = root
+        self.s3 = s3
         self.suffix = secrets.token_hex(4)
         self.databases = {
             "airflow": f"mlops_stack_{self.suffix}",
             "mlflow": f"mlops_stack_{self.suffix}_mlflow",
             "auth": f"mlops_stack_{self.suffix}_auth",
         }
-        self.ports = {name: _free_port() for name in ("airflow-apiserver", "mlflow", "serving", "scheduler", "logs")}
+        self.ports = {
+            name: _free_port() for name in ("airflow-apiserver", "mlflow", "serving", "scheduler", "logs", "logs-2")
+        }
         self.api_url = f"http://127.0.0.1:{self.ports['airflow-apiserver']}"
         self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
         self.processes: dict[str, Process] = {}
         self.logs = root / "logs"
         self.dags = root / "dags"
-        self.data_store = root / "datastore"
-        self.artifacts = root / "mlflow-artifacts"
+        self.bucket = f"mlops-stack-{self.suffix}"
+        self.data_store = f"s3://{self.bucket}/datastore"
+        self.artifacts = f"s3://{self.bucket}/artifacts"
+        keys = s3.service if s3 else S3Credentials("<access key>", "<secret key>")
         self.admin = ("admin", secrets.token_urlsafe(12))
         self.mlflow_user = ("mlops", secrets.token_urlsafe(12))
         self.mlflow_reader = ("reader", secrets.token_urlsafe(12))
@@ -124,7 +138,10 @@ class NativeStack:
             mlflow_auth_config_path=str(root / "mlflow-auth" / "basic_auth.ini"),
             mlflow_flask_secret_key=secrets.token_urlsafe(32),
             mlflow_allowed_hosts="127.0.0.1,127.0.0.1:*,localhost,localhost:*",
-            data_store=str(self.data_store),
+            data_store=self.data_store,
+            s3_endpoint_url=s3.endpoint if s3 else "http://127.0.0.1:0",
+            s3_access_key_id=keys.access_key,
+            s3_secret_access_key=keys.secret_key,
             model_name=MODEL_NAME,
             serving_token=secrets.token_urlsafe(24),
             serving_webhook_url=f"http://127.0.0.1:{self.ports['serving']}/webhooks/mlflow",
@@ -137,8 +154,10 @@ class NativeStack:
     # --- set-up and tear-down ---
 
     def create(self) -> None:
-        for folder in (self.logs, self.dags, self.data_store, self.artifacts):
+        for folder in (self.logs, self.dags):
             folder.mkdir(parents=True, exist_ok=True)
+        if self.s3 is not None:
+            self.s3.filesystem(self.s3.admin).mkdir(self.bucket)
         # The stack's DAGs folder: the service's DAG and the benchmark's stub, nothing else.
         (self.dags / "mlops_pipeline.py").symlink_to(REPO / "dags" / "mlops_pipeline.py")
         (self.dags / "stub_pipeline.py").symlink_to(REPO / "bench" / "dags" / "stub_pipeline.py")
@@ -174,27 +193,48 @@ class NativeStack:
             host="127.0.0.1",
             port=self.ports.get(name, 0),
             workers=1,
-            artifacts=str(self.artifacts),
+            artifacts=self.artifacts,
             source=str(REPO),
         )
 
     def env(self, name: str) -> dict[str, str]:
         home = self.root / "homes" / name
         home.mkdir(parents=True, exist_ok=True)
-        env = {**stack.base_env(BIN), **stack.service_env(name, self.values)}
-        if name in stack.AIRFLOW_SERVICES:
+        service = "airflow-worker" if name in WORKERS else name
+        env = {**stack.base_env(BIN), **stack.service_env(service, self.values)}
+        if service in stack.AIRFLOW_SERVICES:
             env.update(
                 AIRFLOW_HOME=str(home),
                 AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
                 AIRFLOW__CELERY__WORKER_CONCURRENCY="2",
+                AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
+                AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="2",
                 MLOPS_RETRY_DELAY_SECONDS="5",
             )
+        if name in WORKERS:
+            env.update(self.worker_folders(name))
+            if name != WORKERS[0]:
+                env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(self.ports["logs-2"])
         env.update(MLFLOW_ENABLE_TELEMETRY="false", DO_NOT_TRACK="true")
         return env
 
+    def worker_folders(self, name: str) -> dict[str, str]:
+        """A worker's own folders, as on a host of its own: its working folder (AIRFLOW_HOME, the task logs), HOME,
+        TMPDIR, and a DAGs folder with the DAG files (a host has them in its image)."""
+        home = self.root / "homes" / name
+        folders = {"HOME": home / "home", "TMPDIR": home / "tmp", "AIRFLOW__CORE__DAGS_FOLDER": home / "dags"}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        for dag_file in self.dags.glob("*.py"):
+            if not (folders["AIRFLOW__CORE__DAGS_FOLDER"] / dag_file.name).exists():
+                (folders["AIRFLOW__CORE__DAGS_FOLDER"] / dag_file.name).symlink_to(dag_file.resolve())
+        return {"AIRFLOW_HOME": str(home), **{key: str(folder) for key, folder in folders.items()}}
+
     def start(self, name: str) -> Process:
-        service = SERVICES[name]
+        service = SERVICES["airflow-worker" if name in WORKERS else name]
         argv = service.argv(self.placement(name), native=True)
+        if name in WORKERS[1:]:
+            argv += ["--celery-hostname", f"{name}@%h"]  # Celery's node names must differ; hosts' would
         cwd = self.root / "homes" / name
         process = stack.start(name, argv, self.env(name), self.logs, cwd=cwd)
         self.processes[name] = process
@@ -232,8 +272,8 @@ class NativeStack:
 
 
 @contextmanager
-def native_stack(root: Path) -> Iterator[NativeStack]:
-    the_stack = NativeStack(root)
+def native_stack(root: Path, s3: WeedServer) -> Iterator[NativeStack]:
+    the_stack = NativeStack(root, s3)
     the_stack.create()
     try:
         yield the_stack
@@ -290,16 +330,16 @@ def services_available() -> None:
         pytest.skip(message)
 
 
-def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -> None:
+def test_pipeline_runs_on_the_native_stack(services_available, s3_server, tmp_path: Path) -> None:
     import httpx
 
     began = time.monotonic()
     figures: dict[str, float] = {}
-    with native_stack(tmp_path) as s:
+    with native_stack(tmp_path, s3_server) as s:
         # MLflow (basic-auth, PostgreSQL, proxied artifacts) and airflow-init run side by side.
         mlflow_process = s.start("mlflow")
         s.run_one_shot("airflow-init", timeout=STARTUP_TIMEOUT)
-        airflow_names = ["airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"]
+        airflow_names = ["airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", *WORKERS]
         for name in airflow_names:
             s.start(name)
         watched = list(s.processes.values())
@@ -376,35 +416,44 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         assert moved == 1
         # rollback_model ran on the worker too, found the deployment healthy and ended skipped.
         assert {task: ti["state"] for task, ti in tis.items()} == PROMOTED_RUN_STATES
-        # Every task went through Redis to the Celery worker: the stack's own queue, which only that worker reads,
-        # and the worker logged executing each task instance.
-        worker_log = s.processes["airflow-worker"].log.read_text(errors="replace")
-        # The worker imported the pipeline's libraries before it forked the tasks (ml/celery_worker.py, ml/preload.py).
-        assert "preloaded" in worker_log and "ml.preload" in worker_log
-        for task_id, ti in tis.items():
-            assert ti["queue"] == s.values.default_queue, (task_id, ti["queue"])
-            assert ti["id"] in worker_log, f"{task_id} ({ti['id']}) not in the Celery worker's log"
-        print(
-            f"\ntask instances ran on {sorted({ti['hostname'] for ti in tis.values()})}, queue {s.values.default_queue}"
-        )
+        # Every task went through Redis to a Celery worker: the stack's own queue, which only its workers read; the
+        # worker that ran a task logged executing it, and its task log is in that worker's folder alone.
+        ran_on = _workers_of(s, "mlops_pipeline", run_id, tis)
+        print(f"\ntasks by worker (queue {s.values.default_queue}): {ran_on}")
+        assert set(ran_on.values()) == set(WORKERS), f"the run's tasks did not use both workers: {ran_on}"
         tags = mlflow.version_tags(MODEL_NAME, 1)
         assert tags["mlops.validation.status"] == "passed"
         assert tags["mlops.deployment.airflow_run_id"] == run_id
-        # Artifacts went through the server's proxy into its artifacts destination, not onto the worker's disk.
-        assert list(s.artifacts.rglob("MLmodel")), "no model in the MLflow server's artifacts destination"
+        # Artifacts went through the server's proxy into its artifacts destination in the bucket, not onto the
+        # worker's disk; the snapshot and the split are in the bucket too.
+        stored = s3_server.filesystem(s3_server.admin).find(s.bucket)
+        assert [p for p in stored if p.startswith(f"{s.bucket}/artifacts/") and p.endswith("/MLmodel")], stored
         for home in (s.root / "homes").iterdir():
             assert not (home / "mlruns").exists() and not (home / "mlartifacts").exists(), home
-        assert list(s.data_store.rglob("*.parquet")), "no snapshot in the shared data store"
+        assert [p for p in stored if p.startswith(f"{s.bucket}/datastore/snapshots/")], stored
 
         # A run that fails validation: Production stays on version 1, the new version is tagged failed.
-        # Same data as the first run: force_retrain, or the run ends early with "no new data".
+        # Same data as the first run: force_retrain, or the run ends early with "no new data". The worker running its
+        # train_model is killed (SIGKILL, its task processes with it): the scheduler finds the task's heartbeat gone,
+        # and the retry runs on the other worker and registers the run's one version; nothing is lost.
         failing = airflow.trigger("mlops_pipeline", {"accuracy_threshold": 1.0, "force_retrain": True})
+        victim = _kill_the_worker_running(s, airflow, "mlops_pipeline", failing, "train_model", watched)
+        watched = [process for process in watched if process.name != victim]
         airflow.wait_for_run("mlops_pipeline", failing, watched)
-        states = {task: ti["state"] for task, ti in airflow.task_instances("mlops_pipeline", failing).items()}
+        failing_tis = airflow.task_instances("mlops_pipeline", failing)
+        states = {task: ti["state"] for task, ti in failing_tis.items()}
         assert mlflow.production_version(MODEL_NAME) == 1, states
         assert mlflow.version_tags(MODEL_NAME, 2)["mlops.validation.status"] == "failed", states
+        assert mlflow.http.get("/model-versions/get", params={"name": MODEL_NAME, "version": "3"}).status_code == 404
         assert states["train_model"] == "success" and states["validate_model"] == "skipped", states
         assert states["archive_model"] == states["rollback_model"] == "skipped", states
+        train = failing_tis["train_model"]
+        (survivor,) = (name for name in WORKERS if name != victim)
+        assert train["try_number"] == 2
+        assert train["id"] in s.processes[survivor].log.read_text(errors="replace")
+        retried = s.root / "homes" / survivor / "logs" / "dag_id=mlops_pipeline" / f"run_id={failing}"
+        assert (retried / "task_id=train_model" / "attempt=2.log").exists()
+        print(f"train_model: try 1 on {victim}, killed; try 2 on {survivor}")
 
         # The baseline once more, on a warm stack.
         t0 = time.monotonic()
@@ -434,6 +483,52 @@ def test_pipeline_runs_on_the_native_stack(services_available, tmp_path: Path) -
         "  per task, seconds from the previous task's end to this one's start, then running:\n"
         + "\n".join(f"    {dag_id:<15} {timeline}" for dag_id, timeline in timelines.items())
     )
+
+
+def _kill_the_worker_running(
+    s: NativeStack, airflow: Airflow, dag_id: str, run_id: str, task_id: str, watched: list[Process]
+) -> str:
+    """SIGKILL the worker (its whole process group) as soon as it runs the task; returns its name."""
+    import os
+    import signal
+
+    def running_on() -> str | None:
+        ti = airflow.task_instances(dag_id, run_id).get(task_id)
+        if ti is None or ti["state"] != "running":
+            return None
+        return next((name for name in WORKERS if ti["id"] in s.processes[name].log.read_text(errors="replace")), None)
+
+    victim = stack.wait_until(running_on, RUN_TIMEOUT, f"{task_id} to run", watched, interval=0.2)
+    os.killpg(s.processes[victim].popen.pid, signal.SIGKILL)
+    s.processes[victim].popen.wait(timeout=10)
+    return victim
+
+
+def _workers_of(s: NativeStack, dag_id: str, run_id: str, tis: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Which worker ran each task of a run: the one whose log records executing it (exactly one), whose folder holds
+    the task's log file (and no other worker's does). Each worker imported the pipeline's libraries before it forked
+    its tasks (ml/celery_worker.py, ml/preload.py)."""
+    logs = {name: s.processes[name].log.read_text(errors="replace") for name in WORKERS}
+    for name, text in logs.items():
+        assert "preloaded" in text and "ml.preload" in text, name
+    folders = [set(s.worker_folders(name).values()) for name in WORKERS]
+    assert not set.intersection(*folders), "the workers share a folder"
+    ran_on = {}
+    for task_id, ti in tis.items():
+        assert ti["queue"] == s.values.default_queue, (task_id, ti["queue"])
+        workers = [name for name, text in logs.items() if ti["id"] in text]
+        assert len(workers) == 1, f"{task_id} ({ti['id']}) is in the logs of {workers or 'no worker'}"
+        ran_on[task_id] = workers[0]
+        task_logs = {
+            name: list(
+                (s.root / "homes" / name / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").glob(
+                    f"task_id={task_id}/*.log"
+                )
+            )
+            for name in WORKERS
+        }
+        assert [name for name, found in task_logs.items() if found] == workers, (task_id, task_logs)
+    return ran_on
 
 
 def task_timeline(task_instances: dict[str, dict[str, Any]]) -> str:

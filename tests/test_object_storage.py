@@ -1,0 +1,186 @@
+"""The data store, folder sources and MLflow's artifacts on a real S3 server (SeaweedFS, tests/s3.py).
+
+Snapshots, splits and landed batches are written and read through S3 with the keys and endpoint of the environment;
+storage that cannot work fails at once with a message naming it (an unknown bucket, keys the server refuses), storage
+that does not answer is left to the task's retry, and a snapshot missing or damaged in the bucket meets the digest
+check. The slow test runs the pipeline with everything but its databases on S3.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import PROMOTED_RUN_STATES, MlflowServer, forget_s3_clients, free_port, production_markers
+
+from ml import data, ingest
+from ml.redaction import mask_credentials, register_secrets
+from ml.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def cancer() -> pd.DataFrame:
+    return data.load_source("sklearn:breast_cancer")
+
+
+def test_snapshots_splits_and_batches_live_in_the_bucket(s3_bucket, s3_server, cancer):
+    store = f"s3://{s3_bucket}/store"
+    snapshot = data.write_snapshot(cancer, store)
+    assert snapshot.uri == f"{store}/snapshots/{snapshot.digest}.parquet"
+    pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+    split = data.split_frame(
+        cancer,
+        label="target",
+        features=list(cancer.columns[:-1]),
+        test_size=0.2,
+        seed=42,
+        data_store=store,
+        run_folder="run-1",
+    )
+    assert len(data.read_frame(split.train_uri)) == split.train_rows
+    admin = s3_server.filesystem(s3_server.admin)
+    assert sorted(admin.find(f"{s3_bucket}/store")) == sorted(
+        [
+            f"{s3_bucket}/store/snapshots/{snapshot.digest}.parquet",
+            f"{s3_bucket}/store/runs/run-1/train.parquet",
+            f"{s3_bucket}/store/runs/run-1/test.parquet",
+        ]
+    ), "nothing but the objects themselves: no half-written file is left behind"
+
+    incoming = f"s3://{s3_bucket}/incoming/"
+    settings = Settings.from_env({"MLOPS_DATA_SOURCE": incoming})
+    assert ingest.land(settings, run_key="mlops_ingest/run-1")["batch"] == 0
+    assert ingest.land(settings, file_format="parquet", run_key="mlops_ingest/run-2")["batch"] == 1
+    assert [path.rsplit("/", 1)[-1] for path in data.folder_files(incoming)] == ["batch-0000.csv", "batch-0001.parquet"]
+    assert len(data.load_source(incoming)) == 319
+
+
+def test_unknown_bucket_fails_at_once_naming_it(s3_bucket, cancer):
+    missing = f"{s3_bucket}-gone"
+    with pytest.raises(data.DataSourceError) as writing:
+        data.write_snapshot(cancer, f"s3://{missing}/store")
+    assert not isinstance(writing.value, data.DataSourceUnavailableError)
+    assert f"bucket {missing!r} does not exist" in str(writing.value)
+    assert f"s3://{missing}/store/snapshots/" in str(writing.value)
+    with pytest.raises(data.DataSourceError, match=f"bucket {missing!r} does not exist") as listing:
+        data.load_source(f"s3://{missing}/incoming/")
+    assert not isinstance(listing.value, data.DataSourceUnavailableError)
+    with pytest.raises(data.DataSourceError, match=f"batch folder s3://{missing}/incoming: bucket") as landing:
+        ingest.land(Settings.from_env({"MLOPS_DATA_SOURCE": f"s3://{missing}/incoming/"}))
+    assert not isinstance(landing.value, data.DataSourceUnavailableError)
+
+
+def test_refused_keys_fail_at_once_without_showing_them(s3_bucket, s3_server, cancer, monkeypatch):
+    store = f"s3://{s3_bucket}/store"
+    snapshot = data.write_snapshot(cancer, store)
+    wrong = "wrong-secret-" + s3_server.service.secret_key[:8]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    forget_s3_clients()
+    register_secrets([wrong])
+    for attempt in (
+        lambda: data.read_frame(snapshot.uri),
+        lambda: data.write_snapshot(cancer.head(100), store),
+        lambda: data.load_source(f"s3://{s3_bucket}/incoming/"),
+        lambda: ingest.land(Settings.from_env({"MLOPS_DATA_SOURCE": f"s3://{s3_bucket}/incoming/"})),
+    ):
+        with pytest.raises(data.DataSourceError, match="the object store refuses these credentials") as refused:
+            attempt()
+        assert not isinstance(refused.value, data.DataSourceUnavailableError)
+        assert s3_bucket in str(refused.value)
+        assert wrong not in mask_credentials(str(refused.value)) and wrong not in str(refused.value)
+
+
+def test_store_that_does_not_answer_is_left_to_a_retry(s3_bucket, monkeypatch, cancer):
+    silent = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: the task's retry is the one that counts
+    forget_s3_clients()
+    with pytest.raises(data.DataSourceUnavailableError, match=f"s3://{s3_bucket}/store/snapshots/.*Could not connect"):
+        data.write_snapshot(cancer, f"s3://{s3_bucket}/store")
+    with pytest.raises(data.DataSourceUnavailableError, match="Could not connect"):
+        data.read_frame(f"s3://{s3_bucket}/store/runs/run-1/train.parquet")
+
+
+def test_snapshot_damaged_or_missing_in_the_bucket(s3_bucket, s3_server, cancer):
+    snapshot = data.write_snapshot(cancer, f"s3://{s3_bucket}/store")
+    admin = s3_server.filesystem(s3_server.admin)
+    key = snapshot.uri.removeprefix("s3://")
+    other = cancer.head(100)
+    with admin.open(key, "wb") as handle:
+        data.to_parquet(other, handle)
+    with pytest.raises(data.SnapshotDigestError, match="does not hold the content its name promises"):
+        data.read_frame(snapshot.uri)
+    admin.pipe(key, b"PAR1 not parquet")
+    with pytest.raises(data.SnapshotDigestError, match="is damaged"):
+        data.read_frame(snapshot.uri)
+    # The next extract writes it again, and it holds its content once more.
+    assert data.write_snapshot(cancer, f"s3://{s3_bucket}/store") == snapshot
+    pd.testing.assert_frame_equal(data.read_frame(snapshot.uri), cancer)
+    admin.rm(key)
+    with pytest.raises(data.DataSourceError, match="does not exist; was it written by an earlier task") as missing:
+        data.read_frame(snapshot.uri)
+    assert not isinstance(missing.value, data.DataSourceUnavailableError)
+
+
+def asset_events(uri: str) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri == uri)
+        events = session.scalars(query).all()
+        return [{"source_dag_id": event.source_dag_id, **dict(event.extra or {})} for event in events]
+
+
+@pytest.mark.slow
+def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
+    airflow_db, s3_bucket, s3_server, tmp_path, monkeypatch
+):
+    """mlops_ingest lands the initial bulk in an S3 folder source and emits the asset event; the pipeline snapshots
+    and splits it in an S3 data store, logs the model through an MLflow server that keeps its artifacts in the same
+    bucket, promotes it, and the post-deploy check loads it back from there. The keys appear in neither database."""
+    from conftest import use_fresh_home
+
+    from ml import registry
+    from ml.airflow_runner import run_dag
+
+    server = MlflowServer(
+        tmp_path / "mlflow", artifacts_destination=f"s3://{s3_bucket}/mlartifacts", environment=s3_server.environment()
+    )
+    server.start()
+    try:
+        use_fresh_home(monkeypatch, tmp_path / "mlops")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("MLOPS_DATA_STORE", f"s3://{s3_bucket}/store")
+        monkeypatch.setenv("MLOPS_DATA_SOURCE", f"s3://{s3_bucket}/incoming/")
+        settings = Settings.from_env()
+
+        landed = run_dag("mlops_ingest")
+        assert landed.state == "success", landed.tasks
+        assert landed.result("land_batch")["location"] == f"s3://{s3_bucket}/incoming/batch-0000.csv"
+        events = asset_events(f"s3://{s3_bucket}/incoming")  # Airflow drops the trailing / of an asset's URI
+        assert [(e["source_dag_id"], e["batch"], e["rows"]) for e in events] == [("mlops_ingest", 0, 269)]
+
+        run = run_dag("mlops_pipeline")
+        assert {task: outcome.state for task, outcome in run.tasks.items()} == PROMOTED_RUN_STATES, run.tasks
+        assert production_markers(settings) == (1, [1])
+        assert run.result("deploy_model")["health_check"] == "passed"
+        extracted = run.result("extract_data")
+        assert extracted["records"] == 269
+        assert extracted["snapshot_uri"] == f"s3://{s3_bucket}/store/snapshots/{extracted['digest']}.parquet"
+        version = registry.get_version(registry.client_for(settings), settings.model_name, 1)
+        assert version.tags["mlops.data.snapshot_uri"] == extracted["snapshot_uri"]
+    finally:
+        server.stop()
+
+    bucket = s3_server.filesystem(s3_server.admin)
+    stored = bucket.find(s3_bucket)
+    assert f"{s3_bucket}/store/snapshots/{extracted['digest']}.parquet" in stored
+    assert any(path.startswith(f"{s3_bucket}/store/runs/") and path.endswith("/train.parquet") for path in stored)
+    # The model MLflow logged, and the post-deploy check loaded, through the server: its files are in the bucket.
+    models = [path for path in stored if path.startswith(f"{s3_bucket}/mlartifacts/") and path.endswith("/MLmodel")]
+    assert models, stored
+    assert not (tmp_path / "mlflow" / "artifacts").exists()
+    secret = s3_server.service.secret_key.encode()
+    for database in [*airflow_db.glob("airflow.db*"), *(tmp_path / "mlflow").glob("mlflow.db*")]:
+        assert secret not in database.read_bytes(), database
