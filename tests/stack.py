@@ -348,6 +348,9 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
         return {
             **_model_registry_env(v, v.mlflow_reader_username, v.mlflow_reader_password),
             "MLOPS_SERVING_TOKEN": v.serving_token,
+            # Where it records what it serves and the labels it is sent (docs/recording.md): the bucket, as the tasks.
+            "MLOPS_DATA_STORE": v.data_store,
+            **_s3_env(v, "AWS_ENDPOINT_URL"),
             # The secret alone: the model server checks deliveries with it; serving-subscribe registers the webhook.
             "MLOPS_SERVING_WEBHOOK_SECRET": v.serving_webhook_secret,
         }

@@ -274,10 +274,13 @@ def test_snapshots_and_artifacts_share_the_bucket_and_workers_share_no_volume(se
     assert "--serve-artifacts" in command
     endpoint = f"${{S3_ENDPOINT_URL:-{stack.COMPOSE_S3_ENDPOINT}}}"
     assert worker["AWS_ENDPOINT_URL"] == mlflow["MLFLOW_S3_ENDPOINT_URL"] == endpoint
-    for env in (worker, mlflow):
+    serving = _env(services["serving"])
+    for env in (worker, mlflow, serving):
         assert {name: env[name] for name in keys} == keys
-    # The model server loads models through the MLflow server: it holds no S3 keys.
-    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(_env(services["serving"]))
+    # The model server loads models through the MLflow server; it writes its records of requests and labels into the
+    # same data store as the tasks, where the monitor reads them.
+    assert serving["MLOPS_DATA_STORE"] == worker["MLOPS_DATA_STORE"]
+    assert serving["AWS_ENDPOINT_URL"] == endpoint
 
     for name in ("airflow-worker", "mlflow"):
         assert services[name]["depends_on"]["s3-init"] == {"condition": "service_completed_successfully"}
