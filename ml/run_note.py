@@ -166,14 +166,15 @@ def approval_request(
         on_rows = f"the same {rows} held-out rows" if rows else "the same held-out rows"
         ours = validation.get("comparison_accuracy")
         ours = ours if ours is not None else validation.get("accuracy")
+        # The measure names its own row, beside its two values: a reader scans a row, not a header and a blank cell.
         lines += [
-            f"| accuracy on {on_rows} | candidate v{version} | Production v{champion} |",
+            f"| | candidate v{version} | Production v{champion} |",
             "|---|---|---|",
-            f"| | {_accuracy(ours)} | {_accuracy(validation['champion_accuracy'])} |",
+            f"| accuracy on {on_rows} | {_accuracy(ours)} | {_accuracy(validation['champion_accuracy'])} |",
             "",
         ]
         if validation.get("comparison_note"):
-            lines += [str(validation["comparison_note"]), ""]
+            lines += [f"Rows compared: {str(validation['comparison_note']).rstrip('.')}.", ""]
     limit = f"{float(threshold):.2f}" if threshold is not None else "?"
     lines.append(f"- accuracy on the whole held-out set: {_accuracy(validation.get('accuracy'))} (threshold {limit})")
     psi = validation.get("drift_max_psi")

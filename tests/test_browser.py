@@ -4,7 +4,8 @@ Debian's Chromium, driven by Playwright, against ``airflow standalone`` and ``ml
 MLOPS_HOME (tests/ui_stack.py): log in, trigger ``mlops_pipeline`` from its form with the defaults (which unpauses
 it, on a scheduler that runs the daily schedule), wait for the run, read the grid and the train_model log, then open
 the run, the registered model and the version in MLflow; then a run on the same data, and a run whose version is
-rejected.
+rejected. Then the same stack restarted with MLOPS_APPROVAL_REQUIRED (the setting shapes the DAG when its file is
+parsed): an approver finds two retrained versions under Required Actions, approves the first and rejects the second.
 
 Every page visited is saved as a PNG in ``$MLOPS_SCREENSHOTS`` (``make screenshots`` sets it to .mlops/screenshots).
 """
@@ -14,17 +15,33 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from airflow_api import Airflow
-from conftest import NO_NEW_DATA_RUN_STATES, PROMOTED_RUN_STATES, REJECTED_RUN_STATES
+from conftest import (
+    NO_NEW_DATA_RUN_STATES,
+    PIPELINE_TASKS,
+    PROMOTED_RUN_STATES,
+    REJECTED_RUN_STATES,
+    production_markers,
+    version_count,
+)
+from stack import wait_until
 from ui_stack import ADMIN, CHROMIUM_ARGS, UiStack, chromium_path
+
+from ml import registry, tags
+from ml.settings import Settings
 
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_SECONDS = 240
 DAG_ID = "mlops_pipeline"
+APPROVAL_TASK = "approve_deployment"
+# The approval task's states before it asks (None: the run has not created it yet, waiting behind another run).
+APPROVAL_PENDING_STATES = {None, "scheduled", "queued", "running", "deferred"}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +65,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[U
         ui.stop()
 
 
+@dataclass
+class Screenshots:
+    """Where the module's pages are saved, numbered in the order the tests visit them."""
+
+    folder: Path
+    saved: list[Path] = field(default_factory=list)
+
+
 @pytest.fixture(scope="module")
-def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Screenshots:
     folder = Path(os.environ.get("MLOPS_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return Screenshots(folder)
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +95,15 @@ def browser(chromium: str):
 class Pages:
     """One browser tab, saving a screenshot of every page it is asked to remember."""
 
-    def __init__(self, page, folder: Path) -> None:
+    def __init__(self, page, screenshots: Screenshots) -> None:
         self.page = page
-        self.folder = folder
-        self.saved: list[Path] = []
+        self.screenshots = screenshots
 
     def shot(self, name: str, full_page: bool = False) -> Path:
-        path = self.folder / f"{len(self.saved) + 1:02d}-{name}.png"
+        saved = self.screenshots.saved
+        path = self.screenshots.folder / f"{len(saved) + 1:02d}-{name}.png"
         self.page.screenshot(path=str(path), full_page=full_page)
-        self.saved.append(path)
+        saved.append(path)
         return path
 
 
@@ -116,10 +141,23 @@ def _trigger_with_defaults(tab: Pages, stack: UiStack, name: str) -> str:
     return unquote(page.url.split("/runs/", 1)[1].split("/")[0])
 
 
-def _open_run(tab: Pages, stack: UiStack, run_id: str, note: str, name: str) -> dict[str, str]:
+def _log_in(tab: Pages, stack: UiStack, password: str, shot: str | None = "airflow-login") -> None:
+    page = tab.page
+    page.goto(f"{stack.airflow_url}/")
+    page.get_by_label("Username").fill(ADMIN)
+    page.get_by_label("Password").fill(password)
+    if shot:
+        tab.shot(shot)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{stack.airflow_url}/")
+
+
+def _open_run(
+    tab: Pages, stack: UiStack, run_id: str, note: str, name: str, task_count: int = len(PIPELINE_TASKS)
+) -> dict[str, str]:
     page = tab.page
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
-    page.get_by_text("7 Task Instances").wait_for()
+    page.get_by_text(f"{task_count} Task Instances").wait_for()
     page.get_by_text(note).first.wait_for()
     tab.shot(name)
     return _task_states(page)
@@ -132,12 +170,7 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     tab = Pages(context.new_page(), screenshots)
     page = tab.page
 
-    page.goto(f"{stack.airflow_url}/")
-    page.get_by_label("Username").fill(ADMIN)
-    page.get_by_label("Password").fill(password)
-    tab.shot("airflow-login")
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{stack.airflow_url}/")
+    _log_in(tab, stack, password)
     api = Airflow(stack.airflow_url, ADMIN, password)
 
     # The DAG page says when the pipeline runs: its header names only the asset, so the description says both.
@@ -243,4 +276,131 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}/tasks/validate_model")
     page.get_by_text("v2 rejected: accuracy").first.wait_for()
     tab.shot("airflow-validate-model-rejected")
+    context.close()
+
+
+def _settings(stack: UiStack) -> Settings:
+    return Settings.from_env(stack.env())
+
+
+@pytest.fixture(scope="module")
+def approval_stack(stack: UiStack) -> UiStack:
+    """The module's stack restarted with MLOPS_APPROVAL_REQUIRED, over a Production version to compare a candidate
+    with: the one the first test promoted, or one promoted here when that test did not run."""
+    password = stack.admin_password()
+    if production_markers(_settings(stack))[0] is None:
+        api = Airflow(stack.airflow_url, ADMIN, password)
+        api.unpause(DAG_ID)
+        assert api.wait_for_run(DAG_ID, api.trigger(DAG_ID), timeout=RUN_TIMEOUT_SECONDS) == "success"
+    stack.restart_airflow(MLOPS_APPROVAL_REQUIRED="true")
+    api = Airflow(stack.airflow_url, ADMIN, password)
+    # The DAG processor parses the file again as it starts: a run triggered before that would not ask.
+    wait_until(
+        lambda: APPROVAL_TASK in {task["task_id"] for task in api.get(f"/dags/{DAG_ID}/tasks")["tasks"]},
+        RUN_TIMEOUT_SECONDS,
+        f"{DAG_ID} to be parsed with {APPROVAL_TASK}",
+    )
+    return stack
+
+
+def _retrain(api: Airflow, settings: Settings) -> tuple[str, int]:
+    """Trigger a forced retraining after the runs before it; (its run id, the version it will register)."""
+    return api.trigger(DAG_ID, {"force_retrain": True}), version_count(settings) + 1
+
+
+def _wait_until_asked(api: Airflow, run_id: str) -> None:
+    def settled() -> str | None:
+        state = api.task_instances(DAG_ID, run_id).get(APPROVAL_TASK, {}).get("state")
+        return None if state in APPROVAL_PENDING_STATES else str(state)
+
+    state = wait_until(settled, RUN_TIMEOUT_SECONDS, f"run {run_id} to ask for approval", interval=0.5)
+    assert state == "awaiting_input", f"{APPROVAL_TASK} of {run_id} ended {state} instead of asking"
+
+
+def _open_request(tab: Pages, stack: UiStack, subject: str, shot: str | None = None) -> None:
+    """Browse → Required Actions, then the request by its subject: its task's Required Action tab, with the buttons."""
+    page = tab.page
+    page.goto(f"{stack.airflow_url}/required_actions?response_received=false")
+    request = page.get_by_role("link", name=subject, exact=True)
+    request.wait_for()
+    if shot:
+        tab.shot(shot)
+    request.click()
+    page.wait_for_url(re.compile(rf".*/dags/{DAG_ID}/runs/.+/tasks/{APPROVAL_TASK}/required_actions"))
+    page.get_by_test_id("hitl-option-Approve").wait_for()
+
+
+def _decided_at(reason: str, verdict: str) -> datetime:
+    """When ``admin`` gave ``verdict``, as the registry recorded it."""
+    found = re.search(rf"\b{verdict} by {ADMIN} at (\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d)", reason)
+    assert found, reason
+    return datetime.fromisoformat(found[1])
+
+
+def test_an_approver_approves_one_version_and_rejects_another_in_the_ui(approval_stack, browser, screenshots):
+    stack, settings = approval_stack, _settings(approval_stack)
+    client, name = registry.client_for(settings), settings.model_name
+    password = stack.admin_password()
+    api = Airflow(stack.airflow_url, ADMIN, password)
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    context.set_default_timeout(30_000)
+    tab = Pages(context.new_page(), screenshots)
+    page = tab.page
+    _log_in(tab, stack, password, shot=None)
+    production = production_markers(settings)[0]
+
+    # A good candidate waits under Required Actions; its request shows what the decision needs.
+    run_id, candidate = _retrain(api, settings)
+    _wait_until_asked(api, run_id)
+    _open_request(tab, stack, f"Promote {name} v{candidate} to Production?", shot="airflow-required-actions")
+    table = page.locator("table").filter(has_text=f"candidate v{candidate}")
+    rows = [[cell.strip() for cell in row.locator("th, td").all_inner_texts()] for row in table.locator("tr").all()]
+    assert rows[0] == ["", f"candidate v{candidate}", f"Production v{production}"], rows
+    assert re.fullmatch(r"accuracy on the same \d+ held-out rows", rows[1][0]), rows
+    assert all(re.fullmatch(r"[01]\.\d{4}", value) for value in rows[1][1:]), rows
+    text = page.inner_text("body")
+    assert "accuracy on the whole held-out set: " in text and "(threshold 0.80)" in text
+    assert re.search(r"drift: largest PSI \d\.\d{3} \(", text), text
+    digest = registry.get_version(client, name, candidate).tags[tags.DATA_DIGEST]
+    assert f"data digest: {digest[:16]}" in text
+    for version in (candidate, production):
+        link = page.get_by_role("link", name=f"MLflow run of v{version}", exact=True).get_attribute("href")
+        mlflow_run = registry.get_version(client, name, version).run_id
+        assert link.startswith(f"{stack.mlflow_url}/#/experiments/") and f"/runs/{mlflow_run}?" in link, link
+    tab.shot("airflow-approval-request")
+    asked_at = datetime.now(UTC).replace(microsecond=0)
+    page.get_by_test_id("hitl-option-Approve").click()
+    page.get_by_text(re.compile(rf"Response received at .+ from {ADMIN}")).wait_for()
+    # The next candidate, queued behind this run (one active run at a time) while this one is checked.
+    next_run_id, refused = _retrain(api, settings)
+    assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
+    assert production_markers(settings, alias_only=True) == (candidate, [candidate])
+    promotion = registry.deployment_history(client, name)[-1]
+    assert (promotion.event, promotion.version, promotion.previous_version) == ("promoted", candidate, production)
+    assert asked_at <= _decided_at(promotion.reason, "approved") <= datetime.now(UTC)
+    states = _open_run(tab, stack, run_id, f"v{candidate} promoted", "airflow-run-approved", len(PIPELINE_TASKS) + 1)
+    assert states == PROMOTED_RUN_STATES, states
+
+    # The next candidate is rejected: Production stays, and the version says who refused it.
+    run_id = next_run_id
+    _wait_until_asked(api, run_id)
+    _open_request(tab, stack, f"Promote {name} v{refused} to Production?")
+    page.get_by_text(f"before it replaces Production v{candidate}.").wait_for()
+    asked_at = datetime.now(UTC).replace(microsecond=0)
+    page.get_by_test_id("hitl-option-Reject").click()
+    page.get_by_text(re.compile(rf"Response received at .+ from {ADMIN}")).wait_for()
+    tab.shot("airflow-approval-rejected")
+    assert api.wait_for_run(DAG_ID, run_id, timeout=RUN_TIMEOUT_SECONDS) == "success"
+    assert production_markers(settings, alias_only=True) == (candidate, [candidate])
+    version = registry.get_version(client, name, refused)
+    assert version.tags[tags.DEPLOYMENT_STATUS] == "not_approved"
+    assert asked_at <= _decided_at(version.tags[tags.DEPLOYMENT_REASON], "rejected") <= datetime.now(UTC)
+    description = client.get_model_version(name, str(refused)).description
+    assert f"**Not approved** for Production: rejected by {ADMIN} at " in description, description
+    refusal = registry.history_of(name, registry.registered_model(client, name).tags)[-1]
+    assert (refusal.event, refusal.version, refusal.previous_version) == ("not_approved", refused, candidate)
+    states = _open_run(
+        tab, stack, run_id, f"v{refused} not deployed", "airflow-run-not-approved", len(PIPELINE_TASKS) + 1
+    )
+    assert states == {**PROMOTED_RUN_STATES, "deploy_model": "skipped", "archive_model": "skipped"}, states
     context.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ml.run_note import MlflowLinks, compose, no_new_data
+from ml.run_note import MlflowLinks, approval_request, compose, no_new_data
 
 LINKS = MlflowLinks(ui_url="http://mlflow.example:5000/", model_name="clf", experiment_id="7")
 HEALTHY = {
@@ -87,3 +87,32 @@ def test_a_rollback_says_why_and_what_is_back():
 def test_a_run_that_failed_early():
     note = compose(extract=None, train=None, validation=None, deploy=None, rollback=HEALTHY, links=LINKS)
     assert note == "**failed** before a version was registered. Production stays v3."
+
+
+def test_the_approval_request_puts_candidate_and_production_on_one_row_of_the_same_measure():
+    _, body = approval_request(
+        validation={
+            "model_version": 3,
+            "accuracy": 0.97368,
+            "threshold": 0.8,
+            "champion_version": 2,
+            "champion_accuracy": 0.9123,
+            "comparison_rows": 57,
+            "comparison_accuracy": 0.96491,
+            "comparison_note": "57 of the 114 held-out rows, leaving out the 57 Production version 2 trained on",
+        },
+        train={"run_id": "r123", "model_family": "random_forest"},
+        digest="ab" * 32,
+        production_run_id="r100",
+        timeout_seconds=3600,
+        links=LINKS,
+    )
+    rows = [line for line in body.splitlines() if line.startswith("|")]
+    assert rows == [
+        "| | candidate v3 | Production v2 |",
+        "|---|---|---|",
+        "| accuracy on the same 57 held-out rows | 0.9649 | 0.9123 |",
+    ]
+    assert "\nRows compared: 57 of the 114 held-out rows, leaving out the 57 Production version 2 trained on.\n" in body
+    assert "[MLflow run of v3](http://mlflow.example:5000/#/experiments/7/runs/r123?" in body
+    assert "[MLflow run of v2](http://mlflow.example:5000/#/experiments/7/runs/r100?" in body

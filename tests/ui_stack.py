@@ -124,6 +124,17 @@ class UiStack:
             env,
         )
         wait_for_http(f"{self.mlflow_url}/health", 120, self.processes["mlflow"], log=self.log("mlflow"))
+        self._wait_for_airflow()
+
+    def restart_airflow(self, **settings: str) -> None:
+        """``airflow standalone`` again on the same home, with ``settings`` added to its environment: a setting that
+        shapes the DAG, read when the file is parsed, reaches no component that is already running."""
+        _stop([self.processes.pop("airflow")])
+        self.extra_env.update(settings)
+        self._spawn("airflow", [str(BIN / "airflow"), "standalone"], self.env())
+        self._wait_for_airflow()
+
+    def _wait_for_airflow(self) -> None:
         wait_for_http(
             f"{self.airflow_url}/api/v2/monitor/health", 240, self.processes["airflow"], log=self.log("airflow")
         )
@@ -143,13 +154,17 @@ class UiStack:
 
     def stop(self) -> None:
         """Stop each process group (standalone's scheduler, API server, ... included) and wait until it is gone."""
-        for process in self.processes.values():
-            _signal_group(process, signal.SIGTERM)
-        for process in self.processes.values():
-            if not _group_gone(process, timeout=30):
-                _signal_group(process, signal.SIGKILL)
-                _group_gone(process, timeout=10)
+        _stop(list(self.processes.values()))
         self.processes.clear()
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    for process in processes:
+        if not _group_gone(process, timeout=30):
+            _signal_group(process, signal.SIGKILL)
+            _group_gone(process, timeout=10)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
