@@ -32,11 +32,13 @@ class DeploymentApproval(HITLOperator):
         )
         self.timeout_seconds = timeout_seconds
 
-    def execute(self, context: Any) -> Any:
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        # The request is made here rather than in execute: Airflow saves the rendered fields right after rendering,
+        # and the task's Rendered Templates tab should show the request the approver was asked, not a placeholder.
         from ml import tasks
 
+        super().render_template_fields(context, jinja_env)
         self.subject, self.body = tasks.approval_request(context, self.timeout_seconds)
-        return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         from ml import tasks

@@ -96,6 +96,13 @@ def answered_run(api: Any, user: str, option: str) -> tuple[Any, Approver]:
     return run, approver
 
 
+def approved_task_instance(approver: Approver) -> dict[str, Any]:
+    """The approval task as the UI's task page reads it."""
+    run_id = approver.request["task_instance"]["dag_run_id"]
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{APPROVAL_TASK}"
+    return approver.api.get(path, headers=approver.headers).json()
+
+
 def test_an_approved_candidate_is_promoted_and_the_history_says_who_approved_it(store, approved):
     settings, (run, approver) = store, approved
 
@@ -106,6 +113,8 @@ def test_an_approved_candidate_is_promoted_and_the_history_says_who_approved_it(
     assert production_markers(settings) == (1, [1])
     assert approver.request["subject"] == f"Promote {settings.model_name} v1 to Production?"
     assert "before it replaces no Production version." in approver.request["body"]
+    rendered = approved_task_instance(approver)["rendered_fields"]
+    assert (rendered["subject"], rendered["body"]) == (approver.request["subject"], approver.request["body"])
     last = registry.deployment_history(registry.client_for(settings), settings.model_name)[-1]
     assert (last.event, last.version, last.previous_version) == ("promoted", 1, None)
     assert f"; approved by alice at {answer['decided_at']}" in last.reason
