@@ -42,9 +42,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ml.assets import RECORDS_FOLDER
 from ml.data import store_uri, write_frame
 
-RECORDS = "records"
+RECORDS = RECORDS_FOLDER
 FEEDBACK = "feedback"
 FEATURE_PREFIX = "feature."
 RECORD_COLUMNS = ("request_id", "row", "received_at", "model_name", "version", "prediction")
