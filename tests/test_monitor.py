@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import retraining_home
 
-from ml.airflow_runner import load_dag, run_dag
+from ml.airflow_runner import run_dag
 from ml.monitor import Observation, Rules, Window, aligned_window, judge, retraining_run_id, window_of_run
 from ml.settings import ConfigurationError, Settings
 
@@ -130,6 +130,7 @@ def window_ending(hours_ago: int) -> datetime:
     return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours_ago)
 
 
+@pytest.mark.slow
 def test_unshifted_traffic_starts_nothing_and_the_note_says_so(production):
     settings, frame = production
     end = window_ending(1)
@@ -153,6 +154,7 @@ def mlflow_run(settings: Settings, run_id: str) -> Any:
     return registry.client_for(settings).get_run(run_id)
 
 
+@pytest.mark.slow
 def test_shifted_traffic_starts_one_retraining_per_window(production):
     from ml import ingest
 
@@ -182,6 +184,7 @@ def test_shifted_traffic_starts_one_retraining_per_window(production):
     assert len(pipeline_runs(run_id)) == 1
 
 
+@pytest.mark.slow
 def test_too_little_traffic_starts_nothing(production):
     settings, frame = production
     end = window_ending(3)
@@ -195,6 +198,7 @@ def test_too_little_traffic_starts_nothing(production):
     assert run.note.startswith("**too little traffic: 20 requests answered by v1 (fewer than 100); not judged**")
 
 
+@pytest.mark.slow
 def test_labels_that_show_accuracy_dropping_start_a_retraining(production):
     settings, frame = production
     end = window_ending(4)
@@ -210,10 +214,3 @@ def test_labels_that_show_accuracy_dropping_start_a_retraining(production):
     assert "live accuracy 0.50 on 200 labelled predictions" in judged["reason"]
     (started,) = pipeline_runs(judged["trigger_run_id"])
     assert "below v1's validation accuracy" in started["conf"]["reason"]
-
-
-def test_the_pipeline_takes_the_reason_and_its_note_repeats_it(production):
-    run = run_dag("mlops_pipeline", conf={"reason": "mlops_monitor, a test: drift in 30 of 30 features"})
-    assert run.state == "success"
-    assert run.note.endswith("\n\nStarted because: mlops_monitor, a test: drift in 30 of 30 features")
-    assert "reason" in load_dag("mlops_pipeline").params

@@ -44,7 +44,9 @@ def test_shifted_traffic_retrains_and_the_server_swaps_to_the_new_version(airflo
     with model_server(settings, tmp_path, env=recording) as server:
         wait_until(lambda: server.health()["status"] == "ok", 60, "loading version 1")
         send(server.url, bundled.sample(60, random_state=0))
-        shifted = ingest.apply_shift(bundled.sample(120, random_state=1), ingest.parse_shift({"*": 1.6}, bundled))
+        shifted = ingest.apply_shift(
+            bundled.sample(120, random_state=1), ingest.parse_shift({"*": 1.6}, list(bundled.columns))
+        )
         send(server.url, shifted)
         # The world changed: the data that comes in is shifted too.
         assert ingest.land(settings, shift={"*": 1.6})["landed"]

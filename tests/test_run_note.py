@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ml.run_note import MlflowLinks, compose
+from ml.run_note import MlflowLinks, compose, with_reason
 
 LINKS = MlflowLinks(ui_url="http://mlflow.example:5000/", model_name="clf", experiment_id="7")
 HEALTHY = {
@@ -91,3 +91,12 @@ def test_a_rollback_says_why_and_what_is_back():
 def test_a_run_that_failed_early():
     note = compose(extract=None, train=None, validation=None, deploy=None, rollback=HEALTHY, links=LINKS)
     assert note == "**failed** before a version was registered. Production stays v3."
+
+
+def test_the_reason_a_run_was_started_follows_its_outcome_on_a_line_of_its_own():
+    assert with_reason(
+        "**v2 promoted**, accuracy 0.97.", "mlops_monitor, 12:00-13:00 UTC: drift in 27 of 30 features"
+    ) == (
+        "**v2 promoted**, accuracy 0.97.\n\nStarted because: mlops_monitor, 12:00-13:00 UTC: drift in 27 of 30 features"
+    )
+    assert with_reason("**no new data**", None) == "**no new data**"
