@@ -155,6 +155,18 @@ def notice_routing(env: str, goes: str) -> Any:
     return setting("all", env, described, check=problem)
 
 
+CRON_PRESETS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+CRON_FIELD = re.compile(r"^[0-9*/,\-?LW#A-Za-z]+$")
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why ``expression`` is no cron expression (five fields) or preset; the scheduler would refuse it only later."""
+    fields_ = expression.split()
+    if expression in CRON_PRESETS or (len(fields_) == 5 and all(CRON_FIELD.match(part) for part in fields_)):
+        return None
+    return f"schedule {shown_value(expression)} is neither five cron fields nor one of {', '.join(CRON_PRESETS)}"
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     scheme = url_scheme(uri) or "file"
     if scheme not in TRACKING_SCHEMES:
@@ -412,6 +424,7 @@ class Settings:
         "When mlops_monitor looks at the recorded traffic, as a cron expression or preset (UTC); it also runs on "
         "each event of the recorded-traffic asset.",
         required=True,
+        check=cron_problem,
     )
     monitor_window_minutes: int = setting(
         60,

@@ -34,6 +34,14 @@ def test_a_window_end_param_names_the_window_exactly_and_a_bad_one_is_refused():
         window_of_run(settings, "yesterday", datetime.now(UTC))
 
 
+@pytest.mark.parametrize("schedule", ["nonsense", "61 * *", "@often"])
+def test_a_schedule_that_is_no_cron_expression_is_refused_and_the_default_stays(monkeypatch, schedule):
+    monkeypatch.setenv("MLOPS_MONITOR_SCHEDULE", schedule)
+    with pytest.raises(ConfigurationError, match="is neither five cron fields nor one of @hourly"):
+        Settings.from_env()
+    assert Settings.from_env_or_embedded().monitor_schedule == "@hourly"
+
+
 def observed(**values: Any) -> Observation:
     return Observation(**{"version": 1, "requests": 400, "rows": 400, "features": 30, **values})
 
