@@ -222,3 +222,37 @@ def test_labels_that_show_accuracy_dropping_start_a_retraining(production):
     assert "live accuracy 0.50 on 200 labelled predictions" in judged["reason"]
     (started,) = pipeline_runs(judged["trigger_run_id"])
     assert "below v1's validation accuracy" in started["conf"]["reason"]
+
+
+@pytest.mark.slow
+def test_an_event_of_the_recorded_traffic_asset_starts_the_monitor_on_the_current_window(production):
+    """What an event of the records asset does (posted from the asset's page or the REST API): Airflow records it the
+    way the API does (AssetManager), and the scheduler's own query creates a monitor run for it."""
+    from airflow.assets.manager import AssetManager
+    from airflow.models.asset import AssetModel
+    from airflow.utils.session import create_session
+    from airflow_harness import create_asset_triggered_runs, run_existing
+    from sqlalchemy import select
+    from test_data_aware import set_paused
+
+    from ml.assets import recorded_traffic_asset
+
+    uri = recorded_traffic_asset().uri
+    set_paused("mlops_monitor", False)
+    try:
+        with create_session() as session:
+            asset = session.scalar(select(AssetModel).where(AssetModel.uri == uri))
+            assert asset is not None, f"no asset {uri}: mlops_monitor is not scheduled on it"
+            AssetManager.register_asset_change(asset=asset, extra={"by": "a test"}, source_is_api=True, session=session)
+        (created,) = create_asset_triggered_runs("mlops_monitor")
+        run = run_existing("mlops_monitor", created)
+    finally:
+        set_paused("mlops_monitor", True)
+    assert run.state == "success"
+    window = run.result("judge_window")
+    assert (
+        datetime.fromisoformat(window["window_start"])
+        <= datetime.now(UTC)
+        < datetime.fromisoformat(window["window_end"])
+    )
+    assert run.note.startswith("**too little traffic: 0 requests answered by v1")
