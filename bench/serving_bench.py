@@ -1,6 +1,6 @@
 """Our model server against ``mlflow models serve`` on the same registered model, under the same load.
 
-    .venv/bin/python bench/serving_bench.py [--quick] [--seconds 8] [--rounds 4] [--warm-up 0.5] [--poll-interval 2]
+    .venv/bin/python bench/serving_bench.py [--quick] [--seconds 16] [--rounds 8] [--warm-up 0.5] [--poll-interval 2]
 
 In one run, on a temporary MLflow store (SQLite), the pipeline's own steps (``ml.steps``, as the DAG's tasks call
 them, without Airflow) train, register and validate two versions on the bundled breast cancer data: version 1 is
@@ -195,11 +195,11 @@ def time_to_new_version(url: str, version: int, move: Callable[[], object]) -> f
 
 def main(argv: list[str] | None = None) -> int:
     options = BenchOptions(__doc__, "0.2 s of load per shape after 0.1 s of warm-up, our server polling every 0.5 s")
-    options.size("--seconds", full=8.0, quick=0.2, meaning="measured seconds per load shape and server", convert=float)
+    options.size("--seconds", full=16.0, quick=0.2, meaning="measured seconds per load shape and server", convert=float)
     options.size("--warm-up", full=0.5, quick=0.1, meaning="unmeasured seconds before each round", convert=float)
     options.size(
         "--rounds",
-        full=4,
+        full=8,
         quick=1,
         meaning="rounds per load shape, the servers taking turns, so that a change in the machine's load falls on all",
     )

@@ -474,6 +474,19 @@ def test_feedback_is_written_beside_the_records_it_labels(steady, saved_models):
     assert joined.sort_values("row")["prediction"].tolist() == [str(p) for p in saved_models["real"].predictions[:2]]
 
 
+@pytest.mark.slow
+def test_feedback_finds_a_request_in_the_store_that_another_server_recorded(steady):
+    """A replica sharing the data store recorded it: the id is not in this server's memory, but in the store."""
+    answered = records.Answered("recorded-by-a-replica", time.time(), "breast_cancer_classifier", 1, [1, 0], None)
+    records.write_records(str(steady.data_store), [answered])
+    told = {"feedback": [{"request_id": "recorded-by-a-replica", "row": 1, "label": 0}]}
+    accepted = httpx.post(f"{steady.url}/feedback", json=told)
+    assert (accepted.status_code, accepted.json()) == (200, {"accepted": 1})
+    told["feedback"][0]["row"] = 2
+    beyond = httpx.post(f"{steady.url}/feedback", json=told)
+    assert beyond.status_code == 404 and "scored 2 rows; there is no row 2" in beyond.json()["message"]
+
+
 def _labels(*items: dict[str, Any]) -> str:
     return json.dumps({"feedback": list(items)})
 
@@ -659,7 +672,7 @@ def test_what_waits_is_written_when_the_server_stops(recording_variants):
     time.sleep(0.5)
     assert not server.data_store.exists()  # the flush interval is 10 minutes away
     os.killpg(server.pid, signal.SIGTERM)
-    assert len(recorded(server.data_store, {request_id})) == 3
+    assert len(recorded(server.data_store, {request_id}, timeout=30)) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
