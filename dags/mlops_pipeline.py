@@ -10,7 +10,7 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, t
 
 from ml.assets import training_data_asset
 from ml.notify import RunNotifier
-from ml.settings import Settings
+from ml.settings import PARAM_SCHEMA_DIALECT, Settings
 
 # The trigger form's defaults and the task limits; never raises, so a bad setting fails the first task, not the import.
 SETTINGS = Settings.from_env_or_embedded()
@@ -58,7 +58,8 @@ version.
 
 Every parameter of the trigger form overrides the service's setting for this run only; the form opens on the
 service's settings, and a `conf` that leaves a parameter out keeps it. Any other name in a run's `conf` is refused:
-checks, hooks, stores and names are the deployment's.
+checks, hooks, stores and names are the deployment's. `reason` says why the run was started (`mlops_monitor` gives
+the drift or accuracy drop it saw) and the run's note repeats it.
 Each task is stopped after `MLOPS_TASK_TIMEOUT_SECONDS` (one hour by default).
 
 #### Data-aware
@@ -175,4 +176,15 @@ pipeline = training_pipeline()
 # The trigger form is attached once the tasks exist. Airflow gives every task created under a DAG that already has
 # Params its own deep copy of them, then serialises those copies with each task, while a task reads the DAG's Params at
 # run time anyway.
-pipeline.params = {name: Param(**spec) for name, spec in SETTINGS.param_specs().items()}
+pipeline.params = {
+    **{name: Param(**spec) for name, spec in SETTINGS.param_specs().items()},
+    "reason": Param(
+        None,
+        **{"$schema": PARAM_SCHEMA_DIALECT},
+        type=["null", "string"],
+        maxLength=1000,
+        title="Reason",
+        description="Why this run was started (mlops_monitor gives the drift or accuracy drop it saw); shown in the "
+        "run's note.",
+    ),
+}

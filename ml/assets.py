@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The folder of the data store that holds the model server's records (ml/records.py writes it).
+RECORDS_FOLDER = "records"
+
 
 def data_asset_uri(source: str, query: str = "") -> str:
     """The asset URI of a data source (see the module's docstring); never contains credentials."""
@@ -70,3 +73,20 @@ def training_data_asset(settings: Settings | None = None) -> Asset:
     except (ValueError, RuntimeError, OSError) as error:
         log.warning("the configured data source cannot name an asset (%s); using the bundled data set's", error)
         return Asset(uri=data_asset_uri(DEFAULT_DATA_SOURCE), extra=extra)
+
+
+def recorded_traffic_asset(settings: Settings | None = None) -> Asset:
+    """The Asset that stands for the model server's records (docs/recording.md): an event of it starts mlops_monitor.
+
+    Its URI is the records folder of the data store; never raises, like :func:`training_data_asset`.
+    """
+    from airflow.sdk import Asset
+
+    settings = settings or Settings.from_env_or_embedded()
+    extra: dict[str, Any] = {"model": settings.model_name}
+    try:
+        return Asset(uri=data_asset_uri(f"{settings.data_store.rstrip('/')}/{RECORDS_FOLDER}"), extra=extra)
+    except (ValueError, RuntimeError, OSError) as error:
+        log.warning("the data store cannot name an asset (%s); using the default store's", error)
+        default_store = Settings.from_env_or_embedded().home / "datastore"
+        return Asset(uri=data_asset_uri(str(default_store / RECORDS_FOLDER)), extra=extra)

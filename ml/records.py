@@ -42,9 +42,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ml.assets import RECORDS_FOLDER
 from ml.data import store_uri, write_frame
 
-RECORDS = "records"
+RECORDS = RECORDS_FOLDER
 FEEDBACK = "feedback"
 FEATURE_PREFIX = "feature."
 RECORD_COLUMNS = ("request_id", "row", "received_at", "model_name", "version", "prediction")
@@ -139,13 +140,17 @@ def write_records(data_store: str, answered: Sequence[Answered], with_features: 
     for item in answered:
         moment = datetime.fromtimestamp(item.received_at, UTC)
         groups.setdefault((item.version, hour_partition(moment)), []).append(item)
-    now = datetime.now(UTC)
-    written = []
-    for (version, hour), items in groups.items():
-        uri = store_uri(data_store, RECORDS, f"version={version}", hour, f"{batch_name(now)}.parquet")
-        write_frame(records_frame(items, with_features), uri)
-        written.append(uri)
-    return written
+    return [write_record_batch(data_store, records_frame(items, with_features)) for items in groups.values()]
+
+
+def write_record_batch(data_store: str, rows: pd.DataFrame) -> str:
+    """Write record rows (as :func:`records_frame` makes them) of one version and one hour as one batch; its URI."""
+    version, moment = int(rows["version"].iloc[0]), rows["received_at"].iloc[0].to_pydatetime()
+    uri = store_uri(
+        data_store, RECORDS, f"version={version}", hour_partition(moment), f"{batch_name(datetime.now(UTC))}.parquet"
+    )
+    write_frame(rows, uri)
+    return uri
 
 
 def labels_frame(labels: Sequence[tuple[str, int, Any, int]], model_name: str) -> pd.DataFrame:

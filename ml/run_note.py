@@ -54,7 +54,7 @@ def _links(links: MlflowLinks, version: int | None, run_id: str) -> str:
     return " · ".join(parts)
 
 
-def _with_links(text: str, links: MlflowLinks, version: int | None, run_id: str) -> str:
+def with_links(text: str, links: MlflowLinks, version: int | None, run_id: str) -> str:
     # One line: the run page shows a note's first line in its header.
     linked = _links(links, version, run_id)
     return f"{text} · {linked}" if linked else text
@@ -77,7 +77,7 @@ def compose(
         restored = rollback.get("restored_version")
         back = f"Production is back to v{restored}." if restored is not None else "No version is in Production."
         text = f"**v{rollback.get('rolled_back_version')} rolled back**: {rollback.get('reason')}. {back}"
-        return _with_links(text, links, rollback.get("rolled_back_version"), run_id)
+        return with_links(text, links, rollback.get("rolled_back_version"), run_id)
     if deploy and deploy.get("deployed"):
         validated = validation or {}
         compared = ""
@@ -93,14 +93,14 @@ def compose(
         threshold = validated.get("threshold")
         limit = f" (threshold {float(threshold):.2f}{compared})" if threshold is not None else ""
         text = f"**v{version} promoted**, accuracy {_accuracy(validated.get('accuracy'))}{limit}."
-        return _with_links(text, links, version, run_id)
+        return with_links(text, links, version, run_id)
     if deploy and (validation or {}).get("validation") == "failed":
         reasons = "; ".join((validation or {}).get("reasons") or []) or "validation failed"
-        return _with_links(f"**v{version} rejected**: {reasons}. {stays}", links, version, run_id)
+        return with_links(f"**v{version} rejected**: {reasons}. {stays}", links, version, run_id)
     if deploy:
-        return _with_links(f"**v{version} not deployed**: {deploy.get('reason')}. {stays}", links, version, run_id)
+        return with_links(f"**v{version} not deployed**: {deploy.get('reason')}. {stays}", links, version, run_id)
     if version is not None:
-        return _with_links(
+        return with_links(
             f"**v{version} not deployed**: the run failed before deployment. {stays}", links, version, run_id
         )
     return f"**failed** before a version was registered. {stays}"
@@ -114,7 +114,12 @@ def no_new_data(extract: Mapping[str, Any], links: MlflowLinks) -> str:
         f"**{extract.get('skipped_reason')}**: Production v{production} was trained on this snapshot "
         f"(digest `{digest}`); nothing was trained."
     )
-    return _with_links(text, links, production, "")
+    return with_links(text, links, production, "")
+
+
+def with_reason(note: str, reason: str | None) -> str:
+    """A pipeline run's note followed, on a line of its own, by why the run was started (its ``reason`` Param)."""
+    return f"{note}\n\nStarted because: {reason}" if reason else note
 
 
 def refused(reason: str, production: int | None) -> str:
@@ -140,7 +145,7 @@ def manual_rollback(*, replaced: int | None, restored: int, reason: str, actor: 
     """The note of a rollback by hand (the mlops_rollback DAG, ``mlops rollback``)."""
     taken_out = f"v{replaced}" if replaced is not None else "no version"
     text = f"**Production rolled back to v{restored}** by {actor}, replacing {taken_out}: {reason}."
-    return _with_links(text, links, restored, "")
+    return with_links(text, links, restored, "")
 
 
 def approval_request(

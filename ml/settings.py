@@ -155,6 +155,18 @@ def notice_routing(env: str, goes: str) -> Any:
     return setting("all", env, described, check=problem)
 
 
+CRON_PRESETS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+CRON_FIELD = re.compile(r"^[0-9*/,\-?LW#A-Za-z]+$")
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why ``expression`` is no cron expression (five fields) or preset; the scheduler would refuse it only later."""
+    fields_ = expression.split()
+    if expression in CRON_PRESETS or (len(fields_) == 5 and all(CRON_FIELD.match(part) for part in fields_)):
+        return None
+    return f"schedule {shown_value(expression)} is neither five cron fields nor one of {', '.join(CRON_PRESETS)}"
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     scheme = url_scheme(uri) or "file"
     if scheme not in TRACKING_SCHEMES:
@@ -406,6 +418,57 @@ class Settings:
         "How far back POST /feedback looks in the data store for a request id the server no longer holds in memory "
         "(it holds the latest 100,000); 0: memory only.",
         minimum=0,
+    )
+    monitor_schedule: str = setting(
+        "@hourly",
+        "MLOPS_MONITOR_SCHEDULE",
+        "When mlops_monitor looks at the recorded traffic, as a cron expression or preset (UTC); it also runs on "
+        "each event of the recorded-traffic asset.",
+        required=True,
+        check=cron_problem,
+    )
+    monitor_window_minutes: int = setting(
+        60,
+        "MLOPS_MONITOR_WINDOW_MINUTES",
+        "Length of the window of recorded traffic mlops_monitor judges: the window, aligned on this length since "
+        "midnight UTC, that holds the moment just before the run.",
+        minimum=1,
+        maximum=1440,
+    )
+    monitor_drift_share: float = setting(
+        0.3,
+        "MLOPS_MONITOR_DRIFT_SHARE",
+        "Share of the features whose population stability index against the Production version's training data "
+        "is above the drift threshold (MLOPS_DRIFT_THRESHOLD) beyond which mlops_monitor starts a retraining.",
+        minimum=0,
+        maximum=1,
+    )
+    monitor_accuracy_drop: float = setting(
+        0.05,
+        "MLOPS_MONITOR_ACCURACY_DROP",
+        "How far live accuracy, on the window's labelled requests, may fall below the Production version's "
+        "validation accuracy before mlops_monitor starts a retraining.",
+        minimum=0,
+        maximum=1,
+    )
+    monitor_min_requests: int = setting(
+        100,
+        "MLOPS_MONITOR_MIN_REQUESTS",
+        "Fewest requests the Production version must have answered in a window for mlops_monitor to judge it; "
+        "below, the window is left alone.",
+        minimum=1,
+    )
+    monitor_min_labelled: int = setting(
+        30,
+        "MLOPS_MONITOR_MIN_LABELLED",
+        "Fewest labelled requests in a window for mlops_monitor to judge live accuracy.",
+        minimum=1,
+    )
+    monitor_experiment: str = setting(
+        "mlops_monitor",
+        "MLOPS_MONITOR_EXPERIMENT",
+        "MLflow experiment of mlops_monitor's runs, one per window.",
+        required=True,
     )
     mlflow_ui_url: str = setting(
         "",

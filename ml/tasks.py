@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from ml import data, redaction, registry, run_note, steps
@@ -168,7 +169,7 @@ def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: Rollb
         settings.mlflow_ui, settings.model_name, _experiment_id(settings, str(trained.get("run_id") or ""))
     )
     extracted, deployed = upstream_result(context, "extract_data"), upstream_result(context, "deploy_model")
-    note = run_note.compose(
+    composed = run_note.compose(
         extract=extracted,
         train=trained,
         validation=upstream_result(context, "validate_model"),
@@ -176,6 +177,7 @@ def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: Rollb
         rollback=rolled.to_xcom(),
         links=links,
     )
+    note = run_note.with_reason(composed, (context.get("params") or {}).get("reason"))
     log.info("run note: %s", note.splitlines()[0])
     ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
     events = run_note.events(extract=extracted, deploy=deployed, rollback=rolled.to_xcom())
@@ -437,3 +439,26 @@ def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
             key: result[key] for key in ("batch", "rows", "digest", "location", "shift", "landed_at") if key in result
         }
     return result
+
+
+def judge_window(context: Mapping[str, Any]) -> dict[str, Any]:
+    """The mlops_monitor DAG's first task: judge the run's window of recorded traffic and leave the run's note."""
+    from ml import monitor
+
+    ti = context.get("ti")
+
+    def already_started(run_id: str) -> bool:
+        return ti is not None and ti.get_dr_count(dag_id=monitor.PIPELINE_DAG, run_ids=[run_id]) > 0
+
+    try:
+        settings, run = resolve(context)
+        dag_run = context.get("dag_run")
+        moment = getattr(dag_run, "run_after", None) or context.get("logical_date")
+        window = monitor.window_of_run(settings, run.params.get("window_end"), moment or datetime.now(UTC))
+        result = monitor.judge_window(settings, run, window, already_started)
+    except PERMANENT_ERRORS as error:
+        _fail_without_retry("judge_window", error)
+    log.info("run note: %s", result.note)
+    if ti is not None:
+        ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=result.note)
+    return result.to_xcom()

@@ -34,8 +34,9 @@ RUN_NAME_TAG = "mlflow.runName"
 MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
-def connect(settings: Settings) -> ModuleType:
-    """The mlflow module, pointed at the configured stores, with the experiment created if need be and active."""
+def connect(settings: Settings, experiment_name: str | None = None, description: str | None = None) -> ModuleType:
+    """The mlflow module, pointed at the configured stores, with the experiment (the pipeline's unless named, with
+    its description unless given) created if need be and active."""
     import mlflow
 
     if has_user_info(settings.tracking_uri):
@@ -45,14 +46,15 @@ def connect(settings: Settings) -> ModuleType:
     mlflow.set_tracking_uri(settings.tracking_uri)
     if settings.registry_uri:
         mlflow.set_registry_uri(settings.registry_uri)
-    described = experiment_tags(settings)
-    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    experiment_name = experiment_name or settings.experiment_name
+    described = experiment_tags(settings, description)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         location = None
         if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
             location = as_uri(settings.artifact_root)
         try:
-            mlflow.create_experiment(settings.experiment_name, artifact_location=location, tags=described)
+            mlflow.create_experiment(experiment_name, artifact_location=location, tags=described)
         except mlflow.exceptions.MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -60,13 +62,13 @@ def connect(settings: Settings) -> ModuleType:
         # An experiment made before the kind tag existed would still open on MLflow's GenAI view.
         for key, value in described.items():
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
-    mlflow.set_experiment(settings.experiment_name)
+    mlflow.set_experiment(experiment_name)
     return mlflow
 
 
-def experiment_tags(settings: Settings) -> dict[str, str]:
+def experiment_tags(settings: Settings, description: str | None = None) -> dict[str, str]:
     """The experiment's kind (MLflow opens a model-training experiment on its runs) and its description."""
-    description = (
+    description = description or (
         f"Training runs of the `mlops_pipeline` Airflow DAG. Each run trains a scikit-learn pipeline on a snapshot of "
         f"the configured data, logs its parameters, metrics, datasets, confusion matrix and drift report, and "
         f"registers a new version of `{settings.model_name}`; runs are named `v<version> · <model family> · "

@@ -21,6 +21,7 @@ BENCH = REPO / "bench"
 SHAPES = ["   1   1 |", "   1   8 |", " 100   1 |", " 100   8 |"]
 TABLES = {
     "cli_bench.py": [("command (fresh process)", ["import mlflow", "mlops status", "mlops rollback"])],
+    "monitor_bench.py": [("process ", ["monitor: observe, judge, MLflow run"])],
     "pipeline_bench.py": [
         (
             "measure ",

@@ -137,7 +137,8 @@ def test_the_trigger_form_is_held_once_by_the_dag(dag):
     """A task reads the DAG's Params at run time, so a per-task copy would only be deep-copied and serialised."""
     from ml.settings import run_parameter_names
 
-    assert list(dag.params) == list(run_parameter_names())
+    # Beside the per-run settings, the reason a run was started (mlops_monitor gives it).
+    assert list(dag.params) == [*run_parameter_names(), "reason"]
     assert [task.task_id for task in dag.tasks if task.params] == []
 
 
@@ -152,7 +153,7 @@ def test_the_form_refuses_values_out_of_bounds_in_its_schema_dialect(dag, name, 
         dag.params.get_param(name).resolve(refused)
 
 
-@pytest.mark.parametrize("dag_file", ["mlops_pipeline.py", "mlops_ingest.py"])
+@pytest.mark.parametrize("dag_file", ["mlops_pipeline.py", "mlops_ingest.py", "mlops_monitor.py"])
 def test_no_heavy_imports_at_dag_file_top_level(dag_file):
     """Every parse pays for what the file imports: no ML library, nor difflib or the credential patterns of
     ml.redaction, which only a refused parameter and masking need."""
@@ -205,7 +206,7 @@ def test_a_bad_data_source_never_breaks_the_dag_files(tmp_path, monkeypatch, sou
     loop.symlink_to(loop)
     bag = _parse(monkeypatch, MLOPS_DATA_SOURCE=source.replace("LOOP", str(loop)))
     assert bag.import_errors == {}
-    assert sorted(bag.dags) == ["mlops_ingest", "mlops_pipeline", "mlops_rollback"]
+    assert sorted(bag.dags) == ["mlops_ingest", "mlops_monitor", "mlops_pipeline", "mlops_rollback"]
     assert bag.dags["mlops_pipeline"].params["data_source"] == "sklearn:breast_cancer"
 
 
@@ -229,3 +230,23 @@ def test_the_form_never_holds_a_password_and_refuses_a_run_that_brings_one(monke
     for refused in ("postgresql+psycopg://reader:hunter2@db/other", "https://u:p w@files.example/cases.csv"):
         with pytest.raises(ParamValidationError):
             source.resolve(refused)
+
+
+def test_the_monitor_runs_on_its_schedule_and_on_recorded_traffic_and_can_start_the_pipeline():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import AssetOrTimeSchedule
+
+    from ml.assets import recorded_traffic_asset
+
+    monitor = DagBag(dag_folder=str(DAGS)).dags["mlops_monitor"]
+    assert isinstance(monitor.timetable, AssetOrTimeSchedule)
+    assert monitor.timetable.timetable.expression == "0 * * * *"
+    assert monitor.timetable.asset_condition == recorded_traffic_asset()
+    assert recorded_traffic_asset().uri.endswith("/datastore/records")
+    assert {(up, task.task_id) for task in monitor.tasks for up in task.upstream_task_ids} == {
+        ("judge_window", "retraining_due"),
+        ("retraining_due", "start_retraining"),
+    }
+    trigger = monitor.get_task("start_retraining")
+    assert trigger.trigger_dag_id == "mlops_pipeline" and trigger.skip_when_already_exists
+    assert monitor.catchup is False and monitor.max_active_runs == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ml.run_note import MlflowLinks, approval_request, compose, no_new_data
+from ml.run_note import MlflowLinks, approval_request, compose, no_new_data, with_reason
 
 LINKS = MlflowLinks(ui_url="http://mlflow.example:5000/", model_name="clf", experiment_id="7")
 HEALTHY = {
@@ -116,3 +116,12 @@ def test_the_approval_request_puts_candidate_and_production_on_one_row_of_the_sa
     assert "\nRows compared: 57 of the 114 held-out rows, leaving out the 57 Production version 2 trained on.\n" in body
     assert "[MLflow run of v3](http://mlflow.example:5000/#/experiments/7/runs/r123?" in body
     assert "[MLflow run of v2](http://mlflow.example:5000/#/experiments/7/runs/r100?" in body
+
+
+def test_the_reason_a_run_was_started_follows_its_outcome_on_a_line_of_its_own():
+    assert with_reason(
+        "**v2 promoted**, accuracy 0.97.", "mlops_monitor, 12:00-13:00 UTC: drift in 27 of 30 features"
+    ) == (
+        "**v2 promoted**, accuracy 0.97.\n\nStarted because: mlops_monitor, 12:00-13:00 UTC: drift in 27 of 30 features"
+    )
+    assert with_reason("**no new data**", None) == "**no new data**"
