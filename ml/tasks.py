@@ -233,7 +233,8 @@ def _skip_the_rest_of_the_run(context: Mapping[str, Any], extracted: dict[str, A
 
     settings, _ = resolve(context)
     ti = context["ti"]
-    note = run_note.no_new_data(extracted, run_note.MlflowLinks(settings.mlflow_ui, settings.model_name))
+    links = run_note.MlflowLinks(settings.mlflow_ui, settings.model_name)
+    note = run_note.with_reason(run_note.no_new_data(extracted, links), (context.get("params") or {}).get("reason"))
     log.info("run note: %s", note)
     # A task that raises returns nothing: its result becomes its XCom here, as the contract says.
     ti.xcom_push(key="return_value", value=extracted)

@@ -317,7 +317,7 @@ def test_unchanged_data_ends_early_and_registers_nothing(loop, capfd, caplog):
     before, count = production(settings), len(versions(settings))
     capfd.readouterr()
     caplog.clear()
-    run = run_dag("mlops_pipeline")
+    run = run_dag("mlops_pipeline", conf={"reason": "mlops_monitor saw drift"})
     # Airflow's stdlib log handlers write to a stream that capfd does not capture; pytest's own log handler sees them.
     output = capfd.readouterr()
     logged = caplog.text
@@ -341,7 +341,7 @@ def test_unchanged_data_ends_early_and_registers_nothing(loop, capfd, caplog):
     assert {task: run.result(task) for task in skipped} == {task: {} for task in skipped}
     assert run.tasks["extract_data"].try_number == 1
     assert (production(settings), len(versions(settings))) == (before, count)
-    assert run.note.startswith("**no new data**"), run.note
+    assert run.note.startswith("**no new data**") and run.note.endswith("\n\nStarted because: mlops_monitor saw drift")
     summary = format_run_summary(run)
     assert "no new data" in summary and "version registered        : none" in summary
     assert "promoted to Production    : no\n" in summary and "rolled back               : no\n" in summary
