@@ -203,6 +203,8 @@ class DeployResult:
     health_check: str
     reason: str
     skip: Skip | None = None
+    # Who approved the promotion and when, where a person had to (ApprovalResult.describe); empty otherwise.
+    approval: str = ""
 
     def to_xcom(self) -> dict[str, Any]:
         return {**_field_values(self), "version": self.model_version} | (self.skip.fields() if self.skip else {})

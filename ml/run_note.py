@@ -93,6 +93,8 @@ def compose(
         threshold = validated.get("threshold")
         limit = f" (threshold {float(threshold):.2f}{compared})" if threshold is not None else ""
         text = f"**v{version} promoted**, accuracy {_accuracy(validated.get('accuracy'))}{limit}."
+        if approval := deploy.get("approval"):
+            text = f"{text} {approval[0].upper()}{approval[1:]}."
         return with_links(text, links, version, run_id)
     if deploy and (validation or {}).get("validation") == "failed":
         reasons = "; ".join((validation or {}).get("reasons") or []) or "validation failed"

@@ -540,6 +540,7 @@ def deploy(
     assert validated.accuracy is not None, "a passed verdict has its accuracy"
     reason = f"passed validation with accuracy {validated.accuracy:.4f}"
     already_promoted = current if current is not None and current.version == version else None
+    approved_by = ""
     if settings.approval_required and already_promoted is None:
         if approval is None or not approval.approved:
             refusal = (
@@ -549,7 +550,8 @@ def deploy(
             _record_refusal(client, name, version, "not_approved", refusal)
             registry.record_approval_refusal(client, name, version, previous, actor=run.actor, reason=refusal)
             return not_deployed(refusal)
-        reason = f"{reason}; {approval.describe()}"
+        approved_by = approval.describe()
+        reason = f"{reason}; {approved_by}"
     if already_promoted is not None:
         previous = _int_or_none(already_promoted.tags.get(tags.DEPLOYMENT_REPLACED_VERSION))
         log.info("version %s was already promoted by an earlier try of this run", version)
@@ -570,7 +572,7 @@ def deploy(
         log.error("post-deploy check of version %s failed: %s", version, "; ".join(problems))
         return not_deployed("post-deploy check failed: " + "; ".join(problems), promoted=True, health_check="failed")
     log.info("version %s is Production and serves as validated", version)
-    return DeployResult(True, name, version, previous, True, outcome, reason)
+    return DeployResult(True, name, version, previous, True, outcome, reason, approval=approved_by)
 
 
 def _record_refusal(client: Any, name: str, version: int, status: str, reason: str) -> None:

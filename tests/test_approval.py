@@ -119,6 +119,7 @@ def test_an_approved_candidate_is_promoted_and_the_history_says_who_approved_it(
     assert (last.event, last.version, last.previous_version) == ("promoted", 1, None)
     assert f"; approved by alice at {answer['decided_at']}" in last.reason
     assert run.note.startswith("**v1 promoted**"), run.note
+    assert f". Approved by alice at {answer['decided_at']}." in run.note.splitlines()[0], run.note
 
 
 def test_a_rejected_candidate_leaves_production_as_it_is_tagged_and_recorded(store, approved, api):

@@ -68,7 +68,7 @@ def test_the_emitted_keys_are_the_documented_ones():
     }
     assert set(deployed.to_xcom()) == {
         *("deployed", "version", "model_version", "model_name", "previous_version", "promoted", "health_check"),
-        "reason",
+        *("reason", "approval"),
     }
 
 

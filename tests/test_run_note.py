@@ -32,6 +32,20 @@ def test_a_promotion_names_version_accuracy_threshold_and_links():
     assert "[clf v3](http://mlflow.example:5000/#/models/clf/versions/3?workflowType=machine_learning)" in note
 
 
+def test_an_approved_promotion_says_who_approved_it_and_when():
+    note = compose(
+        extract={},
+        train={"run_id": "r123", "model_version": 3},
+        validation={"validation": "passed", "accuracy": 0.97368, "threshold": 0.8},
+        deploy={"deployed": True, "version": 3, "approval": "approved by alice at 2026-12-04T13:00:00+00:00"},
+        rollback=HEALTHY,
+        links=LINKS,
+    )
+    assert note.startswith(
+        "**v3 promoted**, accuracy 0.9737 (threshold 0.80). Approved by alice at 2026-12-04T13:00:00+00:00."
+    )
+
+
 def test_a_promotion_compared_on_the_rows_production_never_saw_gives_both_scores_on_them():
     note = _promotion_of_v3(
         champion_accuracy=0.9123, comparison_rows=57, comparison_excluded_rows=17, comparison_accuracy=0.96491
