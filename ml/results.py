@@ -108,6 +108,11 @@ class TransformResult:
         return _from_fields(cls, result)
 
 
+def candidate_name(index: int, model_family: str) -> str:
+    """How a candidate is named wherever it is shown: its place in the run's list, from 1, and its family."""
+    return f"#{index + 1} {model_family}"
+
+
 @dataclass(frozen=True)
 class CandidateResult:
     """One trained candidate (train_candidate's XCom): where its model is in MLflow, and its scores on the selection
@@ -122,7 +127,7 @@ class CandidateResult:
 
     @property
     def name(self) -> str:
-        return f"#{self.index + 1} {self.model_family}"
+        return candidate_name(self.index, self.model_family)
 
     def to_xcom(self) -> dict[str, Any]:
         return {"candidate_trained": True, **_field_values(self)}

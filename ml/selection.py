@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ml.results import CandidateResult
+from ml.results import CandidateResult, candidate_name
 
 # The columns of the table, in order: the score each shows, and its heading.
 SCORE_COLUMNS = (
@@ -59,7 +59,7 @@ def summary(
         status = "failed" if result is None else "chosen" if index == chosen.index else "trained"
         rows.append(
             {
-                "name": f"#{index + 1} {spec['model_family']}",
+                "name": candidate_name(index, str(spec["model_family"])),
                 "hyperparameters": dict(spec["hyperparameters"]),
                 "status": status,
                 "scores": dict(result.scores) if result is not None else {},

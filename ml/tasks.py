@@ -45,9 +45,10 @@ PERMANENT_ERRORS = (
     MissingResultError,
     selection.NoCandidateTrainedError,
 )
-CANDIDATE_TASK = "train_candidate"
 # Those of their kind that another try may get past (a data source that did not answer): left to Airflow's retries.
 TRANSIENT_ERRORS = (data.DataSourceUnavailableError,)
+# The mapped task that trains one candidate per task instance; train_model reads what each left.
+CANDIDATE_TASK = "train_candidate"
 
 log = logging.getLogger(__name__)
 

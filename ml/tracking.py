@@ -69,10 +69,10 @@ def experiment_tags(settings: Settings) -> dict[str, str]:
     description = (
         f"Training runs of the `mlops_pipeline` Airflow DAG. Each run trains one or more candidate scikit-learn "
         f"pipelines on a snapshot of the configured data, each a child run with its parameters, scores and datasets; "
-        f"the parent run holds the candidates side by side and the drift report, and the chosen candidate, with its "
-        f"confusion matrix and curves, becomes a new version of `{settings.model_name}`. Parent runs are named "
-        f"`v<version> · <model family or number of candidates> · <UTC time>` and their description links to the "
-        f"Airflow run. Which version is in Production, and why, is on the registered model's page."
+        f"the parent run holds the candidates side by side, and the chosen candidate, with its held-out scores, "
+        f"confusion matrix, curves and drift report, becomes a new version of `{settings.model_name}`. Parent runs "
+        f"are named `v<version> · <model family or number of candidates> · <UTC time>` and their description links "
+        f"to the Airflow run. Which version is in Production, and why, is on the registered model's page."
     )
     return {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, NOTE_TAG: description}
 

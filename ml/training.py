@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ml.results import candidate_name
 from ml.settings import MODEL_FAMILIES, ConfigurationError
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return f"#{self.index + 1} {self.model_family}"
+        return candidate_name(self.index, self.model_family)
 
     def to_xcom(self) -> dict[str, Any]:
         return {"index": self.index, "model_family": self.model_family, "hyperparameters": self.hyperparameters}
