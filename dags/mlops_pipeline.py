@@ -50,7 +50,9 @@ version.
 |---|---|
 | extract_data | reads the source, writes a content-addressed snapshot, returns its URI and digest |
 | transform_data | validates the data, makes a stratified seeded split |
-| train_model | fits the pipeline, logs params, metrics, datasets, plots and the model; registers a version |
+| plan_candidates | lists the run's candidates |
+| train_candidate | one per candidate: fits it, logs it as a child MLflow run with its scores on a selection split |
+| train_model | chooses the best candidate, scores it on the held-out set, logs its plots; registers a version |
 | validate_model | scores the version and the Production version on the held-out set |
 | deploy_model | promotes a passing version and checks it serves |
 | archive_model | writes the deployment record onto the version as tags |
@@ -71,6 +73,14 @@ without starting it (try 0, no duration), nothing is registered and Production i
 anyway. Each training run measures drift (PSI and a
 KS test per feature, label balance) against the Production version's data and logs it to MLflow (`drift/`); above
 `drift_threshold` the candidate must beat Production by `drift_margin` instead of being within the tolerance.
+
+#### Candidates
+`candidates` lists model families and hyper-parameters to train side by side (empty: the one `model_family` with its
+`hyperparameters`). Each is a `train_candidate` task instance and a child of the run's MLflow run; with several, each
+is fitted on the training rows less a seeded selection split and ranked on that split by `selection_metric`. Only the
+winner is registered, and only it meets the held-out rows, the threshold and Production. A candidate that fails shows
+as a failed `train_candidate` square; the run goes on with the others and succeeds. If every candidate fails,
+train_model fails and Production stays as it was.
 
 #### Reading a run
 The grid uses Airflow's states: a task that had nothing to do is *skipped* (deploy_model and archive_model when
@@ -115,9 +125,27 @@ def training_pipeline():
 
         return tasks.transform_data(extract_result, context)
 
-    @task(task_id="train_model")
+    @task(task_id="plan_candidates")
+    def plan_candidates(transform_result, **context):
+        """List the run's candidates: the list train_candidate is mapped over."""
+        from ml import tasks
+
+        return tasks.plan_candidates(context)
+
+    # A mapped task takes default_args' show_return_value_in_logs only when given outright.
+    @task(task_id="train_candidate", show_return_value_in_logs=False)
+    def train_candidate(transform_result, candidate, **context):
+        """Fit one candidate (a model family with its hyper-parameters) and log it as a child MLflow run; mapped
+        over the run's candidates, so each is a task instance of its own, on whichever worker is free."""
+        from ml import tasks
+
+        return tasks.train_candidate(transform_result, candidate, context)
+
+    # Once every candidate is done, if any trained: a failed candidate fails its own task instance, not the run.
+    # Skipped with transform_data when there is nothing to train.
+    @task(task_id="train_model", trigger_rule="all_done_min_one_success")
     def train_model(transform_result, **context):
-        """Fit the scikit-learn pipeline, log it to MLflow and register a new model version."""
+        """Choose the best candidate, score it on the held-out set and register it as a new model version."""
         from ml import tasks
 
         return tasks.train_model(transform_result, context)
@@ -160,7 +188,11 @@ def training_pipeline():
 
     extract_result = extract_data()
     transform_result = transform_data(extract_result)
+    candidates = train_candidate.partial(transform_result=transform_result).expand(
+        candidate=plan_candidates(transform_result)
+    )
     train_result = train_model(transform_result)
+    candidates >> train_result
     validation_result = validate_model(train_result)
     deploy_result = deploy_model()
     validation_result >> deploy_result

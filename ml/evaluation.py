@@ -82,6 +82,77 @@ def score(predictions: Any, truth: pd.Series) -> dict[str, float]:
     }
 
 
+def ranking_scores(probabilities: np.ndarray, model_classes: Any, truth: pd.Series) -> dict[str, float]:
+    """ROC AUC and average precision of a model's class probabilities (columns in ``model_classes``' order).
+
+    Two classes: the last one is the positive class, as in :func:`score`. Several: one against the rest, macro
+    averaged. A score that cannot be computed on these rows (a class missing from them) is left out.
+    """
+    names = [str(name) for name in model_classes]
+    expected = truth.astype(str).to_numpy()
+    scores = {}
+    if len(names) == 2:
+        positive = expected == names[1]
+        ranked = probabilities[:, 1]
+        computations = {
+            "roc_auc": lambda: metrics.roc_auc_score(positive, ranked),
+            "average_precision": lambda: metrics.average_precision_score(positive, ranked),
+        }
+    else:
+        one_hot = np.column_stack([expected == name for name in names])
+        computations = {
+            "roc_auc": lambda: metrics.roc_auc_score(one_hot, probabilities, average="macro"),
+            "average_precision": lambda: metrics.average_precision_score(one_hot, probabilities, average="macro"),
+        }
+    for name, compute in computations.items():
+        try:
+            value = float(compute())
+        except ValueError:
+            continue
+        if np.isfinite(value):
+            scores[name] = value
+    return scores
+
+
+def full_scores(model: Any, features: pd.DataFrame, truth: pd.Series) -> tuple[np.ndarray, dict[str, float]]:
+    """A fitted scikit-learn model's predictions on ``features`` and every score of them: :func:`score`'s and, where
+    the model gives class probabilities, :func:`ranking_scores`'."""
+    predictions = np.asarray(model.predict(features))
+    scores = score(predictions, truth)
+    if hasattr(model, "predict_proba"):
+        scores |= ranking_scores(np.asarray(model.predict_proba(features)), model.classes_, truth)
+    return predictions, scores
+
+
+def curve_figures(model: Any, features: pd.DataFrame, truth: pd.Series, title: str) -> dict[str, Figure]:
+    """The ROC and precision-recall curves of a fitted model on ``features``, one line per class (one against the
+    rest) or, for two classes, one for the positive class; keyed by artifact file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probabilities = np.asarray(model.predict_proba(features))
+    names = [str(name) for name in model.classes_]
+    expected = truth.astype(str).to_numpy()
+    shown = [1] if len(names) == 2 else range(len(names))
+    figures = {}
+    for file, display, what in (
+        ("evaluation/roc_curve.png", metrics.RocCurveDisplay, "ROC"),
+        ("evaluation/precision_recall_curve.png", metrics.PrecisionRecallDisplay, "precision-recall"),
+    ):
+        figure, axes = plt.subplots(figsize=(4.5, 4))
+        for column in shown:
+            positive = expected == names[column]
+            if positive.all() or not positive.any():
+                continue
+            display.from_predictions(positive, probabilities[:, column], ax=axes, name=f"class {names[column]}")
+        axes.set_title(f"{title}: {what}")
+        figure.tight_layout()
+        figures[file] = figure
+    return figures
+
+
 @dataclass(frozen=True)
 class ComparisonRows:
     """The held-out rows the candidate and Production are compared on, and why those.

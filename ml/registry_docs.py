@@ -6,9 +6,11 @@ The tags stay the record machines read; these descriptions are derived from them
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
+from ml import selection
 from ml import tags as t
 
 NONE = "\u2013"  # an en dash: an empty table cell
@@ -104,7 +106,19 @@ def version_description(version: int, stage: str, tags: Mapping[str, str]) -> st
         ("code", f"`{tags[t.CODE_REVISION]}`" if tags.get(t.CODE_REVISION) else NONE),
     ]
     table = "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in rows)
-    return f"{version_status(stage, tags)}\n\n| | |\n|---|---|\n{table}\n"
+    return f"{version_status(stage, tags)}\n\n| | |\n|---|---|\n{table}\n{_candidates(tags)}"
+
+
+def _candidates(tags: Mapping[str, str]) -> str:
+    """The candidates the version was chosen among, when its run trained several; unreadable: left out."""
+    try:
+        rows = json.loads(tags.get(t.CANDIDATES) or "[]")
+    except ValueError:
+        return ""
+    if not isinstance(rows, list) or not rows:
+        return ""
+    why = tags.get(t.CANDIDATES_SELECTION, "")
+    return f"\n### Candidates\n\n{selection.explained(rows, why, tags.get(t.CANDIDATES_METRIC, ''))}\n"
 
 
 def model_description(

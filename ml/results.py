@@ -84,6 +84,8 @@ class TransformResult:
     test_uri: str = ""
     train_rows: int = 0
     test_rows: int = 0
+    # The MLflow run of this DAG run's training: each candidate's run is a child of it.
+    parent_run_id: str = ""
     skip: Skip | None = None
 
     def to_xcom(self) -> dict[str, Any]:
@@ -106,15 +108,50 @@ class TransformResult:
         return _from_fields(cls, result)
 
 
+def candidate_name(index: int, model_family: str) -> str:
+    """How a candidate is named wherever it is shown: its place in the run's list, from 1, and its family."""
+    return f"#{index + 1} {model_family}"
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One trained candidate (train_candidate's XCom): where its model is in MLflow, and its scores on the selection
+    split (none with a single candidate, which nothing is chosen among). Metadata only: the model stays in MLflow."""
+
+    index: int
+    model_family: str
+    hyperparameters: dict[str, Any]
+    run_id: str
+    model_uri: str
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return candidate_name(self.index, self.model_family)
+
+    def to_xcom(self) -> dict[str, Any]:
+        return {"candidate_trained": True, **_field_values(self)}
+
+    @classmethod
+    def from_xcom(cls, result: Mapping[str, Any]) -> CandidateResult:
+        return _from_fields(cls, result)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     model_name: str
     model_version: int | None = None
     accuracy: float | None = None
+    # The MLflow run whose model is the version: the chosen candidate's, a child of parent_run_id.
     run_id: str = ""
     model_family: str = ""
     # drift.result_fields(): the largest PSI and its feature, whether drift is high, against which version.
     drift: dict[str, Any] = field(default_factory=dict)
+    parent_run_id: str = ""
+    # Every candidate of the run as ml.selection.summary() writes it, and why the chosen one won.
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    selection: str = ""
+    selection_metric: str = ""
     skip: Skip | None = None
 
     @property

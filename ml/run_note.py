@@ -16,6 +16,8 @@ from urllib.parse import quote
 Result = Mapping[str, Any] | None
 # MLflow 3's UI opens in its GenAI view (no Model registry in the sidebar) unless the link asks for model training.
 MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+# The longest note Airflow keeps on a run (its column's length).
+AIRFLOW_NOTE_LIMIT = 1000
 # The XCom key under which rollback_model (extract_data, on no new data) leaves the note for ml.airflow_plugin.
 RUN_NOTE_KEY = "run_note"
 # The XCom key under which a task leaves a note for its own task instance (validate_model, why it rejected a version).
@@ -120,8 +122,32 @@ def no_new_data(extract: Mapping[str, Any], links: MlflowLinks) -> str:
 
 
 def with_reason(note: str, reason: str | None) -> str:
-    """A pipeline run's note followed, on a line of its own, by why the run was started (its ``reason`` Param)."""
-    return f"{note}\n\nStarted because: {reason}" if reason else note
+    """A pipeline run's note followed, on a line of its own, by why the run was started (its ``reason`` Param), cut
+    short where the whole would pass what Airflow keeps of a note."""
+    if not reason:
+        return note
+    lead = f"{note}\n\nStarted because: "
+    room = AIRFLOW_NOTE_LIMIT - len(lead)
+    return lead + (reason if len(reason) <= room else reason[: max(room - 1, 0)] + "…")
+
+
+def with_candidates(note: str, train: Result) -> str:
+    """The note and, under it, the run's candidates side by side when it trained several, with why one won.
+
+    Airflow keeps a run's note in 1,000 characters (PostgreSQL refuses more): the table shrinks to the selection
+    metric's column, then to the sentence alone; the MLflow parent run and the version's description keep it whole.
+    """
+    rows = (train or {}).get("candidates") or []
+    if not rows:
+        return note
+    from ml import selection
+
+    why, metric = str((train or {}).get("selection") or ""), str((train or {}).get("selection_metric") or "")
+    for shown in (selection.explained(rows, why, metric), selection.explained(rows, why, metric, compact=True)):
+        if len(note) + 2 + len(shown) <= AIRFLOW_NOTE_LIMIT:
+            return f"{note}\n\n{shown}"
+    sentence = f"Chosen among {len(rows)} candidates by {metric}: {why}."
+    return f"{note}\n\n{sentence}" if len(note) + 2 + len(sentence) <= AIRFLOW_NOTE_LIMIT else note
 
 
 def refused(reason: str, production: int | None) -> str:

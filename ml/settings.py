@@ -29,6 +29,11 @@ from typing import Any
 from ml.redaction import mask_credentials
 
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "gradient_boosting")
+# What a run's candidates are ranked by, on the selection split: the held-out rows stay for the gate and Production.
+SELECTION_METRICS = ("accuracy", "roc_auc", "average_precision", "f1")
+# Each candidate is a task instance, a fit and an MLflow run: a run may not ask for more than this many.
+MAX_CANDIDATES = 8
+CANDIDATE_KEYS = ("model_family", "hyperparameters")
 DEFAULT_DATA_SOURCE = "sklearn:breast_cancer"
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "duckdb")
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
@@ -86,8 +91,8 @@ def setting(default: Any, env: str, description: str, *, secret: bool = False, *
     """Declare a settings field (see :class:`Declaration` for the keywords); a secret is left out of the repr, so a
     settings object that reaches a log does not carry it."""
     metadata = {"setting": Declaration(env=env, description=description, **declared)}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=metadata)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, repr=not secret, metadata=metadata)
 
 
@@ -130,6 +135,34 @@ def alias_problem(alias: str) -> str | None:
     if RESERVED_ALIAS.match(alias):
         return f"production_alias {alias!r} is reserved by MLflow ('latest' and v<number> name versions); use another"
     return None
+
+
+def candidates_problem(candidates: list[Any]) -> str | None:
+    """Why a list of candidate specs cannot be trained, naming the entry; the estimators' own checks of each entry's
+    hyper-parameters come later (ml.training.candidates_of), still before any data is read."""
+    if len(candidates) > MAX_CANDIDATES:
+        return f"candidates holds {len(candidates)} entries; a run trains at most {MAX_CANDIDATES}"
+    for index, spec in enumerate(candidates):
+        where = f"candidates[{index}]"
+        if not isinstance(spec, dict):
+            return f"{where} must be a JSON object with {' and/or '.join(CANDIDATE_KEYS)}, got {shown_value(spec)}"
+        unknown = sorted(str(key) for key in spec if key not in CANDIDATE_KEYS)
+        if unknown:
+            return f"{where} has unknown keys {shown_value(unknown)}; a candidate takes {', '.join(CANDIDATE_KEYS)}"
+        family = spec.get("model_family", MODEL_FAMILIES[0])
+        if family not in MODEL_FAMILIES:
+            return f"{where}: model_family {shown_value(family)} is unknown; choose one of {', '.join(MODEL_FAMILIES)}"
+        hyperparameters = spec.get("hyperparameters", {})
+        if not isinstance(hyperparameters, dict):
+            return f"{where}: hyperparameters must be a JSON object, got {shown_value(hyperparameters)}"
+        non_finite = [str(key) for key, value in hyperparameters.items() if not _finite_or_not_a_number(value)]
+        if non_finite:
+            return f"{where}: hyperparameters {', '.join(non_finite)} must be finite numbers"
+    return None
+
+
+def _finite_or_not_a_number(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def notice_events(value: str) -> tuple[str, ...]:
@@ -244,6 +277,28 @@ class Settings:
         title="Hyper-parameters",
         per_run=True,
         logged=False,
+    )
+    candidates: list[dict[str, Any]] = setting(
+        [],
+        "MLOPS_CANDIDATES",
+        "Several candidates to train in parallel and choose from, as a JSON list, e.g. "
+        '[{"model_family": "random_forest", "hyperparameters": {"max_depth": 6}}, {"hyperparameters": {"C": 0.5}}]; '
+        "an entry without model_family takes the run's model family. Empty: one candidate, the model family with "
+        f"its hyper-parameters. At most {MAX_CANDIDATES}.",
+        title="Candidates",
+        per_run=True,
+        logged=False,
+        maximum=MAX_CANDIDATES,
+        check=candidates_problem,
+    )
+    selection_metric: str = setting(
+        "accuracy",
+        "MLOPS_SELECTION_METRIC",
+        "What chooses among several candidates, scored on a selection split carved from the training rows.",
+        title="Selection metric",
+        per_run=True,
+        required=True,
+        choices=SELECTION_METRICS,
     )
     data_source: str = setting(
         DEFAULT_DATA_SOURCE,
@@ -674,16 +729,17 @@ class SettingSpec:
 
     @property
     def base_kind(self) -> Any:
-        """``str`` for ``str | None``; ``dict`` for ``dict[str, Any]``; the type itself otherwise."""
+        """``str`` for ``str | None``; ``dict`` for ``dict[str, Any]``, ``list`` for ``list[...]``; the type itself
+        otherwise."""
         arguments = [a for a in typing.get_args(self.kind) if a is not type(None)]
-        if typing.get_origin(self.kind) is dict:
-            return dict
+        if typing.get_origin(self.kind) in (dict, list):
+            return typing.get_origin(self.kind)
         return arguments[0] if arguments else self.kind
 
     def embedded(self, home: Path) -> Any:
         if self.declaration.home_default is not None:
             return self.declaration.home_default(home)
-        return dict(self.default) if isinstance(self.default, dict) else self.default
+        return type(self.default)(self.default) if isinstance(self.default, (dict, list)) else self.default
 
     def from_environ(self, environ: Environ, home: Path) -> Any:
         raw = environ.get(self.declaration.env, "").strip()
@@ -721,7 +777,9 @@ class SettingSpec:
     def param_spec(self, value: Any) -> dict[str, Any]:
         """Keyword arguments of the ``Param`` for this setting, with ``value`` as its default."""
         spec = self.declaration
-        json_type = {bool: "boolean", int: "integer", float: "number", dict: "object"}.get(self.base_kind, "string")
+        json_type = {bool: "boolean", int: "integer", float: "number", dict: "object", list: "array"}.get(
+            self.base_kind, "string"
+        )
         schema: dict[str, Any] = {
             "$schema": PARAM_SCHEMA_DIALECT,
             "title": spec.title or self.name,
@@ -734,12 +792,17 @@ class SettingSpec:
             schema["type"] = json_type
         if json_type == "string" and spec.required:
             schema["minLength"] = 1
-        for key, bound in (
+        bounds: tuple[tuple[str, float | None], ...] = (
             ("minimum", spec.minimum),
             ("maximum", spec.maximum),
             ("exclusiveMinimum", spec.exclusive_minimum),
             ("exclusiveMaximum", spec.exclusive_maximum),
-        ):
+        )
+        if json_type == "array":
+            # A list's bounds are on its length; its items are checked where they are read (the declaration's check).
+            schema["items"] = {"type": "object"}
+            bounds = (("minItems", spec.minimum), ("maxItems", spec.maximum))
+        for key, bound in bounds:
             if bound is not None:
                 schema[key] = bound
         if spec.choices:
@@ -810,6 +873,8 @@ def _convert(kind: Any, value: Any, label: str) -> Any:
         return _as_float(value, label)
     if kind is dict:
         return _as_mapping(value, label)
+    if kind is list:
+        return _as_list(value, label)
     if kind is Path:
         return _home({"MLOPS_HOME": str(value)})
     if isinstance(value, str):
@@ -870,6 +935,14 @@ def _as_mapping(value: Any, label: str) -> dict[str, Any]:
     if non_finite:
         raise ConfigurationError(f"{label}: {', '.join(non_finite)} must be finite numbers")
     return dict(value)
+
+
+def _as_list(value: Any, label: str) -> list[Any]:
+    if isinstance(value, str):
+        value = read_json(value or "[]", label)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigurationError(f"{label} must be a JSON list, got {type(value).__name__}")
+    return list(value)
 
 
 def read_json(text: str, label: str) -> Any:

@@ -7,16 +7,19 @@ in ``ml.tracking``, checking a deployment in ``ml.deployment`` and every change 
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ml import data, deployment, drift, evaluation, registry, tags, tracking
+from ml import data, deployment, drift, evaluation, registry, selection, tags, tracking
 from ml.context import RunContext
 from ml.results import (
     NO_NEW_DATA,
     ApprovalResult,
     ArchiveResult,
+    CandidateResult,
     DeployResult,
     ExtractResult,
     ManualRollbackResult,
@@ -28,15 +31,18 @@ from ml.results import (
 )
 from ml.settings import ConfigurationError, Settings
 
+if TYPE_CHECKING:
+    from ml import training
+
 log = logging.getLogger(__name__)
 
 
 def check_configuration(settings: Settings) -> None:
     """Fail fast, before any data is read or model trained, on settings the later steps would trip over."""
-    from ml.training import resolve_hyperparameters
+    from ml.training import candidates_of
 
     settings.validate()
-    resolve_hyperparameters(settings.model_family, settings.hyperparameters)
+    candidates_of(settings)
     try:
         data.source_kind(settings.data_source)
     except data.DataSourceError as error:
@@ -140,6 +146,7 @@ def transform(settings: Settings, run: RunContext, extracted: ExtractResult) -> 
     log.info(
         "split %d rows: %d train, %d test, %d features", len(frame), split.train_rows, split.test_rows, len(features)
     )
+    parent = tracking.parent_run(tracking.connect(settings), run, settings, extracted.digest)
     return TransformResult(
         feature_names=split.features,
         label_column=split.label,
@@ -150,6 +157,7 @@ def transform(settings: Settings, run: RunContext, extracted: ExtractResult) -> 
         test_uri=split.test_uri,
         train_rows=split.train_rows,
         test_rows=split.test_rows,
+        parent_run_id=parent,
     )
 
 
@@ -162,12 +170,120 @@ def production_features(settings: Settings) -> list[str] | None:
     return tracking.input_names(tracking.connect(settings), registry.load_uri(settings.model_name, champion))
 
 
-def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainResult:
-    """Fit the pipeline, log the run to MLflow and register the model as a new version (once per DAG run)."""
-    if split.skip:
-        return TrainResult(model_name=settings.model_name, skip=_nothing_to_do(split.skip))
+def train_candidate(
+    settings: Settings, run: RunContext, split: TransformResult, candidate: training.Candidate
+) -> CandidateResult:
+    """Fit one candidate and log it, its parameters and its scores as a child of the run's parent MLflow run.
+
+    When the run has several candidates it is fitted on the training rows less a seeded selection split, and scored
+    on that split; alone, it is fitted on every training row, as there is nothing to choose.
+    """
     from ml import training
 
+    several = len(settings.candidates) > 1
+    mlflow = tracking.connect(settings)
+    earlier = tracking.finished_candidate_run(mlflow, settings.experiment_name, split.parent_run_id, candidate.index)
+    if earlier is not None:
+        log.info("candidate %s was trained by an earlier try: run %s", candidate.name, earlier.info.run_id)
+        return _candidate_result(candidate, earlier)
+    train_frame = data.read_frame(split.train_uri)
+    features, label = split.feature_names, split.label_column
+    fit_rows, ranking_rows = (
+        training.selection_split(train_frame, label, settings.test_size, settings.random_seed)
+        if several
+        else (train_frame, None)
+    )
+    pipeline = training.build_pipeline(candidate.model_family, candidate.hyperparameters, settings.random_seed)
+    lineage = {
+        **run.lineage_tags(),
+        tags.DATA_DIGEST: split.digest,
+        tags.RANDOM_SEED: str(settings.random_seed),
+        tags.MODEL_FAMILY: candidate.model_family,
+        tags.RUN_ROLE: "candidate",
+        tags.CANDIDATE_INDEX: str(candidate.index),
+    }
+    with mlflow.start_run(
+        run_name=f"{candidate.name} · {run.run_id}",
+        parent_run_id=split.parent_run_id,
+        nested=True,
+        tags=lineage,
+        description=tracking.run_description(run, settings, split.digest, candidate.model_family),
+    ) as active:
+        mlflow.log_params(
+            {
+                **settings.run_parameters(),
+                "model_family": candidate.model_family,
+                **{f"model.{k}": v for k, v in candidate.hyperparameters.items()},
+                "train_rows": len(fit_rows),
+                "selection_rows": len(ranking_rows) if ranking_rows is not None else 0,
+                "test_rows": split.test_rows,
+                "features": len(features),
+            }
+        )
+        tracking.log_datasets(
+            mlflow, train_frame, train_frame, train_uri=split.train_uri, test_uri=split.test_uri, digest=split.digest
+        )
+        log.info("fitting candidate %s on %d rows", candidate.name, len(fit_rows))
+        try:
+            with tracking.model_logging_imported_meanwhile():
+                pipeline.fit(fit_rows[features], fit_rows[label])
+        except (ValueError, TypeError) as error:
+            # The estimator refused this combination of settings only when fitting: another try would too.
+            raise ConfigurationError(
+                f"candidate {candidate.name} {candidate.hyperparameters} failed to fit: {error}"
+            ) from error
+        scored = evaluation.training_score_sample(fit_rows, settings.random_seed)
+        train_metrics = evaluation.score(pipeline.predict(scored[features]), scored[label])
+        mlflow.log_metrics({f"train_{k}": v for k, v in train_metrics.items()})
+        scores: dict[str, float] = {}
+        if ranking_rows is not None:
+            _, scores = evaluation.full_scores(pipeline, ranking_rows[features], ranking_rows[label])
+            mlflow.log_metrics({f"selection_{k}": v for k, v in scores.items()})
+        model_uri = tracking.log_model(mlflow, pipeline, fit_rows[features], settings.model_name)
+        mlflow.set_tag(tags.CANDIDATE_MODEL_URI, model_uri)
+        run_id = active.info.run_id
+    log.info("candidate %s trained: %s", candidate.name, scores or "alone, nothing to rank")
+    return CandidateResult(
+        candidate.index, candidate.model_family, candidate.hyperparameters, run_id, model_uri, scores
+    )
+
+
+def _candidate_result(candidate: training.Candidate, logged: Any) -> CandidateResult:
+    scores = {
+        key.removeprefix("selection_"): value
+        for key, value in logged.data.metrics.items()
+        if key.startswith("selection_")
+    }
+    return CandidateResult(
+        candidate.index,
+        candidate.model_family,
+        candidate.hyperparameters,
+        logged.info.run_id,
+        logged.data.tags[tags.CANDIDATE_MODEL_URI],
+        scores,
+    )
+
+
+def _train_each_here(
+    settings: Settings, run: RunContext, split: TransformResult, planned: list[training.Candidate]
+) -> list[CandidateResult]:
+    """Every candidate in turn, in this process: what the mapped train_candidate tasks do in a DAG run."""
+    trained = []
+    for candidate in planned:
+        try:
+            trained.append(train_candidate(settings, run, split, candidate))
+        except ConfigurationError as error:
+            log.warning("candidate %s failed: %s", candidate.name, error)
+    return trained
+
+
+def train(
+    settings: Settings, run: RunContext, split: TransformResult, trained: list[CandidateResult] | None = None
+) -> TrainResult:
+    """Choose the best trained candidate, score it on the held-out set and register it as a new version (once per
+    DAG run). ``trained`` are the train_candidate tasks' results; None trains every candidate here first."""
+    if split.skip:
+        return TrainResult(model_name=settings.model_name, skip=_nothing_to_do(split.skip))
     client = registry.client_for(settings)
     registry.ensure_registered_model(client, settings.model_name)
     existing = registry.find_version_for_run_key(client, settings.model_name, run.run_key)
@@ -181,81 +297,91 @@ def train(settings: Settings, run: RunContext, split: TransformResult) -> TrainR
             model_version=existing.version,
             accuracy=float(metrics.get("accuracy", 0.0)),
             run_id=existing.run_id or "",
-            model_family=settings.model_family,
+            model_family=existing.tags.get(tags.MODEL_FAMILY, settings.model_family),
             drift=drift.fields_from_tags(existing.tags, settings.drift_threshold),
+            parent_run_id=split.parent_run_id,
+            candidates=json.loads(existing.tags.get(tags.CANDIDATES) or "[]"),
+            selection=existing.tags.get(tags.CANDIDATES_SELECTION, ""),
+            selection_metric=existing.tags.get(tags.CANDIDATES_METRIC, ""),
         )
+    from ml import training
+
+    planned = training.candidates_of(settings)
+    parent = split.parent_run_id or tracking.parent_run(tracking.connect(settings), run, settings, split.digest)
+    split = replace(split, parent_run_id=parent)
+    if trained is None:
+        trained = _train_each_here(settings, run, split, planned)
+    mlflow = tracking.connect(settings)
+    try:
+        chosen, why = selection.choose(trained, settings.selection_metric, len(planned))
+    except selection.NoCandidateTrainedError:
+        client.set_terminated(parent, "FAILED")
+        raise
+    rows = selection.summary([c.to_xcom() for c in planned], trained, chosen)
+    log.info("chose candidate %s: %s", chosen.name, why)
+
     train_frame = data.read_frame(split.train_uri)
     test_frame = data.read_frame(split.test_uri)
     features, label = split.feature_names, split.label_column
-    hyperparameters = training.resolve_hyperparameters(settings.model_family, settings.hyperparameters)
-    pipeline = training.build_pipeline(settings.model_family, settings.hyperparameters, settings.random_seed)
-
+    model = tracking.load_fitted_model(mlflow, chosen.model_uri)
+    predictions, metrics = evaluation.full_scores(model, test_frame[features], test_frame[label])
     drift_report, drift_reference = _drift_against_production(settings, client, train_frame, test_frame)
     drift_tags = drift.version_tags(drift_report, settings.drift_threshold, drift_reference)
-    mlflow = tracking.connect(settings)
+    # The chosen candidate's run becomes the version's: its held-out scores, plots and drift report go there.
+    with mlflow.start_run(run_id=chosen.run_id):
+        mlflow.log_metrics(metrics)
+        title = f"{chosen.model_family}: held-out set"
+        figures = {
+            "evaluation/confusion_matrix.png": evaluation.confusion_matrix_figure(
+                predictions, test_frame[label], title, data.class_names(settings.data_source)
+            ),
+            **evaluation.curve_figures(model, test_frame[features], test_frame[label], title),
+        }
+        for artifact_file, figure in figures.items():
+            tracking.log_figure(mlflow, figure, artifact_file)
+        if drift_report is not None:
+            drift.log_report(mlflow, drift_report, settings.drift_threshold, drift_reference)
+        mlflow.set_tags(drift_tags)
     lineage = {
         **run.lineage_tags(),
         tags.DATA_DIGEST: split.digest,
         tags.DATA_SNAPSHOT_URI: split.snapshot_uri,
         tags.RANDOM_SEED: str(settings.random_seed),
-        tags.MODEL_FAMILY: settings.model_family,
+        tags.MODEL_FAMILY: chosen.model_family,
         tags.DATA_TRAIN_SPLIT_URI: split.train_uri,
     }
     started = datetime.now(UTC)
-    with mlflow.start_run(
-        run_name=tracking.run_name(settings.model_family, started),
-        tags=lineage,
-        description=tracking.run_description(run, settings, split.digest),
-    ) as active:
-        mlflow.log_params(
-            {
-                **settings.run_parameters(),
-                **{f"model.{k}": v for k, v in hyperparameters.items()},
-                "train_rows": len(train_frame),
-                "test_rows": len(test_frame),
-                "features": len(features),
-            }
-        )
-        tracking.log_datasets(
-            mlflow,
-            train_frame,
-            test_frame,
-            train_uri=split.train_uri,
-            test_uri=split.test_uri,
-            digest=split.digest,
-        )
-        log.info("fitting %s on %d rows", settings.model_family, len(train_frame))
-        with tracking.model_logging_imported_meanwhile():
-            pipeline.fit(train_frame[features], train_frame[label])
-            predictions = pipeline.predict(test_frame[features])
-        metrics = evaluation.score(predictions, test_frame[label])
-        scored = evaluation.training_score_sample(train_frame, settings.random_seed)
-        train_metrics = evaluation.score(pipeline.predict(scored[features]), scored[label])
-        mlflow.log_param("train_metrics_rows", len(scored))
-        mlflow.log_metrics({**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}})
-        figure = evaluation.confusion_matrix_figure(
-            predictions,
-            test_frame[label],
-            f"{settings.model_family}: held-out set",
-            data.class_names(settings.data_source),
-        )
-        tracking.log_figure(mlflow, figure, "evaluation/confusion_matrix.png")
-        if drift_report is not None:
-            drift.log_report(mlflow, drift_report, settings.drift_threshold, drift_reference)
-        mlflow.set_tags(drift_tags)
-        model_uri = tracking.log_model(mlflow, pipeline, train_frame[features], settings.model_name)
-        version = registry.register_version(settings, model_uri, {**lineage, **drift_tags})
-        run_id = active.info.run_id
-        # The version number exists only now: the run's name gets it, so that runs are told apart at a glance.
-        mlflow.set_tag(tracking.RUN_NAME_TAG, tracking.run_name(settings.model_family, started, version))
-    log.info("version %s scores %.4f on the held-out set", version, metrics["accuracy"])
+    chosen_tags = {**lineage, **drift_tags}
+    if len(planned) > 1:
+        chosen_tags |= {
+            tags.CANDIDATES: json.dumps(rows, separators=(",", ":")),
+            tags.CANDIDATES_SELECTION: why,
+            tags.CANDIDATES_METRIC: settings.selection_metric,
+        }
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_params({**settings.run_parameters(), "candidates": len(planned), "chosen": chosen.name})
+        mlflow.log_metrics({f"chosen_{k}": v for k, v in metrics.items()})
+        mlflow.set_tags(chosen_tags)
+        version = registry.register_version(settings, chosen.model_uri, chosen_tags)
+        described = tracking.run_description(run, settings, split.digest)
+        if len(planned) > 1:
+            described += "\n\n" + selection.explained(rows, why, settings.selection_metric)
+        mlflow.set_tag(tracking.NOTE_TAG, described)
+        named = f"{len(planned)} candidates" if len(planned) > 1 else chosen.model_family
+        mlflow.set_tag(tracking.RUN_NAME_TAG, tracking.run_name(named, started, version))
+    client.set_tag(chosen.run_id, tracking.RUN_NAME_TAG, tracking.run_name(chosen.name, started, version))
+    log.info("version %s (%s) scores %.4f on the held-out set", version, chosen.name, metrics["accuracy"])
     return TrainResult(
         model_name=settings.model_name,
         model_version=version,
         accuracy=float(metrics["accuracy"]),
-        run_id=run_id,
-        model_family=settings.model_family,
+        run_id=chosen.run_id,
+        model_family=chosen.model_family,
         drift=drift.result_fields(drift_report, settings.drift_threshold, drift_reference),
+        parent_run_id=parent,
+        candidates=rows if len(planned) > 1 else [],
+        selection=why,
+        selection_metric=settings.selection_metric,
     )
 
 

@@ -20,6 +20,16 @@ DATA_TRAIN_SPLIT_URI = "mlops.data.train_split_uri"
 RANDOM_SEED = "mlops.random_seed"
 MODEL_FAMILY = "mlops.model_family"
 
+# A DAG run's training in MLflow: one parent run, and a child run per candidate (MLflow's own mlflow.parentRunId).
+RUN_ROLE = "mlops.run.role"
+CANDIDATE_INDEX = "mlops.candidate.index"
+CANDIDATE_MODEL_URI = "mlops.candidate.model_uri"
+PARENT_RUN_ID = "mlflow.parentRunId"
+# On the version: every candidate of its run side by side (JSON, ml.selection.summary()), and why it was chosen.
+CANDIDATES = "mlops.candidates"
+CANDIDATES_SELECTION = "mlops.candidates.selection"
+CANDIDATES_METRIC = "mlops.candidates.selection_metric"
+
 # Drift of the version's data against the data of the Production version it was compared with.
 DRIFT_MAX_PSI = "mlops.drift.max_psi"
 DRIFT_MAX_PSI_FEATURE = "mlops.drift.max_psi_feature"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from ml import data, redaction, registry, run_note, steps
+from ml import data, redaction, registry, run_note, selection, steps
 from ml.context import RunContext
 from ml.hooks import call_hook
 from ml.results import (
@@ -20,6 +20,7 @@ from ml.results import (
     APPROVE,
     ApprovalResult,
     ArchiveResult,
+    CandidateResult,
     DeployResult,
     ExtractResult,
     ManualRollbackResult,
@@ -43,9 +44,12 @@ PERMANENT_ERRORS = (
     data.DataValidationError,
     registry.RegistryError,
     MissingResultError,
+    selection.NoCandidateTrainedError,
 )
 # Those of their kind that another try may get past (a data source that did not answer): left to Airflow's retries.
 TRANSIENT_ERRORS = (data.DataSourceUnavailableError,)
+# The mapped task that trains one candidate per task instance; train_model reads what each left.
+CANDIDATE_TASK = "train_candidate"
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +173,7 @@ def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: Rollb
         settings.mlflow_ui, settings.model_name, _experiment_id(settings, str(trained.get("run_id") or ""))
     )
     extracted, deployed = upstream_result(context, "extract_data"), upstream_result(context, "deploy_model")
-    composed = run_note.compose(
+    headline = run_note.compose(
         extract=extracted,
         train=trained,
         validation=upstream_result(context, "validate_model"),
@@ -177,7 +181,8 @@ def _push_run_note(context: Mapping[str, Any], settings: Settings, rolled: Rollb
         rollback=rolled.to_xcom(),
         links=links,
     )
-    note = run_note.with_reason(composed, (context.get("params") or {}).get("reason"))
+    started_because = run_note.with_reason(headline, (context.get("params") or {}).get("reason"))
+    note = run_note.with_candidates(started_because, trained)
     log.info("run note: %s", note.splitlines()[0])
     ti.xcom_push(key=run_note.RUN_NOTE_KEY, value=note)
     events = run_note.events(extract=extracted, deploy=deployed, rollback=rolled.to_xcom())
@@ -264,12 +269,45 @@ def transform_data(extract_result: Mapping[str, Any], context: Mapping[str, Any]
     )
 
 
+def plan_candidates(context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's candidates, each as train_candidate is handed it: a list, which Airflow maps train_candidate over
+    (it maps only over a task's returned value, and transform_data's is the contract's dict)."""
+    from ml.training import candidates_of
+
+    try:
+        settings, _ = resolve(context)
+        return [candidate.to_xcom() for candidate in candidates_of(settings)]
+    except ConfigurationError as error:
+        _fail_without_retry("plan_candidates", error)
+
+
+def train_candidate(
+    transform_result: Mapping[str, Any], candidate: Mapping[str, Any], context: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One mapped instance: fit one candidate and log it to MLflow; its XCom says where the model is, never holds it."""
+    from ml.training import Candidate
+
+    def train_one(settings: Settings, run: RunContext) -> CandidateResult:
+        split = TransformResult.from_xcom(transform_result)
+        return steps.train_candidate(settings, run, split, Candidate.from_xcom(dict(candidate)))
+
+    return run_step(CANDIDATE_TASK, context, train_one)
+
+
 def train_model(transform_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
-    return run_step(
-        "train_model",
-        context,
-        lambda settings, run: steps.train(settings, run, TransformResult.from_xcom(transform_result)),
-    )
+    """Runs once every candidate is done, if one of them trained: a failed candidate leaves no result and is listed
+    as failed; none trained, it fails."""
+
+    def choose_and_register(settings: Settings, run: RunContext) -> TrainResult:
+        ti = context.get("ti")
+        # A list with a list of task ids: every map index that left a result, the failed ones none.
+        pulled = ti.xcom_pull(task_ids=[CANDIDATE_TASK]) if ti is not None else context.get("train_candidate_results")
+        trained = sorted(
+            (CandidateResult.from_xcom(result) for result in pulled or [] if result), key=lambda c: c.index
+        )
+        return steps.train(settings, run, TransformResult.from_xcom(transform_result), trained)
+
+    return run_step("train_model", context, choose_and_register)
 
 
 def validate_model(train_result: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:

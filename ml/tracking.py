@@ -69,11 +69,12 @@ def connect(settings: Settings, experiment_name: str | None = None, description:
 def experiment_tags(settings: Settings, description: str | None = None) -> dict[str, str]:
     """The experiment's kind (MLflow opens a model-training experiment on its runs) and its description."""
     description = description or (
-        f"Training runs of the `mlops_pipeline` Airflow DAG. Each run trains a scikit-learn pipeline on a snapshot of "
-        f"the configured data, logs its parameters, metrics, datasets, confusion matrix and drift report, and "
-        f"registers a new version of `{settings.model_name}`; runs are named `v<version> · <model family> · "
-        f"<UTC time>` and their description links to the Airflow run. Which version is in Production, and why, is on "
-        f"the registered model's page."
+        f"Training runs of the `mlops_pipeline` Airflow DAG. Each run trains one or more candidate scikit-learn "
+        f"pipelines on a snapshot of the configured data, each a child run with its parameters, scores and datasets; "
+        f"the parent run holds the candidates side by side, and the chosen candidate, with its held-out scores, "
+        f"confusion matrix, curves and drift report, becomes a new version of `{settings.model_name}`. Parent runs "
+        f"are named `v<version> · <model family or number of candidates> · <UTC time>` and their description links "
+        f"to the Airflow run. Which version is in Production, and why, is on the registered model's page."
     )
     return {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, NOTE_TAG: description}
 
@@ -84,13 +85,55 @@ def run_name(model_family: str, started: datetime, version: int | None = None) -
     return " · ".join(([f"v{version}"] if version is not None else []) + [model_family, stamp])
 
 
-def run_description(run: RunContext, settings: Settings, digest: str) -> str:
+def run_description(run: RunContext, settings: Settings, digest: str, model_family: str = "") -> str:
     """Markdown: the Airflow run that trained this model (a link MLflow's UI can follow) and the data it used."""
+    family = f", model family `{model_family}`" if model_family else ""
     return (
-        f"Trained by the Airflow DAG run [{run.run_key}]({run.airflow_url}) (try {run.try_number}), "
-        f"model family `{settings.model_family}`, on the snapshot with digest `{digest[:16]}` of "
+        f"Trained by the Airflow DAG run [{run.run_key}]({run.airflow_url}) (try {run.try_number}){family}, "
+        f"on the snapshot with digest `{digest[:16]}` of "
         f"`{mask_credentials(settings.data_source)}`. The registered version's page says whether it reached Production."
     )
+
+
+def parent_run(mlflow: ModuleType, run: RunContext, settings: Settings, digest: str) -> str:
+    """The id of this DAG run's parent MLflow run, which each candidate's run is a child of: the one an earlier try
+    created, else a new one, left running until train_model ends it."""
+    from ml import tags
+
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    lineage = {**run.lineage_tags(), tags.RUN_ROLE: "parent", tags.DATA_DIGEST: digest}
+    if "'" not in run.run_key:
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{tags.RUN_ROLE}` = 'parent' and tags.`{tags.AIRFLOW_RUN_KEY}` = '{run.run_key}'",
+            max_results=1,
+        )
+        if found:
+            return str(found[0].info.run_id)
+    started = datetime.now(UTC)
+    created = client.create_run(
+        experiment.experiment_id,
+        run_name=run_name("candidates", started),
+        tags={**lineage, NOTE_TAG: run_description(run, settings, digest)},
+    )
+    return str(created.info.run_id)
+
+
+def finished_candidate_run(mlflow: ModuleType, experiment_name: str, parent_run_id: str, index: int) -> Any | None:
+    """The child run in which an earlier try of this candidate logged its model, if one finished."""
+    from ml import tags
+
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    found = mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.`{tags.PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{tags.CANDIDATE_INDEX}` = '{index}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        max_results=1,
+    )
+    return found[0] if found and found[0].data.tags.get(tags.CANDIDATE_MODEL_URI) else None
 
 
 def as_uri(location: str) -> str:
@@ -174,6 +217,12 @@ def load_model(mlflow: ModuleType, model_uri: str) -> Any:
     """``mlflow.pyfunc.load_model``, with skops (the format scikit-learn models are saved in) imported quietly."""
     import_skops_quietly()
     return mlflow.pyfunc.load_model(model_uri)
+
+
+def load_fitted_model(mlflow: ModuleType, model_uri: str) -> Any:
+    """The scikit-learn pipeline itself, not its pyfunc wrapper: class probabilities too, for the ranking scores."""
+    import_skops_quietly()
+    return mlflow.sklearn.load_model(model_uri)
 
 
 def log_figure(mlflow: ModuleType, figure: Any, artifact_file: str) -> None:

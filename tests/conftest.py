@@ -50,13 +50,15 @@ PIPELINE_TASKS = (
     "archive_model",
     "rollback_model",
 )
+# The tasks between transform_data and train_model that list and train the run's candidates (one by default).
+CANDIDATE_TASKS = ("plan_candidates", "train_candidate")
 # The grid of a run that promoted a healthy version: rollback_model found nothing to roll back and ended skipped.
-PROMOTED_RUN_STATES = {task: "success" for task in PIPELINE_TASKS} | {"rollback_model": "skipped"}
+PROMOTED_RUN_STATES = {task: "success" for task in (*PIPELINE_TASKS, *CANDIDATE_TASKS)} | {"rollback_model": "skipped"}
 # The grid of a run on unchanged data: extract_data found no new data and every task after it had nothing to do.
-NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {"extract_data": "success"}
+NO_NEW_DATA_RUN_STATES = {task: "skipped" for task in (*PIPELINE_TASKS, *CANDIDATE_TASKS)} | {"extract_data": "success"}
 # The grid of a run whose version was rejected: trained, then validate_model ended skipped (with a note), nothing after.
 REJECTED_RUN_STATES = {task: "skipped" for task in PIPELINE_TASKS} | {
-    task: "success" for task in ("extract_data", "transform_data", "train_model")
+    task: "success" for task in ("extract_data", "transform_data", *CANDIDATE_TASKS, "train_model")
 }
 # Lines of a run's output that a reader takes for a failure: an error (as Airflow's or the command line's logging writes
 # it, or a traceback), or the notices dag.test() printed on a run that had nothing to do.

@@ -18,6 +18,14 @@ CONTRACT_EDGES = {
     ("deploy_model", "archive_model"),
     ("deploy_model", "rollback_model"),
 }
+# Between transform_data and train_model, the candidates: listed once, then one mapped task instance each.
+CANDIDATE_EDGES = {
+    ("transform_data", "plan_candidates"),
+    ("transform_data", "train_candidate"),
+    ("plan_candidates", "train_candidate"),
+    ("train_candidate", "train_model"),
+}
+CONTRACT_TASKS = {task for edge in CONTRACT_EDGES for task in edge}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,13 @@ def test_unpausing_starts_no_run_beside_the_one_a_user_triggers(dag):
 
 def test_task_logs_end_without_the_returned_dict(dag):
     """Airflow would log each task's returned dict whole as its last line; the XCom tab shows it."""
-    assert {task.task_id: task.show_return_value_in_logs for task in dag.tasks} == dict.fromkeys(dag.task_ids, False)
+    shown = {
+        task.task_id: getattr(task, "show_return_value_in_logs", None)
+        if hasattr(task, "show_return_value_in_logs")
+        else task.partial_kwargs.get("show_return_value_in_logs")
+        for task in dag.tasks
+    }
+    assert shown == dict.fromkeys(dag.task_ids, False)
 
 
 def test_ingest_dag_updates_the_asset_the_pipeline_is_scheduled_on(dag):
@@ -96,15 +110,26 @@ def test_ingest_dag_updates_the_asset_the_pipeline_is_scheduled_on(dag):
 
 
 def test_tasks_and_edges_follow_the_contract(dag):
-    assert set(dag.task_ids) == {t for edge in CONTRACT_EDGES for t in edge}
+    """The contract's seven tasks and their edges, and the candidates between transform_data and train_model only."""
+    assert set(dag.task_ids) == CONTRACT_TASKS | {"plan_candidates", "train_candidate"}
     edges = {(upstream, task.task_id) for task in dag.tasks for upstream in task.upstream_task_ids}
-    assert edges == CONTRACT_EDGES
+    assert edges == CONTRACT_EDGES | CANDIDATE_EDGES
+
+
+def test_candidates_are_one_mapped_task_instance_each(dag):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    mapped = [task.task_id for task in dag.tasks if isinstance(task, MappedOperator)]
+    assert mapped == ["train_candidate"]
+    assert set(dag.get_task("train_candidate").op_kwargs_expand_input.value) == {"candidate"}
 
 
 def test_trigger_rules_and_retries(dag):
     assert dag.get_task("deploy_model").trigger_rule == "none_failed"
     assert dag.get_task("rollback_model").trigger_rule == "all_done"
     assert dag.get_task("archive_model").trigger_rule == "all_success"
+    # Runs when some candidates failed, once they are all done; skipped with the candidates on unchanged data.
+    assert dag.get_task("train_model").trigger_rule == "all_done_min_one_success"
     for task in dag.tasks:
         assert task.retries == 1
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ml.run_note import MlflowLinks, approval_request, compose, no_new_data, with_reason
+from ml.run_note import AIRFLOW_NOTE_LIMIT, MlflowLinks, approval_request, compose, no_new_data, with_reason
 
 LINKS = MlflowLinks(ui_url="http://mlflow.example:5000/", model_name="clf", experiment_id="7")
 HEALTHY = {
@@ -139,3 +139,40 @@ def test_the_reason_a_run_was_started_follows_its_outcome_on_a_line_of_its_own()
         "**v2 promoted**, accuracy 0.97.\n\nStarted because: mlops_monitor, 12:00-13:00 UTC: drift in 27 of 30 features"
     )
     assert with_reason("**no new data**", None) == "**no new data**"
+    longest = with_reason("**v2 promoted**, accuracy 0.97.", "drift " * 200)
+    assert len(longest) == AIRFLOW_NOTE_LIMIT and longest.endswith("…") and "Started because: drift drift" in longest
+
+
+def _candidate_rows(count: int) -> list[dict]:
+    scores = {"accuracy": 0.95, "roc_auc": 0.99, "average_precision": 0.98, "f1": 0.96}
+    return [
+        {
+            "name": f"#{index + 1} gradient_boosting",
+            "hyperparameters": {"n_estimators": 100 + index, "learning_rate": 0.1, "max_depth": 3},
+            "status": "chosen" if index == 0 else "trained",
+            "scores": scores,
+        }
+        for index in range(count)
+    ]
+
+
+def test_several_candidates_are_shown_side_by_side_within_what_airflow_keeps_of_a_note():
+    """Airflow keeps 1,000 characters of a run's note (PostgreSQL refuses more): a long table shrinks, never the
+    headline."""
+    from ml.run_note import with_candidates
+
+    headline = _promotion_of_v3(champion_accuracy=0.9649)
+    why = "#1 gradient_boosting has the highest accuracy (0.9500; next #2 gradient_boosting with 0.9500)"
+    notes = {
+        count: with_candidates(
+            headline, {"candidates": _candidate_rows(count), "selection": why, "selection_metric": "f1"}
+        )
+        for count in (2, 5, 8)
+    }
+    assert "| candidate | hyper-parameters | accuracy | ROC AUC | average precision | **F1** | |" in notes[2]
+    assert "| #1 gradient_boosting | n_estimators=100, learning_rate=0.1, max_depth=3 |" in notes[2]
+    assert "| candidate | **F1** | |" in notes[5] and "| #5 gradient_boosting | 0.9600 | trained |" in notes[5]
+    for note in notes.values():
+        assert note.startswith(headline) and len(note) <= AIRFLOW_NOTE_LIMIT
+        assert f"chosen by f1: {why}." in note or f"Chosen among 8 candidates by f1: {why}." in note
+    assert with_candidates(headline, {"candidates": []}) == headline
