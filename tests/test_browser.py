@@ -4,7 +4,8 @@ Debian's Chromium, driven by Playwright, against ``airflow standalone`` and ``ml
 MLOPS_HOME (tests/ui_stack.py): log in, trigger ``mlops_pipeline`` from its form with the defaults (which unpauses
 it, on a scheduler that runs the daily schedule), wait for the run, read the grid and the train_model log, then open
 the run, the registered model and the version in MLflow; then a run on the same data, and a run whose version is
-rejected. Then the same stack restarted with MLOPS_APPROVAL_REQUIRED (the setting shapes the DAG when its file is
+rejected. Then live traffic that drifted: mlops_monitor's run says so and starts a retraining, whose note says why.
+Then the same stack restarted with MLOPS_APPROVAL_REQUIRED (the setting shapes the DAG when its file is
 parsed): an approver finds two retrained versions under Required Actions, approves the first and rejects the second.
 
 Every page visited is saved as a PNG in ``$MLOPS_SCREENSHOTS`` (``make screenshots`` sets it to .mlops/screenshots).
@@ -16,12 +17,13 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from airflow_api import Airflow
 from conftest import (
+    CANDIDATE_TASKS,
     NO_NEW_DATA_RUN_STATES,
     PIPELINE_TASKS,
     PROMOTED_RUN_STATES,
@@ -39,6 +41,9 @@ pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_SECONDS = 240
 DAG_ID = "mlops_pipeline"
+MONITOR_DAG_ID = "mlops_monitor"
+# A run of the default one candidate: the pipeline's tasks and the one instance of each candidate task.
+RUN_TASK_COUNT = len(PIPELINE_TASKS) + len(CANDIDATE_TASKS)
 APPROVAL_TASK = "approve_deployment"
 # The approval task's states before it asks (None: the run has not created it yet, waiting behind another run).
 APPROVAL_PENDING_STATES = {None, "scheduled", "queued", "running", "deferred"}
@@ -108,11 +113,11 @@ class Pages:
 
 
 def _task_states(page) -> dict[str, str]:
-    """Task id -> state, as the run page's task-instance table shows them."""
+    """Task id -> state of the pipeline's own tasks, as the run page's task-instance table shows them."""
     states = {}
     for row in page.locator("table tbody tr").all():
         cells = [cell.strip() for cell in row.locator("td").all_inner_texts()]
-        task_id = next((c for c in cells if re.fullmatch(r"[a-z_]+_(data|model)", c)), None)
+        task_id = next((c for c in cells if c in {*PIPELINE_TASKS, *CANDIDATE_TASKS}), None)
         state = next((c for c in cells if c.lower() in {"success", "skipped", "failed", "upstream_failed"}), None)
         if task_id and state:
             states[task_id] = state.lower()
@@ -153,7 +158,7 @@ def _log_in(tab: Pages, stack: UiStack, password: str, shot: str | None = "airfl
 
 
 def _open_run(
-    tab: Pages, stack: UiStack, run_id: str, note: str, name: str, task_count: int = len(PIPELINE_TASKS)
+    tab: Pages, stack: UiStack, run_id: str, note: str, name: str, task_count: int = RUN_TASK_COUNT
 ) -> dict[str, str]:
     page = tab.page
     page.goto(f"{stack.airflow_url}/dags/{DAG_ID}/runs/{run_id}")
@@ -283,15 +288,76 @@ def _settings(stack: UiStack) -> Settings:
     return Settings.from_env(stack.env())
 
 
+def _production_version(stack: UiStack) -> int:
+    """Production's version: the one the first test promoted, or one promoted here when that test did not run."""
+    settings = _settings(stack)
+    if production_markers(settings)[0] is None:
+        api = Airflow(stack.airflow_url, ADMIN, stack.admin_password())
+        api.unpause(DAG_ID)
+        assert api.wait_for_run(DAG_ID, api.trigger(DAG_ID), timeout=RUN_TIMEOUT_SECONDS) == "success"
+    version = production_markers(settings)[0]
+    assert version is not None
+    return version
+
+
+def test_live_traffic_that_drifted_starts_a_retraining_whose_run_says_why(stack, browser, screenshots):
+    from ml import data, ingest, records
+    from ml.monitor import Window, retraining_run_id
+
+    production = _production_version(stack)
+    settings = _settings(stack)
+    api = Airflow(stack.airflow_url, ADMIN, stack.admin_password())
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    context.set_default_timeout(30_000)
+    tab = Pages(context.new_page(), screenshots)
+    _log_in(tab, stack, stack.admin_password())
+
+    # The model server recorded an hour of traffic whose every feature moved far from what Production learned from.
+    frame = data.load_source(settings.data_source)
+    features = frame.drop(columns=[settings.label_column])
+    shifted = ingest.apply_shift(features.sample(300, random_state=3), ingest.parse_shift({"*": 1.6}, list(features)))
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    answered_at = (end - timedelta(minutes=30)).timestamp()
+    records.write_records(
+        settings.data_store,
+        [
+            records.Answered(f"drifted-{i}", answered_at, settings.model_name, production, [0], shifted.iloc[[i]])
+            for i in range(len(shifted))
+        ],
+    )
+
+    api.unpause(MONITOR_DAG_ID)
+    monitor_run = api.trigger(MONITOR_DAG_ID, {"window_end": end.isoformat()})
+    assert api.wait_for_run(MONITOR_DAG_ID, monitor_run, timeout=RUN_TIMEOUT_SECONDS) == "success"
+    page = tab.page
+    page.goto(f"{stack.airflow_url}/dags/{MONITOR_DAG_ID}/runs/{monitor_run}")
+    page.get_by_text("retraining started").first.wait_for()
+    text = page.inner_text("body")
+    assert f"v{production}: " in text and re.search(r"drift in \d+ of 30 features", text), text
+    tab.shot("airflow-monitor-run-drift")
+
+    # The retraining it started says why in its note. The training data itself has not changed, so the run ends with
+    # "no new data": labelled live requests become training data through `mlops ingest`, and the next run learns them.
+    retraining = retraining_run_id(production, Window(end - timedelta(hours=1), end))
+    assert api.wait_for_run(DAG_ID, retraining, timeout=RUN_TIMEOUT_SECONDS) == "success"
+    states = _open_run(tab, stack, retraining, "no new data", "airflow-run-drift-triggered")
+    assert states == NO_NEW_DATA_RUN_STATES, states
+    # The header shows the note's first line; its note button opens the note whole.
+    page.get_by_role("button", name="Edit note").click()
+    dialog = page.get_by_role("dialog").filter(has_text="Dag Run Note")
+    dialog.get_by_text("Started because: mlops_monitor, ").wait_for()
+    text = dialog.inner_text()
+    assert f"features of v{production}'s live inputs" in text, text
+    tab.shot("airflow-run-drift-triggered-note")
+    context.close()
+
+
 @pytest.fixture(scope="module")
 def approval_stack(stack: UiStack) -> UiStack:
     """The module's stack restarted with MLOPS_APPROVAL_REQUIRED, over a Production version to compare a candidate
-    with: the one the first test promoted, or one promoted here when that test did not run."""
+    with."""
     password = stack.admin_password()
-    if production_markers(_settings(stack))[0] is None:
-        api = Airflow(stack.airflow_url, ADMIN, password)
-        api.unpause(DAG_ID)
-        assert api.wait_for_run(DAG_ID, api.trigger(DAG_ID), timeout=RUN_TIMEOUT_SECONDS) == "success"
+    _production_version(stack)
     stack.restart_airflow(MLOPS_APPROVAL_REQUIRED="true")
     api = Airflow(stack.airflow_url, ADMIN, password)
     # The DAG processor parses the file again as it starts: a run triggered before that would not ask.
@@ -378,7 +444,7 @@ def test_an_approver_approves_one_version_and_rejects_another_in_the_ui(approval
     promotion = registry.deployment_history(client, name)[-1]
     assert (promotion.event, promotion.version, promotion.previous_version) == ("promoted", candidate, production)
     assert asked_at <= _decided_at(promotion.reason, "approved") <= datetime.now(UTC)
-    states = _open_run(tab, stack, run_id, f"v{candidate} promoted", "airflow-run-approved", len(PIPELINE_TASKS) + 1)
+    states = _open_run(tab, stack, run_id, f"v{candidate} promoted", "airflow-run-approved", RUN_TASK_COUNT + 1)
     assert states == PROMOTED_RUN_STATES, states
 
     # The next candidate is rejected: Production stays, and the version says who refused it.
@@ -399,8 +465,6 @@ def test_an_approver_approves_one_version_and_rejects_another_in_the_ui(approval
     assert f"**Not approved** for Production: rejected by {ADMIN} at " in description, description
     refusal = registry.history_of(name, registry.registered_model(client, name).tags)[-1]
     assert (refusal.event, refusal.version, refusal.previous_version) == ("not_approved", refused, candidate)
-    states = _open_run(
-        tab, stack, run_id, f"v{refused} not deployed", "airflow-run-not-approved", len(PIPELINE_TASKS) + 1
-    )
+    states = _open_run(tab, stack, run_id, f"v{refused} not deployed", "airflow-run-not-approved", RUN_TASK_COUNT + 1)
     assert states == {**PROMOTED_RUN_STATES, "deploy_model": "skipped", "archive_model": "skipped"}, states
     context.close()

@@ -660,7 +660,8 @@ def test_recording_without_features_then_a_full_queue_and_a_broken_store_drop_re
     wait_until(lambda: dropped("store_error") >= 1, 10, "records dropped by the broken store")
     assert dropped("queue_full") >= 1
     health = server.health()["recording"]
-    assert health["dropped"]["store_error"] >= 1 and "NotADirectoryError" in health["last_error"]
+    assert health["dropped"]["store_error"] >= 1 and "Not a directory" in health["last_error"]
+    assert str(server.data_store / "records") in health["last_error"]
     wait_until(lambda: "the data store refused" in server.log.read_text(), 10, "the log line saying records are lost")
     assert server.predict(BATCH.head(1)).status_code == 200
 

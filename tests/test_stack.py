@@ -506,8 +506,8 @@ def _kill_the_worker_running(
 
 def _workers_of(s: NativeStack, dag_id: str, run_id: str, tis: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Which worker ran each task of a run: the one whose log records executing it (exactly one), whose folder holds
-    the task's log file (and no other worker's does). Each worker imported the pipeline's libraries before it forked
-    its tasks (ml/celery_worker.py, ml/preload.py)."""
+    the task's log file (a mapped task's under its map index; no other worker's does). Each worker imported the
+    pipeline's libraries before it forked its tasks (ml/celery_worker.py, ml/preload.py)."""
     logs = {name: s.processes[name].log.read_text(errors="replace") for name in WORKERS}
     for name, text in logs.items():
         assert "preloaded" in text and "ml.preload" in text, name
@@ -522,7 +522,7 @@ def _workers_of(s: NativeStack, dag_id: str, run_id: str, tis: dict[str, dict[st
         task_logs = {
             name: list(
                 (s.root / "homes" / name / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").glob(
-                    f"task_id={task_id}/*.log"
+                    f"task_id={task_id}/**/*.log"
                 )
             )
             for name in WORKERS
