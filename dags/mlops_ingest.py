@@ -25,6 +25,12 @@ the requested one already has, the task is skipped and no asset event is emitted
 
 `shift` distorts the batch on its way in, to show drift: `{"mean radius": 1.5}` multiplies a feature,
 `{"worst area": {"multiply": 1.2, "offset": 10}}` multiplies then offsets, `"*"` means every feature.
+
+`from_feedback` lands, instead, the requests the model server recorded between `since` and `until` (optionally of one
+`version`) that received a true label on `POST /feedback`, as rows of the training data (a folder source only).
+Each labelled request lands once: one already landed is left out, and a window with nothing new skips the task.
+A window without labelled requests, a label that is no class of the training data, or records without the training
+data's features fail the task, saying so.
 """
 
 
@@ -64,6 +70,33 @@ the requested one already has, the task is skipped and no asset event is emitted
             enum=["csv", "parquet"],
             title="File format",
             description="Format of the batch file in a folder source (ignored for a SQL table).",
+        ),
+        "from_feedback": Param(
+            False,
+            type="boolean",
+            title="From feedback",
+            description="Land the recorded requests of the window below that received a true label on POST /feedback "
+            "(and did not land before), instead of a batch of the held-back data.",
+        ),
+        "since": Param(
+            None,
+            type=["null", "string"],
+            title="Since",
+            description="With from_feedback: the start of the window, an ISO time (UTC without an offset) or a span "
+            "back from now (90m, 24h, 7d).",
+        ),
+        "until": Param(
+            None,
+            type=["null", "string"],
+            title="Until",
+            description="With from_feedback: the end of the window, as since; empty for now.",
+        ),
+        "version": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Version",
+            description="With from_feedback: only the requests this model version answered; empty for all.",
         ),
     },
 )

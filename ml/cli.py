@@ -531,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     ingest = commands.add_parser(
-        "ingest", help="land a batch of the bundled data into the configured folder or SQL source (--help for more)"
+        "ingest",
+        help="land a batch of the bundled data into the configured folder or SQL source, or (--from-feedback) the "
+        "labelled requests the model server recorded (--help for more)",
     )
     ingest.set_defaults(handler=command_ingest)
     return parser

@@ -220,6 +220,21 @@ def with_labels(records: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
     return records.merge(labels, on=["request_id", "row"], how="inner")
 
 
+def latest_labelled(
+    data_store: str, start: datetime, end: datetime, version: int | None = None, labels_until: datetime | None = None
+) -> pd.DataFrame:
+    """The records of requests received in ``[start, end)`` (of one version or all) that have a label, with the latest
+    label received for each from ``start`` until ``labels_until`` (default: now) in a ``label`` column.
+
+    A request id a client reused is labelled on its latest record of the window only, as the server applies a label
+    to the latest request of an id.
+    """
+    served = read_records(data_store, start, end, version)
+    served = served.drop_duplicates(["request_id", "row"], keep="last")
+    labels = read_feedback(data_store, start, labels_until or datetime.now(UTC))
+    return with_labels(served, labels)
+
+
 def features_of(records: pd.DataFrame) -> pd.DataFrame:
     """The recorded input features, under the names the model's signature gives them."""
     columns = [column for column in records.columns if str(column).startswith(FEATURE_PREFIX)]

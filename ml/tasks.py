@@ -448,24 +448,34 @@ def rollback_production(context: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
-    """The mlops_ingest DAG's one task: land a batch, describe it on the asset event, or skip if there is none."""
+    """The mlops_ingest DAG's one task: land a batch (of the held-back data, or the labelled requests of a window),
+    describe it on the asset event, or skip if there is none."""
     from ml import ingest
 
     try:
         settings, run = resolve(context)
         params = run.params
-        result = ingest.land(
-            settings,
-            batch=params.get("batch"),
-            shift=params.get("shift") or {},
-            file_format=str(params.get("file_format") or "csv"),
-            run_key=run.run_key,
-        )
+        file_format = str(params.get("file_format") or "csv")
+        if params.get("from_feedback"):
+            if params.get("batch") is not None or params.get("shift"):
+                raise ingest.IngestError("from_feedback lands labelled requests; batch and shift do not go with it")
+            since, until = ingest.feedback_window(params.get("since"), params.get("until"))
+            result = ingest.land_feedback(
+                settings, since, until, version=params.get("version"), file_format=file_format, run_key=run.run_key
+            )
+        else:
+            result = ingest.land(
+                settings,
+                batch=params.get("batch"),
+                shift=params.get("shift") or {},
+                file_format=file_format,
+                run_key=run.run_key,
+            )
     except TRANSIENT_ERRORS:
         raise
-    except (ConfigurationError, data.DataSourceError) as error:
-        # A bundled data set as target, a bad batch number or shift, a bucket that does not exist, refused keys: a
-        # retry would fail the same way.
+    except (ConfigurationError, data.DataSourceError, data.DataValidationError) as error:
+        # A bundled data set as target, a bad batch number or shift, no labelled requests in the window, a label the
+        # training data has no class for, a bucket that does not exist, refused keys: a retry would fail the same way.
         _fail_without_retry("land_batch", error)
     if not result["landed"]:
         from airflow.sdk.exceptions import AirflowSkipException
@@ -475,7 +485,9 @@ def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
     outlet_events = context.get("outlet_events")
     if asset is not None and outlet_events is not None:
         outlet_events[asset].extra = {
-            key: result[key] for key in ("batch", "rows", "digest", "location", "shift", "landed_at") if key in result
+            key: result[key]
+            for key in ("batch", "rows", "digest", "location", "shift", "landed_at", "window")
+            if key in result
         }
     return result
 

@@ -145,6 +145,17 @@ def set_paused(dag_id: str, paused: bool) -> None:
         session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=paused))
 
 
+def asset_events(uri: str) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri == uri)
+        events = session.scalars(query).all()
+        return [{"source_dag_id": event.source_dag_id, **dict(event.extra or {})} for event in events]
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database (SQLite), shared by the session's DAG runs."""

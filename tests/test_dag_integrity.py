@@ -106,7 +106,7 @@ def test_ingest_dag_updates_the_asset_the_pipeline_is_scheduled_on(dag):
     assert ingest.catchup is False and ingest.max_active_runs == 1
     assert [task.task_id for task in ingest.tasks] == ["land_batch"]
     assert ingest.get_task("land_batch").outlets == [dag.timetable.asset_condition]
-    assert set(ingest.params) == {"batch", "shift", "file_format"}
+    assert set(ingest.params) == {"batch", "shift", "file_format", "from_feedback", "since", "until", "version"}
 
 
 def test_tasks_and_edges_follow_the_contract(dag):

@@ -1,5 +1,6 @@
 """Retraining when the data changes: folder sources, the ingest of held-back batches, the training-data asset, runs
-triggered by asset events, no-op runs on unchanged data, and drift reports.
+triggered by asset events, no-op runs on unchanged data, drift reports, and labelled live requests landed as training
+data (records and labels written by ml/records.py's writers, as the model server writes them).
 
 The slow tests share one folder source, one MLflow store and the session's Airflow database, and run in file order:
 the initial bulk lands and trains version 1; the next batch, landed by mlops_ingest, emits an asset event that queues
@@ -13,13 +14,15 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines, set_paused, use_fresh_home
+from conftest import NO_NEW_DATA_RUN_STATES, alarming_lines, asset_events, set_paused, use_fresh_home
 
-from ml import data, ingest, registry
+from ml import data, ingest, records, registry
 from ml.assets import data_asset_uri
 from ml.settings import Settings
 
@@ -172,6 +175,149 @@ def test_ingest_command_line_seeds_the_folder(tmp_path, monkeypatch, capsys):
     assert "already landed" in capsys.readouterr().out
     assert ingest.main(["--list"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["batch"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelled live requests as training data
+
+
+def record_requests(
+    settings: Settings, cases: pd.DataFrame, at: datetime, *, version: int = 1, prefix: str = "r", features: bool = True
+) -> list[str]:
+    """One recorded request per row of ``cases``, answered by ``version`` at ``at`` with the true class; their ids."""
+    label = settings.label_column
+    inputs = cases.drop(columns=[label])
+    answered = [
+        records.Answered(
+            f"{prefix}{i}", at.timestamp(), settings.model_name, version, [int(cases[label].iloc[i])], inputs.iloc[[i]]
+        )
+        for i in range(len(cases))
+    ]
+    records.write_records(settings.data_store, answered, with_features=features)
+    return [item.request_id for item in answered]
+
+
+def label_requests(settings: Settings, labels: dict[str, Any], version: int = 1) -> None:
+    rows = [(request_id, 0, label, version) for request_id, label in labels.items()]
+    records.write_feedback(settings.data_store, records.labels_frame(rows, settings.model_name))
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder source seeded with batch 0, and six requests recorded half an hour ago, rows of batch 1."""
+    settings = _settings(tmp_path, str(tmp_path / "incoming") + "/")
+    ingest.land(settings)
+    cases = ingest.held_back_batch(1).head(6)
+    now = datetime.now(UTC)
+    ids = record_requests(settings, cases, now - timedelta(minutes=30))
+    return settings, cases, ids, now - timedelta(hours=2)
+
+
+def test_labelled_requests_land_once_as_training_rows(served):
+    settings, cases, ids, since = served
+    truth = dict(zip(ids, cases["target"].tolist(), strict=True))
+    record_requests(settings, cases.head(1), since - timedelta(hours=1), prefix="before")
+    label_requests(settings, {ids[1]: 1 - truth[ids[1]]})  # corrected below: the latest label counts
+    label_requests(settings, {**{i: truth[i] for i in ids[:4]}, "before0": truth[ids[0]]})
+
+    first = ingest.land_feedback(settings, since, datetime.now(UTC))
+    assert (first["landed"], first["rows"], first["labelled"], first["already_landed"]) == (True, 4, 4, 0)
+    folder = Path(settings.data_source)
+    landed = pd.read_csv(folder / f"{first['batch']}.csv")
+    pd.testing.assert_frame_equal(landed, cases.head(4).reset_index(drop=True))
+    assert len(data.load_source(settings.data_source)) == 269 + 4
+
+    again = ingest.land_feedback(settings, since, datetime.now(UTC))
+    assert (again["landed"], again["already_landed"]) == (False, 4) and "has landed already" in again["reason"]
+    label_requests(settings, {ids[4]: truth[ids[4]]})
+    wider = ingest.land_feedback(settings, since - timedelta(hours=5), datetime.now(UTC))
+    assert (wider["rows"], wider["labelled"], wider["already_landed"]) == (2, 6, 4)  # ids[4] and before0
+    manifest = json.loads((folder / ingest.MANIFEST).read_text())
+    assert [[request[0] for request in batch["requests"]] for batch in manifest["feedback_batches"]] == [
+        ids[:4],
+        ["before0", ids[4]],
+    ]
+    assert [b["batch"] for b in manifest["batches"]] == [0]
+    assert ingest.land(settings)["batch"] == 1, "the held-back batches go on being numbered as before"
+    assert len(data.load_source(settings.data_source)) == 269 + 6 + 50
+
+
+def test_labelled_requests_that_cannot_become_training_rows_are_refused(served, tmp_path):
+    settings, cases, ids, since = served
+    until = datetime.now(UTC)
+    with pytest.raises(ingest.IngestError, match="no labelled requests in the requests received"):
+        ingest.land_feedback(settings, since, until)
+    label_requests(settings, {ids[0]: 7})
+    with pytest.raises(
+        ingest.IngestError, match=r"1 of the 1 labels of .* are not classes of the training data \(0, 1\): '7'"
+    ):
+        ingest.land_feedback(settings, since, until)
+    label_requests(settings, {ids[0]: int(cases["target"].iloc[0])})
+    unseeded = _settings(tmp_path / "other", str(tmp_path / "empty") + "/")
+    with pytest.raises(ingest.IngestError, match="holds no training data yet"):
+        ingest.land_feedback(unseeded, since, until)
+
+    blind = record_requests(
+        settings, cases.head(2), until - timedelta(minutes=20), version=2, prefix="blind", features=False
+    )
+    label_requests(settings, dict.fromkeys(blind, 1), version=2)
+    with pytest.raises(
+        ingest.IngestError, match=r"lack features the training data has .*MLOPS_RECORDING_FEATURES=false"
+    ):
+        ingest.land_feedback(settings, since, until, version=2)
+    landed = ingest.land_feedback(settings, since, until)
+    assert (landed["rows"], landed["labelled"]) == (1, 3), "the requests recorded without features are left out"
+    assert landed["lacking_features"]["mean radius"] == 2 and len(landed["lacking_features"]) == 30
+    assert [
+        tuple(request[:2]) for request in ingest.FolderTarget(settings.data_source).feedback_records()[0]["requests"]
+    ] == [(ids[0], 0)]
+
+
+def test_ingest_command_line_lands_labelled_requests(served, monkeypatch, capsys):
+    settings, cases, ids, _ = served
+    monkeypatch.setenv("MLOPS_HOME", str(settings.home))
+    monkeypatch.setenv("MLOPS_DATA_SOURCE", settings.data_source)
+    assert ingest.main(["--from-feedback", "--since", "2h"]) == 2
+    assert "no labelled requests" in capsys.readouterr().err
+    label_requests(settings, {ids[2]: int(cases["target"].iloc[2])})
+    assert ingest.main(["--from-feedback", "--since", "2h", "--version", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 1
+    assert ingest.main(["--from-feedback", "--since", "2h"]) == 0
+    assert json.loads(capsys.readouterr().out)["landed"] is False
+    assert ingest.main(["--list"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed[-1]["rows"] == 1 and "requests" not in listed[-1]
+    assert ingest.main(["--from-feedback"]) == 2
+    assert "give since" in capsys.readouterr().err
+    assert ingest.main(["--from-feedback", "--since", "yesterday"]) == 2
+    assert "neither an ISO 8601 time" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ingest.main(["--since", "2h"])
+
+
+@pytest.mark.slow
+def test_mlops_ingest_lands_labelled_requests_and_emits_the_asset_event(airflow_db, tmp_path, monkeypatch):
+    from ml.airflow_runner import run_dag
+
+    use_fresh_home(monkeypatch, tmp_path / "mlops")
+    monkeypatch.setenv("MLOPS_DATA_SOURCE", str(tmp_path / "incoming") + "/")
+    settings = Settings.from_env()
+    ingest.land(settings)
+    cases = ingest.held_back_batch(1).head(3)
+    ids = record_requests(settings, cases, datetime.now(UTC) - timedelta(minutes=30))
+    label_requests(settings, dict(zip(ids, cases["target"].tolist(), strict=True)))
+
+    run = run_dag("mlops_ingest", conf={"from_feedback": True, "since": "2h"})
+    assert run.state == "success", run.tasks
+    landed = run.result("land_batch")
+    assert landed["rows"] == 3 and landed["batch"].startswith("feedback-")
+    events = asset_events((tmp_path / "incoming").as_uri())
+    assert [(e["source_dag_id"], e["batch"], e["rows"]) for e in events] == [("mlops_ingest", landed["batch"], 3)]
+    assert events[0]["window"]["version"] is None
+
+    again = run_dag("mlops_ingest", conf={"from_feedback": True, "since": "2h"})
+    assert again.state_of("land_batch") == "skipped"
+    assert len(asset_events((tmp_path / "incoming").as_uri())) == 1, "nothing new landed, no event"
 
 
 def test_asset_uri_names_the_source_without_credentials(tmp_path):

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import PROMOTED_RUN_STATES, MlflowServer, forget_s3_clients, free_port, production_markers
+from conftest import (
+    PROMOTED_RUN_STATES,
+    MlflowServer,
+    asset_events,
+    forget_s3_clients,
+    free_port,
+    production_markers,
+)
 
 from ml import data, ingest
 from ml.redaction import mask_credentials, register_secrets
@@ -119,17 +126,6 @@ def test_snapshot_damaged_or_missing_in_the_bucket(s3_bucket, s3_server, cancer)
     with pytest.raises(data.DataSourceError, match="does not exist; was it written by an earlier task") as missing:
         data.read_frame(snapshot.uri)
     assert not isinstance(missing.value, data.DataSourceUnavailableError)
-
-
-def asset_events(uri: str) -> list[dict]:
-    from airflow.models.asset import AssetEvent, AssetModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri == uri)
-        events = session.scalars(query).all()
-        return [{"source_dag_id": event.source_dag_id, **dict(event.extra or {})} for event in events]
 
 
 @pytest.mark.slow
