@@ -11,10 +11,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import fault_hooks
 import pytest
-from conftest import PIPELINE_TASKS, production_markers, task_note, version_count
+from conftest import PIPELINE_TASKS, MlflowServer, production_markers, task_note, use_fresh_home, version_count
 
 from ml import registry, steps, tags
 from ml.airflow_runner import run_dag
@@ -210,21 +212,49 @@ def test_a_task_that_runs_too_long_is_stopped(airflow_db, mlops_env, monkeypatch
     assert version_count(mlops_env) == 0 and production_markers(mlops_env) == (None, [])
 
 
-@pytest.fixture
-def fragile_server(airflow_db, server_env, mlflow_server, monkeypatch):
-    """A real tracking server with version 1 in Production, and a step hook that can stop it."""
+def _use_fragile_home(monkeypatch: pytest.MonkeyPatch, home: Path, server: MlflowServer) -> Settings:
+    use_fresh_home(monkeypatch, home)
+    monkeypatch.setenv("MLOPS_FORCE_RETRAIN", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    assert run_dag().state == "success"
-    assert production_markers(server_env) == (1, [1])
-    monkeypatch.setattr(fault_hooks, "mlflow_server", mlflow_server)
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="module")
+def fragile_home(airflow_db, tmp_path_factory) -> Iterator[tuple[Path, MlflowServer]]:
+    """A home on a real tracking server with version 1 in Production, shared by the steps' scenarios: each one ends
+    with the server up and a run that promoted a version, and checks what it did against the Production it found."""
+    home = tmp_path_factory.mktemp("fragile") / "mlops"
+    server = MlflowServer(home.parent / "mlflow-server")
+    server.start()
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            settings = _use_fragile_home(monkeypatch, home, server)
+            assert run_dag().state == "success"
+            assert production_markers(settings) == (1, [1])
+        yield home, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fragile_server(fragile_home, monkeypatch) -> tuple[Settings, MlflowServer]:
+    """The shared home's settings and server (up again if an earlier scenario failed while it was stopped), and a step
+    hook that can stop it."""
+    home, server = fragile_home
+    if server.process is None:
+        server.start()
+    settings = _use_fragile_home(monkeypatch, home, server)
+    monkeypatch.setattr(fault_hooks, "mlflow_server", server)
     monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:stop_mlflow_server")
-    return server_env, mlflow_server
+    return settings, server
 
 
 @pytest.mark.parametrize("step", PIPELINE_TASKS)
 def test_tracking_server_down_during_a_step(fragile_server, monkeypatch, step):
     settings, server = fragile_server
+    before = assert_consistent(settings)
     monkeypatch.setattr(fault_hooks, "fault_step", step)
     run = run_dag()
     assert run.state_of(step) == "failed"
@@ -233,7 +263,7 @@ def test_tracking_server_down_during_a_step(fragile_server, monkeypatch, step):
     production_after = assert_consistent(settings)
     candidate = registry.find_version_for_run_key(registry.client_for(settings), settings.model_name, run.run_key)
     healthy_deploy = run.result("deploy_model").get("deployed") is True
-    assert production_after == (candidate.version if healthy_deploy else 1)
+    assert production_after == (candidate.version if healthy_deploy else before)
     assert healthy_deploy == (step in {"archive_model", "rollback_model"})
 
     monkeypatch.setattr(fault_hooks, "fault_step", "")
