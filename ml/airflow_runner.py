@@ -9,6 +9,7 @@ whose file lies outside the configured DAGs folder.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -221,7 +222,9 @@ def run_dag(dag_id: str = "mlops_pipeline", conf: dict[str, Any] | None = None, 
     dag = dag or load_dag(dag_id)
     log.info("running %s through Airflow (dag.test) with %s", dag.dag_id, conf or "default parameters")
     with quiet_skip_cascade(), task_log_router().routing() as router:
-        dag_run = dag.test(run_conf=conf or None)
+        # In a context of its own: what a task sets for itself (its S3 connection, ml.object_store) ends with the run,
+        # as it ends with a worker's task process, and never reaches whatever this process does next.
+        dag_run = contextvars.copy_context().run(dag.test, run_conf=conf or None)
     return dataclasses.replace(collect(dag.dag_id, dag_run.run_id), failed_tries=tuple(router.failed_tries))
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 from sklearn.model_selection import train_test_split
 
+from ml import object_store
 from ml.redaction import mask_credentials
 from ml.settings import SQL_SCHEMES, url_scheme
 
@@ -148,11 +149,12 @@ def store_filesystem(uri: str) -> tuple[Any, str]:
 
     An object store's listings are not cached: the filesystem object lives as long as the process, and another
     process (a worker on another host, ``mlops ingest``) may have written since it last listed. Endpoint and keys come
-    from the environment as the cloud's own clients read them (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY`` for S3).
+    from the task's S3 connection (:mod:`ml.object_store`, ``MLOPS_S3_CONN_ID``) or else from the environment as the
+    cloud's own clients read them (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` for S3).
     """
-    if url_scheme(uri) in OBJECT_STORE_PROTOCOLS:
-        return fsspec.core.url_to_fs(uri, use_listings_cache=False)
+    scheme = url_scheme(uri)
+    if scheme in OBJECT_STORE_PROTOCOLS:
+        return fsspec.core.url_to_fs(uri, use_listings_cache=False, **object_store.storage_options(scheme))
     return fsspec.core.url_to_fs(uri)
 
 
@@ -179,8 +181,8 @@ def store_failure(fs: Any, path: str, error: Exception, what: str, missing: str 
             return DataSourceError(f"{what}: bucket {bucket!r} does not exist; create it, or correct the URL")
         except PermissionError as refused:
             return DataSourceError(
-                f"{what}: the object store refuses these credentials ({mask_credentials(str(refused))}); check the "
-                "keys the workers read (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)"
+                f"{what}: the object store refuses these credentials ({mask_credentials(str(refused))}); "
+                f"{object_store.where_the_keys_come_from()}"
             )
         except Exception as unanswered:
             return DataSourceUnavailableError(

@@ -36,14 +36,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ml.assets import RECORDS_FOLDER
-from ml.data import store_uri, write_frame
+from ml.data import store_filesystem, store_uri, write_frame
 
 RECORDS = RECORDS_FOLDER
 FEEDBACK = "feedback"
@@ -191,7 +190,7 @@ def read_records(
     Records of versions with different features are read together, each missing feature null. Reads only the hour
     partitions the window covers.
     """
-    fs, root = fsspec.core.url_to_fs(records_uri(data_store))
+    fs, root = store_filesystem(records_uri(data_store))
     versions = [version] if version is not None else _versions(fs, root)
     folders = [f"{root}/version={v}/{hour}" for v in versions for hour in _hours(start, end)]
     read = list(dict.fromkeys([*columns, "received_at"])) if columns else None
@@ -205,7 +204,7 @@ def read_records(
 
 def read_feedback(data_store: str, start: datetime, end: datetime) -> pd.DataFrame:
     """The labels received in ``[start, end)``, the latest for each request id and row."""
-    fs, root = fsspec.core.url_to_fs(store_uri(data_store, FEEDBACK))
+    fs, root = store_filesystem(store_uri(data_store, FEEDBACK))
     frame = _read_files(fs, [f"{root}/{hour}" for hour in _hours(start, end)], None)
     if frame.empty:
         return pd.DataFrame(columns=list(FEEDBACK_COLUMNS))

@@ -200,6 +200,13 @@ def cron_problem(expression: str) -> str | None:
     return f"schedule {shown_value(expression)} is neither five cron fields nor one of {', '.join(CRON_PRESETS)}"
 
 
+def s3_conn_id_problem(conn_id: str) -> str | None:
+    """Why ``conn_id`` cannot name an Airflow connection (whose ids are letters, digits, ``_``, ``-`` and ``.``)."""
+    if conn_id and not re.fullmatch(r"[\w.-]{1,250}", conn_id):
+        return f"MLOPS_S3_CONN_ID={shown_value(conn_id)} is no Airflow connection id: use letters, digits, _, - and ."
+    return None
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     scheme = url_scheme(uri) or "file"
     if scheme not in TRACKING_SCHEMES:
@@ -240,9 +247,18 @@ class Settings:
     data_store: str = setting(
         "",
         "MLOPS_DATA_STORE",
-        "Folder or fsspec URL for data snapshots and splits, e.g. s3://bucket/prefix (keys and endpoint from "
-        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL).",
+        "Folder or fsspec URL for data snapshots and splits, e.g. s3://bucket/prefix (keys and endpoint from the "
+        "Airflow connection MLOPS_S3_CONN_ID names, or else AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+        "AWS_ENDPOINT_URL).",
         home_default=lambda home: str(home / "datastore"),
+    )
+    s3_conn_id: str = setting(
+        "",
+        "MLOPS_S3_CONN_ID",
+        "Airflow connection (type aws: login = access key id, password = secret key, extra endpoint_url and "
+        "region_name) whose keys the tasks open the data store and folder sources on S3 with; empty: the keys and "
+        "endpoint of the environment.",
+        check=s3_conn_id_problem,
     )
     experiment_name: str = setting(
         "mlops_pipeline", "MLOPS_EXPERIMENT", "MLflow experiment of the runs.", required=True

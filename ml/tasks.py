@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from ml import data, redaction, registry, run_note, selection, steps
+from ml import data, object_store, redaction, registry, run_note, selection, steps
 from ml.context import RunContext
 from ml.hooks import call_hook
 from ml.results import (
@@ -75,10 +75,19 @@ def run_context(context: Mapping[str, Any]) -> RunContext:
 
 
 def resolve(context: Mapping[str, Any]) -> tuple[Settings, RunContext]:
-    """The task's settings and run; every credential they hold is masked from here on, in whatever the task shows."""
+    """The task's settings and run; every credential they hold is masked from here on, in whatever the task shows.
+
+    With ``MLOPS_S3_CONN_ID`` set, the task's S3 filesystems are opened with that Airflow connection's keys, masked
+    too; without it, with the environment's, whatever task ran before in this process.
+    """
     run = run_context(context)
     settings = Settings.from_env()
     redaction.register_secrets(redaction.secrets_of(settings))
+    object_store.use_for_this_task(None)
+    if settings.s3_conn_id:
+        connection = object_store.read_connection(settings.s3_conn_id)
+        redaction.register_secrets(connection.secrets())
+        object_store.use_for_this_task(connection)
     return settings.for_run(run.params, run.declared_params), run
 
 

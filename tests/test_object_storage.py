@@ -1,12 +1,16 @@
 """The data store, folder sources and MLflow's artifacts on a real S3 server (SeaweedFS, tests/s3.py).
 
-Snapshots, splits and landed batches are written and read through S3 with the keys and endpoint of the environment;
-storage that cannot work fails at once with a message naming it (an unknown bucket, keys the server refuses), storage
-that does not answer is left to the task's retry, and a snapshot missing or damaged in the bucket meets the digest
-check. The slow test runs the pipeline with everything but its databases on S3.
+Snapshots, splits and landed batches are written and read through S3 with the keys and endpoint of the environment or
+of an Airflow connection (MLOPS_S3_CONN_ID); storage that cannot work fails at once with a message naming it (an
+unknown bucket, keys the server refuses, a connection that does not exist), storage that does not answer is left to
+the task's retry, and a snapshot missing or damaged in the bucket meets the digest check. The slow test runs the
+pipeline with everything but its databases on S3, its keys in an Airflow connection alone.
 """
 
 from __future__ import annotations
+
+import contextvars
+import json
 
 import pandas as pd
 import pytest
@@ -19,7 +23,7 @@ from conftest import (
     production_markers,
 )
 
-from ml import data, ingest
+from ml import data, ingest, tasks
 from ml.redaction import mask_credentials, register_secrets
 from ml.settings import Settings
 
@@ -96,6 +100,47 @@ def test_refused_keys_fail_at_once_without_showing_them(s3_bucket, s3_server, ca
         assert wrong not in mask_credentials(str(refused.value)) and wrong not in str(refused.value)
 
 
+S3_CONN_ID = "mlops_s3"
+
+
+def use_s3_connection(monkeypatch: pytest.MonkeyPatch, login: str, password: str, endpoint: str) -> None:
+    """An Airflow connection of type aws, given as Airflow reads one from the environment, named by MLOPS_S3_CONN_ID."""
+    connection = {"conn_type": "aws", "login": login, "password": password, "extra": {"endpoint_url": endpoint}}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{S3_CONN_ID.upper()}", json.dumps(connection))
+    monkeypatch.setenv("MLOPS_S3_CONN_ID", S3_CONN_ID)
+
+
+def land_batch_task() -> str:
+    """mlops_ingest's task body, run as a worker runs it (its own context): the message it fails with."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException) as failed:
+        contextvars.copy_context().run(tasks.land_batch, {"params": {}})
+    return str(failed.value)
+
+
+def test_a_missing_or_refused_s3_connection_fails_the_task_naming_it(s3_bucket, s3_server, tmp_path, monkeypatch):
+    from conftest import use_fresh_home
+
+    use_fresh_home(monkeypatch, tmp_path / "mlops")
+    monkeypatch.setenv("MLOPS_DATA_SOURCE", f"s3://{s3_bucket}/incoming/")
+    monkeypatch.setenv("MLOPS_S3_CONN_ID", "mlops_s3_typo")
+    refusal = land_batch_task()
+    assert "MLOPS_S3_CONN_ID='mlops_s3_typo' names no Airflow connection" in refusal, refusal
+
+    wrong = "wrong-secret-" + s3_server.service.secret_key[:8]
+    use_s3_connection(monkeypatch, s3_server.service.access_key, wrong, s3_server.endpoint)
+    refused = land_batch_task()
+    assert "the object store refuses these credentials" in refused, refused
+    assert f"check the login and password of the Airflow connection {S3_CONN_ID!r} (MLOPS_S3_CONN_ID)" in refused
+    assert wrong not in refused
+
+    # The environment's keys are right: the connection's, and nothing else, were refused. A task without the setting
+    # in the same process uses the environment's again.
+    monkeypatch.delenv("MLOPS_S3_CONN_ID")
+    assert contextvars.copy_context().run(tasks.land_batch, {"params": {}})["batch"] == 0
+
+
 def test_store_that_does_not_answer_is_left_to_a_retry(s3_bucket, monkeypatch, cancer):
     silent = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", silent)
@@ -134,7 +179,11 @@ def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
 ):
     """mlops_ingest lands the initial bulk in an S3 folder source and emits the asset event; the pipeline snapshots
     and splits it in an S3 data store, logs the model through an MLflow server that keeps its artifacts in the same
-    bucket, promotes it, and the post-deploy check loads it back from there. The keys appear in neither database."""
+    bucket, promotes it, and the post-deploy check loads it back from there.
+
+    The tasks reach the bucket with the keys and endpoint of an Airflow connection alone: the environment's keys are
+    wrong and it names no endpoint. The keys appear in neither database (XCom, the runs' conf and params, MLflow's
+    params and tags) nor in any task log."""
     from conftest import use_fresh_home
 
     from ml import registry
@@ -149,6 +198,12 @@ def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("MLOPS_DATA_STORE", f"s3://{s3_bucket}/store")
         monkeypatch.setenv("MLOPS_DATA_SOURCE", f"s3://{s3_bucket}/incoming/")
+        keys = s3_server.service
+        use_s3_connection(monkeypatch, keys.access_key, keys.secret_key, s3_server.endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong-key-id")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-access-key")
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        forget_s3_clients()
         settings = Settings.from_env()
 
         landed = run_dag("mlops_ingest")
@@ -178,5 +233,7 @@ def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
     assert models, stored
     assert not (tmp_path / "mlflow" / "artifacts").exists()
     secret = s3_server.service.secret_key.encode()
-    for database in [*airflow_db.glob("airflow.db*"), *(tmp_path / "mlflow").glob("mlflow.db*")]:
-        assert secret not in database.read_bytes(), database
+    task_logs = [path for path in (airflow_db / "logs").rglob("*") if path.is_file()]
+    assert any(f"run_id={run.run_id}" in str(path) for path in task_logs), "the run's task logs are where they are read"
+    for stored_file in [*airflow_db.glob("airflow.db*"), *(tmp_path / "mlflow").glob("mlflow.db*"), *task_logs]:
+        assert secret not in stored_file.read_bytes(), stored_file

@@ -113,6 +113,7 @@ def test_every_setting_is_declared_once_with_its_environment_name_and_descriptio
         ({"MLOPS_DATA_SOURCE": "http://[::1/cases.csv"}, "cannot be used: Invalid IPv6 URL"),
         ({"MLOPS_TASK_TIMEOUT_SECONDS": "0"}, "task_timeout 0.0 must be greater than 0"),
         ({"MLOPS_DRIFT_THRESHOLD": "inf"}, "MLOPS_DRIFT_THRESHOLD='inf' is not a finite number"),
+        ({"MLOPS_S3_CONN_ID": "my s3"}, "MLOPS_S3_CONN_ID='my s3' is no Airflow connection id"),
     ],
 )
 def test_bad_settings_are_named(environ, message):
