@@ -232,7 +232,7 @@ def test_a_user_triggers_the_pipeline_and_follows_it_from_airflow_to_mlflow(stac
     # The experiment opens on its training runs, with the Model registry in the sidebar.
     assert page.get_by_role("link", name="Model registry").first.is_visible()
     page.get_by_role("link", name="Runs", exact=True).first.click()
-    _visible(page, "Airflow DAG. Each run trains a scikit-learn pipeline").wait_for()
+    _visible(page, "Airflow DAG. Each run trains one or more candidate scikit-learn").wait_for()
     _visible(page, "v1 · logistic_regression ·").wait_for()
     assert "genai" not in page.url
     tab.shot("mlflow-experiment")
