@@ -6,6 +6,7 @@ never through XCom, so tasks may run on different machines.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -23,7 +24,6 @@ from urllib.parse import urlsplit
 import fsspec
 import numpy as np
 import pandas as pd
-from fsspec.implementations.local import LocalFileSystem
 from sklearn.model_selection import train_test_split
 
 from ml import object_store
@@ -407,10 +407,9 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
     shown = mask_credentials(uri)
     fs, path = store_filesystem(uri)
     try:
-        if kind == "parquet" and isinstance(fs, LocalFileSystem):
-            with fs.open(path, "rb") as handle:
-                return _load_local_parquet(handle, shown)
-        with fs.open(path, "rb") as handle:
+        with _open_for_parsing(fs, path) as handle:
+            if kind == "parquet":
+                return _load_parquet(handle, shown)
             raw = handle.read()
     except IsADirectoryError as error:
         raise DataSourceError(
@@ -438,9 +437,19 @@ def _load_file(uri: str, kind: str) -> pd.DataFrame:
     return _read_parquet(io.BytesIO(raw), shown)
 
 
-def _load_local_parquet(handle: Any, shown: str) -> pd.DataFrame:
-    """A local Parquet file, parsed from its handle: reading it whole into memory first, as a remote file is, would
-    hold a copy of its bytes beside the frame and take four times as long."""
+def _open_for_parsing(fs: Any, path: str) -> Any:
+    """A file to parse. From an object store, each read fetches the range asked for and nothing more: the Parquet
+    reader asks for its footer, then for its columns in ranges it merges itself, and a read-ahead cache beneath would
+    fetch past each range and copy every byte once more."""
+    if is_object_store(fs):
+        return fs.open(path, "rb", cache_type="none")
+    return fs.open(path, "rb")
+
+
+def _load_parquet(handle: Any, shown: str) -> pd.DataFrame:
+    """A Parquet file, local or remote, parsed from its handle: reading it whole into memory first would hold a copy
+    of its bytes beside the frame (1.37x the memory on S3, measured by bench/storage_bench.py), and on a local disk take
+    four times as long. A remote handle fetches the ranges the parser asks for (:func:`_open_for_parsing`)."""
     head = handle.read(EMPTY_FILE_PEEK)
     if not head.strip() and len(head) < EMPTY_FILE_PEEK:
         raise DataValidationError(f"data file {shown} is empty")
@@ -611,27 +620,49 @@ def to_parquet(frame: pd.DataFrame, handle: BinaryIO) -> None:
 
 
 def write_frame(frame: pd.DataFrame, uri: str) -> None:
-    """Write under a temporary name, then rename: a killed write never leaves a partial file at ``uri``."""
+    """Write the frame whole or not at all: a killed or failed write never leaves a partial file at ``uri``."""
     _write_atomically(uri, lambda handle: to_parquet(frame, handle))
 
 
 def _write_atomically(uri: str, write: Callable[[BinaryIO], None]) -> None:
     fs, path = store_filesystem(uri)
-    parent = fs._parent(path)
-    temporary = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.partial"
     try:
-        # An object store has no folders to make, and making one would create a mistyped bucket (s3fs does).
-        if not is_object_store(fs):
-            fs.makedirs(parent, exist_ok=True)
-        try:
-            with fs.open(temporary, "wb") as handle:
-                write(handle)
-            fs.mv(temporary, path)
-        finally:
-            if fs.exists(temporary):
-                fs.rm(temporary)
+        if is_object_store(fs):
+            _upload_whole(fs, path, write)
+        else:
+            _write_then_rename(fs, path, write)
     except Exception as error:
         raise store_failure(fs, path, error, f"data store object {mask_credentials(uri)} (writing)") from error
+
+
+def _upload_whole(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Upload straight to the object's key, committed only once every byte is up: an object store shows an upload
+    whole or not at all. A temporary name and a rename would double the write there, a rename being a copy and a
+    delete: 15.4 s against 8.5 s for a snapshot of 1,000,000 rows (bench/storage_bench.py)."""
+    handle = fs.open(path, "wb", autocommit=False)
+    try:
+        with handle:
+            write(handle)
+    except BaseException:
+        # What was uploaded is invisible until committed; the failure to report is the write's, not the abort's.
+        with contextlib.suppress(Exception):
+            handle.discard()
+        raise
+    handle.commit()
+
+
+def _write_then_rename(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write under a temporary name beside ``path``, then rename it there: on a disk the rename is what is atomic."""
+    parent = fs._parent(path)
+    temporary = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.partial"
+    fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(temporary, "wb") as handle:
+            write(handle)
+        fs.mv(temporary, path)
+    finally:
+        if fs.exists(temporary):
+            fs.rm(temporary)
 
 
 def read_frame(uri: str) -> pd.DataFrame:
@@ -641,7 +672,7 @@ def read_frame(uri: str) -> pd.DataFrame:
     named = SNAPSHOT_NAME.search(uri)
     fs, path = store_filesystem(uri)
     try:
-        with fs.open(path, "rb") as handle:
+        with _open_for_parsing(fs, path) as handle:
             try:
                 frame = pd.read_parquet(handle)
             except Exception as error:

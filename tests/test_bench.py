@@ -38,6 +38,17 @@ TABLES = {
     "registry_bench.py": [("measure (median)", ["pipeline run (s)", "mlops status (s)"])],
     "scale_bench.py": [("process ", ["bare read-split-fit-score", "mlops run (first)", "mlops run (forced retrain)"])],
     "serving_bench.py": [("rows thr | mlflow", SHAPES), ("rows thr | off", SHAPES)],
+    "storage_bench.py": [
+        (
+            "phase ",
+            [
+                "extract: load_source",
+                "snapshot write: write_snapshot",
+                "snapshot read: read_frame",
+                "all three",
+            ],
+        )
+    ],
     "ui_bench.py": [("executor ", ["WarmLocalExecutor "])],
 }
 RATIO = re.compile(r"\d+\.\d+x(?!\w)")

@@ -65,6 +65,20 @@ def test_snapshots_splits_and_batches_live_in_the_bucket(s3_bucket, s3_server, c
     assert len(data.load_source(incoming)) == 319
 
 
+def test_a_write_that_fails_midway_leaves_nothing_in_the_bucket(s3_bucket, s3_server):
+    # Written straight to its key, the object appears only once the upload is committed: a write that fails after
+    # bytes went up leaves neither an object nor an unfinished upload.
+    def fail_midway(handle):
+        handle.write(b"PAR1" + bytes(1_000_000))
+        raise OSError("the writer failed midway")
+
+    with pytest.raises(data.DataSourceUnavailableError, match="the writer failed midway"):
+        data._write_atomically(f"s3://{s3_bucket}/store/runs/run-1/train.parquet", fail_midway)
+    admin = s3_server.filesystem(s3_server.admin)
+    assert admin.find(s3_bucket) == []
+    assert admin.list_multipart_uploads(s3_bucket) == []
+
+
 def test_unknown_bucket_fails_at_once_naming_it(s3_bucket, cancer):
     missing = f"{s3_bucket}-gone"
     with pytest.raises(data.DataSourceError) as writing:
