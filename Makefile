@@ -63,8 +63,9 @@ status: setup
 airflow-ui: setup  ## Airflow UI on the same settings as `make run`: http://localhost:8080
 	$(LOCAL_ENV) && airflow standalone
 
+# Without MLflow's server job runner (GenAI scorers, trace roll-ups): seven processes this project never uses.
 mlflow-ui: setup  ## MLflow UI on the same store as `make run`: http://localhost:5000
-	$(LOCAL_ENV) && mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port 5000
+	$(LOCAL_ENV) && MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port 5000
 
 serve: setup  ## the model server, following Production: http://localhost:5001
 	$(BIN)/mlops serve --port 5001

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stack import MLFLOW_NO_JOB_RUNNER
 
 REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags"
@@ -228,7 +229,7 @@ class MlflowServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, **WEBHOOKS_TO_LOOPBACK, **self.environment},
+                env={**os.environ, **WEBHOOKS_TO_LOOPBACK, **MLFLOW_NO_JOB_RUNNER, **self.environment},
             )
         try:
             wait_for_http(f"{self.url}/health", timeout=90, process=self.process)

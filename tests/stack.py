@@ -91,6 +91,9 @@ MLFLOW_WEBHOOK_ENV = {
     "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
     "MLFLOW_WEBHOOK_CACHE_TTL": "1",
 }
+# MLflow's server job runner (GenAI scorers, trace roll-ups) is seven more Python processes that the registry and the
+# tracking API never use: without it the server answers in about 6 s instead of 27 s on this machine, with less memory.
+MLFLOW_NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @dataclass(frozen=True)
@@ -342,6 +345,7 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             "MLFLOW_FLASK_SERVER_SECRET_KEY": v.mlflow_flask_secret_key,
             "MLFLOW_SERVER_ALLOWED_HOSTS": v.mlflow_allowed_hosts,
             **MLFLOW_WEBHOOK_ENV,
+            **MLFLOW_NO_JOB_RUNNER,
             **_s3_env(v, "MLFLOW_S3_ENDPOINT_URL"),
         }
     if name == "serving":

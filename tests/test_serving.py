@@ -32,6 +32,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from stack import MLFLOW_NO_JOB_RUNNER
 
 import mlflow
 from ml import records, registry
@@ -991,6 +992,7 @@ def basic_auth_mlflow(tmp_path) -> Iterator[dict[str, Any]]:
         "MLFLOW_AUTH_READER_PASSWORD": reader[1],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-secret-key-for-this-test-only",
         "MLFLOW_SERVER_ALLOWED_HOSTS": "127.0.0.1,127.0.0.1:*,localhost,localhost:*",
+        **MLFLOW_NO_JOB_RUNNER,
     }
     command = [
         "sh",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import BIN, free_port, wait_for_http
+from stack import MLFLOW_NO_JOB_RUNNER
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 # Flags that let Debian's Chromium run headless as root in a container, without reaching for the network.
@@ -121,7 +122,7 @@ class UiStack:
                 "--workers",
                 "1",
             ],
-            env,
+            {**env, **MLFLOW_NO_JOB_RUNNER},
         )
         wait_for_http(f"{self.mlflow_url}/health", 120, self.processes["mlflow"], log=self.log("mlflow"))
         self._wait_for_airflow()
