@@ -6,10 +6,12 @@ module imports it. Each test gets its own MLflow store and data store under ``tm
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags"
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="mlops-airflow-"))
+# Each pytest process makes one; without this, every run would leave one behind in the temporary folder.
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
