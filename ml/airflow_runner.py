@@ -15,6 +15,8 @@ import logging
 import os
 import subprocess
 import sys
+import time
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +243,8 @@ class SkipCascadeFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.previous: frozenset[tuple[str, int]] = frozenset()
+        # Set by a pass that only settled the cascade, for the 1 s idle wait dag.test() makes right after its warning.
+        self.settling = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         unrunnable = record.args[0] if isinstance(record.args, tuple) and record.args else None
@@ -248,19 +252,71 @@ class SkipCascadeFilter(logging.Filter):
             return True
         keys = frozenset((ti.task_id, ti.map_index) for ti in unrunnable)
         progressed, self.previous = keys != self.previous, keys
-        return not (progressed and all(ti.state is None for ti in unrunnable))
+        self.settling = progressed and all(ti.state is None for ti in unrunnable)
+        return not self.settling
+
+
+class CascadeAwareClock:
+    """The clock ``dag.test()`` imports while :func:`quiet_skip_cascade` is on: the ``time`` module, but for one wait.
+
+    ``dag.test()`` sleeps 1 s after every pass that leaves nothing to run, the passes that only settle the next level of
+    a cascade included, though nothing is there to wait for: a run that failed at its first task slept 5 s, a run on
+    unchanged data or a rejected version 2 to 4 s. After such a pass (``SkipCascadeFilter.settling``) the wait is
+    skipped; a pass that waits for something, a retry's delay or a person's input, sleeps as before.
+    """
+
+    def __init__(self, cascade: SkipCascadeFilter) -> None:
+        self.cascade = cascade
+        self.skipped_waits = 0
+
+    def sleep(self, seconds: float) -> None:
+        if self.cascade.settling:
+            self.cascade.settling = False
+            self.skipped_waits += 1
+            return
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 @contextlib.contextmanager
-def quiet_skip_cascade() -> Iterator[None]:
-    """Filter the benign "No tasks to run" warnings of ``dag.test()`` (see ``SkipCascadeFilter``) while it runs."""
+def quiet_skip_cascade() -> Iterator[CascadeAwareClock]:
+    """Filter the benign "No tasks to run" warnings of ``dag.test()`` and skip the idle wait after each of them (see
+    ``SkipCascadeFilter`` and ``CascadeAwareClock``) while it runs.
+
+    ``dag.test()`` imports ``time`` in its own body: the clock stands in for the module in ``sys.modules`` from the
+    call until that import has bound it (a tracer on that one frame sees it), so nothing else in the process sees it.
+    """
+    from airflow.sdk.definitions.dag import DAG
+
     # The logger of airflow.sdk.definitions.dag, whose DAG.test() logs the warning.
-    dag_log = logging.getLogger("airflow.sdk.definitions.dag")
+    dag_log = logging.getLogger(DAG.__module__)
     cascade = SkipCascadeFilter()
+    clock = CascadeAwareClock(cascade)
+    test_code, previous_tracer = DAG.test.__code__, sys.gettrace()
+
+    def restore() -> None:
+        sys.modules["time"] = time
+        sys.settrace(previous_tracer)
+
+    def in_test(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if "time" not in frame.f_locals:
+            return in_test
+        restore()
+        frame.f_trace = None
+        return None
+
+    def on_call(frame: types.FrameType, event: str, arg: Any) -> Any:
+        return in_test if frame.f_code is test_code else None
+
     dag_log.addFilter(cascade)
+    sys.modules["time"] = clock  # type: ignore[assignment]
+    sys.settrace(on_call)
     try:
-        yield
+        yield clock
     finally:
+        restore()
         dag_log.removeFilter(cascade)
 
 

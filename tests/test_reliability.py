@@ -200,7 +200,7 @@ def test_ingest_dag_on_the_bundled_source_fails_at_once(airflow_db, mlops_env, c
 
 
 def test_a_task_that_runs_too_long_is_stopped(airflow_db, mlops_env, monkeypatch, tmp_path):
-    monkeypatch.setenv("MLOPS_TASK_TIMEOUT_SECONDS", "30")
+    monkeypatch.setenv("MLOPS_TASK_TIMEOUT_SECONDS", "15")
     monkeypatch.setenv("MLOPS_STEP_HOOK", "fault_hooks:hang_in_step")
     monkeypatch.setenv("MLOPS_TEST_HANG_AT", "train_model")
     started = time.monotonic()

@@ -113,9 +113,11 @@ def test_every_line_becomes_one_record(text, caplog):
     assert [r.getMessage() for r in caplog.records] == [line for line in text.split("\n") if line]
 
 
-def test_dag_test_notices_are_dropped_only_while_skips_cascade(caplog):
+def test_dag_test_notices_are_dropped_only_while_skips_cascade(airflow_db, caplog):
     """dag.test() warns "No tasks to run" after each pass that only settled tasks after a failed one; a task
-    waiting (for a retry, say), a pass that made no progress, or a warning outside a run still shows."""
+    waiting (for a retry, say), a pass that made no progress, or a warning outside a run still shows.
+
+    ``airflow_db`` first: Airflow sets up its logging when first imported, which would remove caplog's handler."""
     from collections import namedtuple
 
     from ml.airflow_runner import quiet_skip_cascade
@@ -131,15 +133,36 @@ def test_dag_test_notices_are_dropped_only_while_skips_cascade(caplog):
         return [sorted(ti.task_id for ti in record.args[0]) for record in caplog.records]
 
     with caplog.at_level(logging.WARNING, logger=dag_log.name):
-        with quiet_skip_cascade():
+        with quiet_skip_cascade() as clock:
             notice(validate_model=None, deploy_model=None)
+            clock.sleep(60)
             notice(deploy_model=None)
-            assert shown() == []
+            clock.sleep(60)
+            assert shown() == [] and clock.skipped_waits == 2
             notice(deploy_model=None)
-            assert shown() == [["deploy_model"]]
+            clock.sleep(0.01)
+            assert shown() == [["deploy_model"]] and clock.skipped_waits == 2, "no progress: the wait is made"
             caplog.clear()
             notice(train_model="up_for_retry", deploy_model=None)
-            assert shown() == [["deploy_model", "train_model"]]
+            clock.sleep(0.01)
+            assert shown() == [["deploy_model", "train_model"]] and clock.skipped_waits == 2, "a retry is waited for"
         caplog.clear()
         notice(validate_model=None)
         assert shown() == [["validate_model"]]
+
+
+def test_a_run_that_failed_at_its_first_task_settles_the_rest_without_waiting(airflow_db, mlops_env, monkeypatch):
+    """dag.test() sleeps 1 s after each pass that leaves nothing to run: after a failed first task, once per level of
+    the tasks after it. Those waits are skipped, and only dag.test() ever sees the clock that skips them."""
+    import time
+
+    from ml.airflow_runner import load_dag, quiet_skip_cascade
+
+    monkeypatch.setenv("MLOPS_ACCURACY_THRESHOLD", "1.5")
+    dag = load_dag("mlops_pipeline")
+    with quiet_skip_cascade() as clock:
+        dag_run = dag.test()
+        assert sys.modules["time"] is time
+    assert dag_run.state == "failed"
+    assert clock.skipped_waits >= 4, "a level of the cascade waited"
+    assert sys.modules["time"] is time and sys.gettrace() is None
