@@ -296,7 +296,7 @@ def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
 
 
 def test_the_command_line_and_the_model_server_read_the_s3_connection(
-    s3_bucket, s3_server, monkeypatch, capsys, caplog
+    airflow_db, s3_bucket, s3_server, monkeypatch, capsys
 ):
     """Outside tasks too, MLOPS_S3_CONN_ID's connection is what reaches the bucket (the environment's keys are wrong),
     read through Airflow's own lookup; a missing one or refused keys end with the message a task gives, naming it,
@@ -315,6 +315,28 @@ def test_the_command_line_and_the_model_server_read_the_s3_connection(
     landed = capsys.readouterr()
     assert json.loads(landed.out)["location"] == f"{incoming}batch-0000.csv"
     assert keys.secret_key not in landed.out + landed.err
+
+    # A connection kept in Airflow's metadata database, as `airflow connections add` keeps one, is found too.
+    from airflow.models.connection import Connection
+    from airflow.utils.session import create_session
+
+    stored = Connection(
+        conn_id="mlops_s3_stored",
+        conn_type="aws",
+        login=keys.access_key,
+        password=keys.secret_key,
+        extra=json.dumps({"endpoint_url": s3_server.endpoint}),
+    )
+    with create_session() as session:
+        session.add(stored)
+    try:
+        monkeypatch.setenv("MLOPS_S3_CONN_ID", "mlops_s3_stored")
+        forget_s3_clients()
+        assert ingest.main(["--list"], prog="mlops ingest") == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[0])["batch"] == 0
+    finally:
+        with create_session() as session:
+            session.query(Connection).filter(Connection.conn_id == "mlops_s3_stored").delete()
 
     wrong = "wrong-secret-" + keys.secret_key[:8]
     use_s3_connection(monkeypatch, keys.access_key, wrong, s3_server.endpoint)
