@@ -627,15 +627,25 @@ def write_frame(frame: pd.DataFrame, uri: str) -> None:
 def _write_atomically(uri: str, write: Callable[[BinaryIO], None]) -> None:
     fs, path = store_filesystem(uri)
     try:
-        if is_object_store(fs):
-            _upload_whole(fs, path, write)
-        else:
-            _write_then_rename(fs, path, write)
+        write_whole(fs, path, write)
     except Exception as error:
         raise store_failure(fs, path, error, f"data store object {mask_credentials(uri)} (writing)") from error
 
 
-def _upload_whole(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None:
+def write_whole(
+    fs: Any, path: str, write: Callable[[BinaryIO], None], before_shown: Callable[[], None] = lambda: None
+) -> None:
+    """Write ``path`` on ``fs`` whole or not at all: readers of its folder never see a partial file, and a write that
+    fails or is killed leaves nothing there. ``before_shown`` runs once every byte is written, just before the file
+    appears (a landed batch is recorded in its manifest then: a crash in between leaves a record without its file,
+    which the next try lands again, never a file that no record knows of)."""
+    if is_object_store(fs):
+        _upload_whole(fs, path, write, before_shown)
+    else:
+        _write_then_rename(fs, path, write, before_shown)
+
+
+def _upload_whole(fs: Any, path: str, write: Callable[[BinaryIO], None], before_shown: Callable[[], None]) -> None:
     """Upload straight to the object's key, committed only once every byte is up: an object store shows an upload
     whole or not at all. A temporary name and a rename would double the write there, a rename being a copy and a
     delete: 15.4 s against 8.5 s for a snapshot of 1,000,000 rows (bench/storage_bench.py)."""
@@ -643,6 +653,7 @@ def _upload_whole(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None
     try:
         with handle:
             write(handle)
+        before_shown()
     except BaseException:
         # What was uploaded is invisible until committed; the failure to report is the write's, not the abort's.
         with contextlib.suppress(Exception):
@@ -651,7 +662,7 @@ def _upload_whole(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None
     handle.commit()
 
 
-def _write_then_rename(fs: Any, path: str, write: Callable[[BinaryIO], None]) -> None:
+def _write_then_rename(fs: Any, path: str, write: Callable[[BinaryIO], None], before_shown: Callable[[], None]) -> None:
     """Write under a temporary name beside ``path``, then rename it there: on a disk the rename is what is atomic."""
     parent = fs._parent(path)
     temporary = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.partial"
@@ -659,6 +670,7 @@ def _write_then_rename(fs: Any, path: str, write: Callable[[BinaryIO], None]) ->
     try:
         with fs.open(temporary, "wb") as handle:
             write(handle)
+        before_shown()
         fs.mv(temporary, path)
     finally:
         if fs.exists(temporary):

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ml import data, records
+from ml import data, object_store, records
 from ml.redaction import mask_credentials
 from ml.settings import SQL_SCHEMES, ConfigurationError, Settings
 
@@ -479,20 +479,19 @@ class FolderTarget:
         )
 
     def _land(self, frame: pd.DataFrame, name: str, file_format: str, record: Callable[[str], None]) -> str:
-        final, temporary = f"{self.path}/{name}", f"{self.path}/.{name}.tmp"
+        """Write the batch file whole or not at all (:func:`ml.data.write_whole`: straight to its key on an object
+        store, a rename on a disk), recording it in the manifest once written and before it appears."""
+        final = f"{self.path}/{name}"
         location = self.fs.unstrip_protocol(final)
+
+        def write(handle: Any) -> None:
+            if file_format == "csv":
+                handle.write(frame.to_csv(index=False).encode())
+            else:
+                data.to_parquet(frame, handle)
+
         with self._reaching():
-            if not data.is_object_store(self.fs):  # where it would create a mistyped bucket instead (s3fs does)
-                self.fs.makedirs(self.path, exist_ok=True)
-            with self.fs.open(temporary, "wb") as handle:
-                if file_format == "csv":
-                    handle.write(frame.to_csv(index=False).encode())
-                else:
-                    data.to_parquet(frame, handle)
-            # Record first: a crash between the two leaves a manifest entry whose file is missing, which a retry of
-            # the same run lands again, instead of a file that no run knows it landed.
-            record(location)
-            self.fs.mv(temporary, final)
+            data.write_whole(self.fs, final, write, lambda: record(location))
         return location
 
     def _record(self, record: dict[str, Any]) -> None:
@@ -502,7 +501,7 @@ class FolderTarget:
         self._save(document)
 
     def _record_feedback(self, record: dict[str, Any]) -> None:
-        # An entry whose file is missing (a crash before the rename) is replaced: its requests land in this one.
+        # An entry whose file is missing (a crash before the file appeared) is replaced: its requests land in this one.
         document = self._document()
         kept = [r for r in document.get("feedback_batches", []) if self.holds(r)]
         document["feedback_batches"] = [*kept, record]
@@ -591,6 +590,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ml.ingest") -
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         settings = Settings.from_env()
+        object_store.use_for_this_process(settings)
         if args.list:
             kind = target_kind(settings.data_source)
             target = FolderTarget(settings.data_source) if kind == "folder" else SqlTarget(settings)

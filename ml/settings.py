@@ -256,8 +256,9 @@ class Settings:
         "",
         "MLOPS_S3_CONN_ID",
         "Airflow connection (type aws: login = access key id, password = secret key, extra endpoint_url and "
-        "region_name) whose keys the tasks open the data store and folder sources on S3 with; empty: the keys and "
-        "endpoint of the environment.",
+        "region_name) whose keys the tasks, mlops ingest and the model server open the data store and folder sources "
+        "on S3 with, and python -m ml.object_store gives the MLflow server it starts; empty: the keys and endpoint "
+        "of the environment.",
         check=s3_conn_id_problem,
     )
     experiment_name: str = setting(

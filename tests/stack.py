@@ -13,6 +13,7 @@ Standard library only: the compose test imports it without starting anything.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -81,6 +82,18 @@ COMPOSE_ONLY_ENV = {
     "DUMB_INIT_SETSID": "the worker's warm shutdown in the official image (docker-stack docs, signal propagation)",
     "CONNECTION_CHECK_MAX_COUNT": "the model server and its subscription step have no Airflow database to wait for",
 }
+
+# Natively the services that read an Airflow connection get the S3 keys as one, in place of AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY (:func:`keys_as_a_connection`): AIRFLOW_CONN_<ID> holds them, MLOPS_S3_CONN_ID names it. The
+# MLflow server is started through the launcher that reads it (python -m ml.object_store), which its image in compose
+# does not carry (no Airflow there): compose passes .env's keys.
+NATIVE_S3_CONNECTION = "mlops_s3"
+S3_KEY_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+NATIVE_S3_CONNECTION_ENV = {
+    f"AIRFLOW_CONN_{NATIVE_S3_CONNECTION.upper()}": "the S3 keys, as an Airflow connection of type aws",
+    "MLOPS_S3_CONN_ID": "names it; in compose an optional setting of the Airflow services and the model server",
+}
+S3_CONNECTION_READERS = (*AIRFLOW_SERVICES, "mlflow", "serving")
 
 # The MLflow server delivers its webhooks to the model server over plain HTTP on a private network (compose's) or
 # loopback (natively): MLflow allows only https to public addresses by default. It also caches each event's webhook
@@ -217,7 +230,8 @@ SERVICES: dict[str, Service] = {
             port=5000,
             health_path="/health",
             depends_on={"postgres": _HEALTHY, "s3-init": _DONE},
-            native_prefix=("sh", "{source}/mlflow/entrypoint.sh"),
+            # The image's entrypoint, behind the launcher that puts the S3 connection's keys in its environment.
+            native_prefix=("python", "-m", "ml.object_store", "sh", "{source}/mlflow/entrypoint.sh"),
         ),
         Service(
             name="serving",
@@ -271,6 +285,7 @@ class StackValues:
     s3_endpoint_url: str  # the S3 server every worker and the MLflow server reach
     s3_access_key_id: str
     s3_secret_access_key: str
+    s3_conn_id: str  # empty: the keys above; else the Airflow connection whose keys the tasks and model server use
     model_name: str
     serving_token: str
     serving_webhook_url: str  # where the MLflow server reaches the model server's /webhooks/mlflow
@@ -300,6 +315,7 @@ def _airflow_env(v: StackValues) -> dict[str, str]:
         "MLOPS_DATA_STORE": v.data_store,
         "MLOPS_MODEL_NAME": v.model_name,
         **_s3_env(v, "AWS_ENDPOINT_URL"),
+        "MLOPS_S3_CONN_ID": v.s3_conn_id,
     }
 
 
@@ -355,6 +371,7 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             # Where it records what it serves and the labels it is sent (docs/recording.md): the bucket, as the tasks.
             "MLOPS_DATA_STORE": v.data_store,
             **_s3_env(v, "AWS_ENDPOINT_URL"),
+            "MLOPS_S3_CONN_ID": v.s3_conn_id,
             # The secret alone: the model server checks deliveries with it; serving-subscribe registers the webhook.
             "MLOPS_SERVING_WEBHOOK_SECRET": v.serving_webhook_secret,
         }
@@ -365,6 +382,23 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             "MLOPS_SERVING_WEBHOOK_SECRET": v.serving_webhook_secret,
         }
     raise KeyError(f"unknown service {name!r}")
+
+
+def keys_as_a_connection(env: Mapping[str, str], v: StackValues) -> dict[str, str]:
+    """A service's environment with the S3 keys as the Airflow connection ``NATIVE_S3_CONNECTION`` instead, as
+    Airflow reads one from the environment: what the native stack passes to every S3_CONNECTION_READERS service."""
+    connection = {
+        "conn_type": "aws",
+        "login": v.s3_access_key_id,
+        "password": v.s3_secret_access_key,
+        "extra": {"endpoint_url": v.s3_endpoint_url},
+    }
+    kept = {key: value for key, value in env.items() if key not in S3_KEY_ENV}
+    return {
+        **kept,
+        f"AIRFLOW_CONN_{NATIVE_S3_CONNECTION.upper()}": json.dumps(connection),
+        "MLOPS_S3_CONN_ID": NATIVE_S3_CONNECTION,
+    }
 
 
 def placeholder_values() -> StackValues:

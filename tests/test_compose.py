@@ -4,6 +4,7 @@ dependencies and environment (tests/stack.py is the one description both read). 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,13 @@ def test_native_environment_is_compose_plus_declared_extras(tmp_path, name):
 
     native = NativeStack(tmp_path).env(name)
     expected = set(service_env(name, stack.placeholder_values()))
+    if name in stack.S3_CONNECTION_READERS:
+        # Natively the S3 keys are an Airflow connection, never the environment's keys.
+        assert not set(stack.S3_KEY_ENV) & set(native), name
+        assert json.loads(native[f"AIRFLOW_CONN_{stack.NATIVE_S3_CONNECTION.upper()}"])["conn_type"] == "aws"
+        assert native["MLOPS_S3_CONN_ID"] == stack.NATIVE_S3_CONNECTION
+        native = {key: value for key, value in native.items() if key not in stack.NATIVE_S3_CONNECTION_ENV}
+        expected -= {*stack.S3_KEY_ENV, *stack.NATIVE_S3_CONNECTION_ENV}
     assert set(native) - set(NATIVE_ONLY_ENV) == expected
 
 
@@ -226,8 +234,14 @@ def test_images_install_the_lock_and_place_files_where_compose_expects_them():
     assert '"mlflow[auth]"' in mlflow_dockerfile and "psycopg2-binary" in mlflow_dockerfile
     assert "COPY mlflow/entrypoint.sh mlflow/basic_auth.ini /opt/mlflow/" in mlflow_dockerfile
     assert 'ENTRYPOINT ["/opt/mlflow/entrypoint.sh"]' in mlflow_dockerfile
-    # The native run adds what the image's ENTRYPOINT adds.
-    assert SERVICES["mlflow"].native_prefix == ("sh", "{source}/mlflow/entrypoint.sh")
+    # The native run adds what the image's ENTRYPOINT adds, behind the launcher that reads the S3 connection.
+    assert SERVICES["mlflow"].native_prefix == (
+        "python",
+        "-m",
+        "ml.object_store",
+        "sh",
+        "{source}/mlflow/entrypoint.sh",
+    )
     assert not (REPO / "mlflow" / "__init__.py").exists()
 
     ignored = (REPO / ".dockerignore").read_text().splitlines()
@@ -281,6 +295,12 @@ def test_snapshots_and_artifacts_share_the_bucket_and_workers_share_no_volume(se
     # same data store as the tasks, where the monitor reads them.
     assert serving["MLOPS_DATA_STORE"] == worker["MLOPS_DATA_STORE"]
     assert serving["AWS_ENDPOINT_URL"] == endpoint
+
+    # An Airflow connection may hold the keys instead (MLOPS_S3_CONN_ID, optional): for the tasks and the model
+    # server, which read one through Airflow; not for the MLflow server, whose image carries no Airflow.
+    for env in (worker, serving):
+        assert env["MLOPS_S3_CONN_ID"] == "${MLOPS_S3_CONN_ID:-}"
+    assert "MLOPS_S3_CONN_ID" not in mlflow
 
     for name in ("airflow-worker", "mlflow"):
         assert services[name]["depends_on"]["s3-init"] == {"condition": "service_completed_successfully"}

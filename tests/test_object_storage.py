@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -77,6 +80,45 @@ def test_a_write_that_fails_midway_leaves_nothing_in_the_bucket(s3_bucket, s3_se
     admin = s3_server.filesystem(s3_server.admin)
     assert admin.find(s3_bucket) == []
     assert admin.list_multipart_uploads(s3_bucket) == []
+
+
+def test_a_batch_lands_straight_at_its_key_or_not_at_all(s3_bucket, s3_server, monkeypatch):
+    # mlops ingest writes a batch as the data store writes a snapshot: straight to its key, shown once complete. When
+    # the manifest records it, nothing of it is visible yet (no temporary object to rename); a write that fails
+    # midway leaves neither a batch, nor a manifest entry, nor an unfinished upload, and the next try lands it.
+    incoming = f"s3://{s3_bucket}/incoming/"
+    settings = Settings.from_env({"MLOPS_DATA_SOURCE": incoming})
+    admin = s3_server.filesystem(s3_server.admin)
+    seen_when_recorded = []
+    save = ingest.FolderTarget._save
+
+    def save_and_look(target, document):
+        seen_when_recorded.append(admin.find(f"{s3_bucket}/incoming"))
+        save(target, document)
+
+    monkeypatch.setattr(ingest.FolderTarget, "_save", save_and_look)
+    assert ingest.land(settings, run_key="mlops_ingest/run-1")["batch"] == 0
+    assert seen_when_recorded == [[]]
+    assert admin.find(f"{s3_bucket}/incoming") == [
+        f"{s3_bucket}/incoming/{n}" for n in ("_manifest.json", "batch-0000.csv")
+    ]
+
+    def fail_midway(frame, handle):
+        handle.write(b"PAR1" + bytes(100_000))
+        raise OSError("the writer failed midway")
+
+    to_parquet = data.to_parquet
+    monkeypatch.setattr(data, "to_parquet", fail_midway)
+    with pytest.raises(data.DataSourceUnavailableError, match="the writer failed midway"):
+        ingest.land(settings, file_format="parquet", run_key="mlops_ingest/run-2")
+    assert admin.find(f"{s3_bucket}/incoming") == [
+        f"{s3_bucket}/incoming/{n}" for n in ("_manifest.json", "batch-0000.csv")
+    ]
+    assert admin.list_multipart_uploads(s3_bucket) == []
+    assert [int(r["batch"]) for r in ingest.FolderTarget(incoming).records()] == [0]
+    monkeypatch.setattr(data, "to_parquet", to_parquet)
+    assert ingest.land(settings, file_format="parquet", run_key="mlops_ingest/run-2")["batch"] == 1
+    assert len(data.load_source(incoming)) == 319
 
 
 def test_unknown_bucket_fails_at_once_naming_it(s3_bucket, cancer):
@@ -251,3 +293,125 @@ def test_a_run_on_object_storage_promotes_a_version_kept_in_the_bucket(
     assert any(f"run_id={run.run_id}" in str(path) for path in task_logs), "the run's task logs are where they are read"
     for stored_file in [*airflow_db.glob("airflow.db*"), *(tmp_path / "mlflow").glob("mlflow.db*"), *task_logs]:
         assert secret not in stored_file.read_bytes(), stored_file
+
+
+def test_the_command_line_and_the_model_server_read_the_s3_connection(
+    airflow_db, s3_bucket, s3_server, monkeypatch, capsys
+):
+    """Outside tasks too, MLOPS_S3_CONN_ID's connection is what reaches the bucket (the environment's keys are wrong),
+    read through Airflow's own lookup; a missing one or refused keys end with the message a task gives, naming it,
+    and the keys are shown nowhere."""
+    from ml import object_store
+
+    monkeypatch.setattr(object_store, "_for_process", None)  # what the commands below set for their process
+    incoming = f"s3://{s3_bucket}/incoming/"
+    monkeypatch.setenv("MLOPS_DATA_SOURCE", incoming)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-access-key")
+    keys = s3_server.service
+    use_s3_connection(monkeypatch, keys.access_key, keys.secret_key, s3_server.endpoint)
+    forget_s3_clients()
+    assert ingest.main(["--initial"], prog="mlops ingest") == 0
+    landed = capsys.readouterr()
+    assert json.loads(landed.out)["location"] == f"{incoming}batch-0000.csv"
+    assert keys.secret_key not in landed.out + landed.err
+
+    # A connection kept in Airflow's metadata database, as `airflow connections add` keeps one, is found too.
+    from airflow.models.connection import Connection
+    from airflow.utils.session import create_session
+
+    stored = Connection(
+        conn_id="mlops_s3_stored",
+        conn_type="aws",
+        login=keys.access_key,
+        password=keys.secret_key,
+        extra=json.dumps({"endpoint_url": s3_server.endpoint}),
+    )
+    with create_session() as session:
+        session.add(stored)
+    try:
+        monkeypatch.setenv("MLOPS_S3_CONN_ID", "mlops_s3_stored")
+        forget_s3_clients()
+        assert ingest.main(["--list"], prog="mlops ingest") == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[0])["batch"] == 0
+    finally:
+        with create_session() as session:
+            session.query(Connection).filter(Connection.conn_id == "mlops_s3_stored").delete()
+
+    wrong = "wrong-secret-" + keys.secret_key[:8]
+    use_s3_connection(monkeypatch, keys.access_key, wrong, s3_server.endpoint)
+    forget_s3_clients()
+    assert ingest.main(["--list"], prog="mlops ingest") == 2
+    refused = capsys.readouterr().err
+    assert "the object store refuses these credentials" in refused, refused
+    assert f"check the login and password of the Airflow connection {S3_CONN_ID!r} (MLOPS_S3_CONN_ID)" in refused
+    assert wrong not in refused
+
+    monkeypatch.setenv("MLOPS_S3_CONN_ID", "mlops_s3_typo")
+    assert ingest.main(["--list"], prog="mlops ingest") == 2
+    assert "ingest refused: MLOPS_S3_CONN_ID='mlops_s3_typo' names no Airflow connection" in capsys.readouterr().err
+
+    # The model server refuses to start on the same grounds, before it serves anything (its own process: the lookup
+    # sets Airflow's logging up, as it would in the server).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLOPS_DATA_STORE", f"s3://{s3_bucket}/store")
+    server = subprocess.run(
+        [sys.executable, "-m", "ml.serving", "--host", "127.0.0.1", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert server.returncode == 2
+    assert "MLOPS_S3_CONN_ID='mlops_s3_typo' names no Airflow connection" in server.stdout + server.stderr
+
+
+def test_the_mlflow_server_launcher_puts_the_connection_in_its_environment_alone(s3_bucket, s3_server, tmp_path):
+    """``python -m ml.object_store COMMAND`` runs the command (the MLflow server) with the connection's keys and
+    endpoint as AWS's clients read them, over wrong ones in the environment; neither its output nor its arguments
+    show the secret."""
+    keys = s3_server.service
+    connection = {
+        "conn_type": "aws",
+        "login": keys.access_key,
+        "password": keys.secret_key,
+        "extra": {"endpoint_url": s3_server.endpoint},
+    }
+    environment = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "wrong-key-id",
+        "AWS_SECRET_ACCESS_KEY": "wrong-secret-access-key",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        f"AIRFLOW_CONN_{S3_CONN_ID.upper()}": json.dumps(connection),
+        "MLOPS_S3_CONN_ID": S3_CONN_ID,
+    }
+    # What MLflow's S3 artifact store does: a boto3 client from the environment, at MLFLOW_S3_ENDPOINT_URL.
+    probe = (
+        "import os, sys, boto3; print(sys.argv[1:]); "
+        "client = boto3.client('s3', endpoint_url=os.environ['MLFLOW_S3_ENDPOINT_URL']); "
+        f"client.put_object(Bucket={s3_bucket!r}, Key='mlartifacts/probe', Body=b'ok'); print('stored')"
+    )
+    launched = subprocess.run(
+        [sys.executable, "-m", "ml.object_store", sys.executable, "-c", probe, "--the-server-s-own-arguments"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.splitlines()[-2:] == ["['--the-server-s-own-arguments']", "stored"]
+    assert f"with the S3 keys of the Airflow connection {S3_CONN_ID!r}" in launched.stdout + launched.stderr
+    assert keys.secret_key not in launched.stdout + launched.stderr
+    assert s3_server.filesystem(s3_server.admin).cat(f"{s3_bucket}/mlartifacts/probe") == b"ok"
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "ml.object_store", "true"],
+        env={**environment, "MLOPS_S3_CONN_ID": "mlops_s3_typo"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert missing.returncode == 2
+    assert "MLOPS_S3_CONN_ID='mlops_s3_typo' names no Airflow connection" in missing.stdout + missing.stderr

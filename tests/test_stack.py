@@ -41,6 +41,7 @@ from conftest import PROMOTED_RUN_STATES
 from s3 import S3Credentials, WeedServer
 from stack import SERVICES, Placement, Process, StackValues
 
+from ml import records
 from ml.serving.app import DEFAULT_POLL_INTERVAL
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -142,6 +143,7 @@ class NativeStack:
             s3_endpoint_url=s3.endpoint if s3 else "http://127.0.0.1:0",
             s3_access_key_id=keys.access_key,
             s3_secret_access_key=keys.secret_key,
+            s3_conn_id=stack.NATIVE_S3_CONNECTION,
             model_name=MODEL_NAME,
             serving_token=secrets.token_urlsafe(24),
             serving_webhook_url=f"http://127.0.0.1:{self.ports['serving']}/webhooks/mlflow",
@@ -211,6 +213,10 @@ class NativeStack:
                 AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="2",
                 MLOPS_RETRY_DELAY_SECONDS="5",
             )
+        if service in stack.S3_CONNECTION_READERS:
+            env = stack.keys_as_a_connection(env, self.values)
+        if service in ("mlflow", "serving"):
+            env["AIRFLOW_HOME"] = str(home)  # where the connection's lookup keeps Airflow's files, not ~/airflow
         if name in WORKERS:
             env.update(self.worker_folders(name))
             if name != WORKERS[0]:
@@ -466,6 +472,22 @@ def test_pipeline_runs_on_the_native_stack(services_available, s3_server, tmp_pa
         }
 
         serving = _check_serving(s, Mlflow(s.mlflow_url, *s.mlflow_user))
+        # The model servers record what they answered in the bucket, with the keys of the S3 connection alone.
+        recorded = records.records_uri(s.data_store).removeprefix("s3://")
+        stack.wait_until(
+            lambda: s3_server.filesystem(s3_server.admin).find(recorded),
+            30,
+            "the model servers' records in the bucket",
+            interval=1,
+        )
+
+    # Every service that reads an Airflow connection had the S3 keys as one: no task log, nor any service's log,
+    # shows the secret.
+    secret = s3_server.service.secret_key.encode()
+    logs = [path for path in tmp_path.rglob("*.log") if path.is_file()]
+    assert any("task_id=train_model" in str(path) for path in logs), "the task logs are where they are looked for"
+    for log in logs:
+        assert secret not in log.read_bytes(), log
 
     baseline = min(figures["stub_1"], figures["stub_2"])
     total = time.monotonic() - began

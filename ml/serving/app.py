@@ -52,7 +52,7 @@ import pandas as pd
 import uvicorn
 
 import mlflow
-from ml import records
+from ml import object_store, records
 from ml.redaction import mask_credentials, mask_logging_credentials
 from ml.serving import feedback, metrics, webhook
 from ml.serving.follower import ProductionFollower
@@ -484,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         for uri in dict.fromkeys(filter(None, (settings.tracking_uri, settings.registry_uri))):
             if problem := local_store_problem(uri):
                 raise ConfigurationError(problem)
+        # Its records go to the data store with the keys of the S3 connection the tasks use, if one is named.
+        object_store.use_for_this_process(settings)
     except ConfigurationError as error:
         log.error("%s", error)
         return 2
