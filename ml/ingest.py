@@ -374,6 +374,7 @@ def land_feedback(
     if file_format not in FILE_FORMATS:
         raise IngestError(f"file format {file_format!r} is not one of {', '.join(FILE_FORMATS)}")
     target = FolderTarget(settings.data_source)
+    since, horizon = _within_landing_horizon(settings, target, since, until)
     landed = [record for record in target.feedback_records() if target.holds(record)]
     earlier = next((r for r in landed if r.get("run_key") == run_key and run_key != "manual"), None)
     if earlier is not None:
@@ -405,9 +406,32 @@ def land_feedback(
         **outcome,
         "requests": [list(request) for request in requests],
     }
-    record["location"] = target.write_feedback(frame, record, file_format)
+    record["location"] = target.write_feedback(frame, record, file_format, horizon)
     log.info("landed %d labelled requests as %s at %s", len(frame), record["batch"], record["location"])
     return {**_summary(record), "landed": True, "target": target.describe()}
+
+
+def _within_landing_horizon(
+    settings: Settings, target: FolderTarget, since: datetime, until: datetime
+) -> tuple[datetime, datetime]:
+    """``since`` moved up to the landing horizon, and the horizon: requests received before it may have been forgotten
+    by the manifest (``MLOPS_FEEDBACK_LANDING_DAYS``), so landing them could land them twice."""
+    horizon = max(datetime.now(UTC) - timedelta(days=settings.feedback_landing_days), target.forgotten_before())
+    if until <= horizon:
+        raise IngestError(
+            f"the window ends {until.isoformat(timespec='seconds')}, before {horizon.isoformat(timespec='seconds')}: "
+            f"labelled requests land only from the last MLOPS_FEEDBACK_LANDING_DAYS "
+            f"({settings.feedback_landing_days:g}) days, as the manifest of {target.describe()} forgets older ones"
+        )
+    if since < horizon:
+        log.warning(
+            "landing labelled requests from %s, not %s: older ones may have landed already and been forgotten "
+            "(MLOPS_FEEDBACK_LANDING_DAYS=%g)",
+            horizon.isoformat(timespec="seconds"),
+            since.isoformat(timespec="seconds"),
+            settings.feedback_landing_days,
+        )
+    return max(since, horizon), horizon
 
 
 def _summary(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -436,6 +460,12 @@ class FolderTarget:
     def _manifest(self) -> list[dict[str, Any]]:
         batches: list[dict[str, Any]] = self._document().get("batches", [])
         return batches
+
+    def forgotten_before(self) -> datetime:
+        """The moment before which the manifest no longer says which recorded requests landed."""
+        with self._reaching():
+            moment = self._document().get("feedback_forgotten_before")
+        return datetime.fromisoformat(moment) if moment else datetime.min.replace(tzinfo=UTC)
 
     def feedback_records(self) -> list[dict[str, Any]]:
         """The batches of labelled requests landed here, each with the recorded rows it holds (``requests``)."""
@@ -472,10 +502,11 @@ class FolderTarget:
         name = f"batch-{int(record['batch']):04d}.{file_format}"
         return self._land(frame, name, file_format, lambda location: self._record({**record, "location": location}))
 
-    def write_feedback(self, frame: pd.DataFrame, record: dict[str, Any], file_format: str) -> str:
+    def write_feedback(self, frame: pd.DataFrame, record: dict[str, Any], file_format: str, forget: datetime) -> str:
+        """Land a batch of labelled requests; the manifest forgets the requests received before ``forget``."""
         name = f"{record['batch']}.{file_format}"
         return self._land(
-            frame, name, file_format, lambda location: self._record_feedback({**record, "location": location})
+            frame, name, file_format, lambda location: self._record_feedback({**record, "location": location}, forget)
         )
 
     def _land(self, frame: pd.DataFrame, name: str, file_format: str, record: Callable[[str], None]) -> str:
@@ -500,11 +531,18 @@ class FolderTarget:
         document["batches"].append(record)
         self._save(document)
 
-    def _record_feedback(self, record: dict[str, Any]) -> None:
+    def _record_feedback(self, record: dict[str, Any], forget: datetime) -> None:
         # An entry whose file is missing (a crash before the file appeared) is replaced: its requests land in this one.
+        # Requests received before ``forget`` are dropped (and entries left with none), so the manifest holds the
+        # landing horizon's requests only; land_feedback lands nothing older than feedback_forgotten_before.
         document = self._document()
-        kept = [r for r in document.get("feedback_batches", []) if self.holds(r)]
-        document["feedback_batches"] = [*kept, record]
+        kept = [*(r for r in document.get("feedback_batches", []) if self.holds(r)), record]
+        for entry in kept:
+            entry["requests"] = [r for r in entry["requests"] if pd.Timestamp(r[2]) >= forget]
+        document["feedback_batches"] = [r for r in kept if r["requests"] or r is record]
+        previous = document.get("feedback_forgotten_before")
+        forgotten = max(forget, datetime.fromisoformat(previous)) if previous else forget
+        document["feedback_forgotten_before"] = forgotten.isoformat()
         self._save(document)
 
     def _save(self, document: dict[str, Any]) -> None:

@@ -491,6 +491,13 @@ class Settings:
         "(it holds the latest 100,000); 0: memory only.",
         minimum=0,
     )
+    feedback_landing_days: float = setting(
+        30.0,
+        "MLOPS_FEEDBACK_LANDING_DAYS",
+        "How far back `mlops ingest --from-feedback` can land labelled requests; the folder source's manifest forgets "
+        "which requests landed once they are older, so that it stays bounded.",
+        exclusive_minimum=0,
+    )
     monitor_schedule: str = setting(
         "@hourly",
         "MLOPS_MONITOR_SCHEDULE",

@@ -11,6 +11,7 @@ unshifted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -240,6 +241,34 @@ def test_labelled_requests_land_once_as_training_rows(served):
     assert [b["batch"] for b in manifest["batches"]] == [0]
     assert ingest.land(settings)["batch"] == 1, "the held-back batches go on being numbered as before"
     assert len(data.load_source(settings.data_source)) == 269 + 6 + 50
+
+
+def test_manifest_of_landed_requests_stays_bounded_and_lands_no_request_twice(served, caplog):
+    """Hourly landings over twelve hours with a two-hour horizon: the manifest keeps the last two hours' requests only,
+    and a later landing over all twelve hours, with a wider horizon, lands nothing again."""
+    settings, cases, _, _ = served
+    folder, now = Path(settings.data_source), datetime.now(UTC)
+    sizes = []
+    for hours_ago in range(12, 0, -1):
+        at = now - timedelta(hours=hours_ago)
+        ids = record_requests(settings, cases, at, prefix=f"h{hours_ago}-")
+        label_requests(settings, dict(zip(ids, cases["target"].tolist(), strict=True)))
+        # The landing horizon two hours behind the window, as if each landing ran an hour after the last.
+        hourly = dataclasses.replace(settings, feedback_landing_days=(hours_ago + 2) / 24)
+        landed = ingest.land_feedback(hourly, at - timedelta(minutes=5), at + timedelta(minutes=5))
+        assert (landed["landed"], landed["rows"]) == (True, len(cases))
+        sizes.append((folder / ingest.MANIFEST).stat().st_size)
+    manifest = json.loads((folder / ingest.MANIFEST).read_text())
+    kept = sorted({request[0].split("-")[0] for batch in manifest["feedback_batches"] for request in batch["requests"]})
+    assert kept == ["h1", "h2"], "requests older than the horizon (3 h before the last landing) are forgotten"
+    assert max(sizes) <= sizes[1], f"the manifest stops growing at the horizon's two hourly batches: {sizes}"
+
+    late = ingest.land_feedback(settings, now - timedelta(hours=13), now)  # 30 days back, but only 3 h are remembered
+    assert (late["landed"], late["already_landed"]) == (False, 2 * len(cases)), late
+    assert "not " in caplog.text and "MLOPS_FEEDBACK_LANDING_DAYS=30" in caplog.text
+    assert len(data.load_source(settings.data_source)) == 269 + 12 * len(cases), "each request landed once"
+    with pytest.raises(ingest.IngestError, match="land only from the last MLOPS_FEEDBACK_LANDING_DAYS"):
+        ingest.land_feedback(settings, now - timedelta(hours=13), now - timedelta(hours=11))
 
 
 def test_labelled_requests_that_cannot_become_training_rows_are_refused(served, tmp_path):
