@@ -68,8 +68,7 @@ def training_data_asset(settings: Settings | None = None) -> Asset:
     settings = settings or Settings.from_env_or_embedded()
     extra: dict[str, Any] = {"model": settings.model_name, "label_column": settings.label_column}
     try:
-        uri = settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)
-        return Asset(uri=uri, extra=extra)
+        return Asset(uri=training_data_uri(settings), extra=extra)
     except (ValueError, RuntimeError, OSError) as error:
         log.warning("the configured data source cannot name an asset (%s); using the bundled data set's", error)
         return Asset(uri=data_asset_uri(DEFAULT_DATA_SOURCE), extra=extra)
@@ -85,8 +84,18 @@ def recorded_traffic_asset(settings: Settings | None = None) -> Asset:
     settings = settings or Settings.from_env_or_embedded()
     extra: dict[str, Any] = {"model": settings.model_name}
     try:
-        return Asset(uri=data_asset_uri(f"{settings.data_store.rstrip('/')}/{RECORDS_FOLDER}"), extra=extra)
+        return Asset(uri=recorded_traffic_uri(settings), extra=extra)
     except (ValueError, RuntimeError, OSError) as error:
         log.warning("the data store cannot name an asset (%s); using the default store's", error)
         default_store = Settings.from_env_or_embedded().home / "datastore"
         return Asset(uri=data_asset_uri(str(default_store / RECORDS_FOLDER)), extra=extra)
+
+
+def recorded_traffic_uri(settings: Settings) -> str:
+    """The URI of :func:`recorded_traffic_asset`, without importing Airflow (the model server posts its events)."""
+    return data_asset_uri(f"{settings.data_store.rstrip('/')}/{RECORDS_FOLDER}")
+
+
+def training_data_uri(settings: Settings) -> str:
+    """The URI of :func:`training_data_asset` (``mlops ingest`` posts its events)."""
+    return settings.data_asset_uri or data_asset_uri(settings.data_source, settings.data_query)

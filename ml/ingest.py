@@ -19,8 +19,11 @@ folder source as ``feedback-<time>-<digest>.csv``. ``_manifest.json`` remembers 
 holds, so that no labelled request lands twice, whatever windows are asked for.
 
 The ``mlops_ingest`` DAG calls :func:`ml.tasks.land_batch`; its task has the data asset as outlet, so each landed batch
-is an asset event that triggers ``mlops_pipeline``. ``python -m ml.ingest`` lands a batch without Airflow (and so
-without an asset event).
+is an asset event that triggers ``mlops_pipeline``. ``python -m ml.ingest`` (``mlops ingest``) lands a batch without
+Airflow, and posts the same event to Airflow's REST API when ``MLOPS_AIRFLOW_API_URL`` is set (:mod:`ml.asset_events`).
+
+The manifest forgets the landed requests received more than ``MLOPS_FEEDBACK_LANDING_DAYS`` ago, so it stays bounded;
+labelled requests older than that are not landed, since whether they landed before is no longer known.
 """
 
 from __future__ import annotations
@@ -597,13 +600,38 @@ class SqlTarget:
         return location
 
 
+def event_extra(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What the data asset's event of a landed batch says of it (the DAG's outlet and the command line's alike)."""
+    keys = ("batch", "rows", "digest", "location", "shift", "landed_at", "window")
+    return {key: result[key] for key in keys if key in result}
+
+
+def announce(settings: Settings, result: dict[str, Any]) -> None:
+    """Post the data asset's event of a batch landed from the command line, when the Airflow API is configured; a
+    failure is reported (the batch stays landed: the pipeline's schedule picks it up) and kept in ``result``."""
+    from ml import asset_events
+    from ml.assets import training_data_uri
+
+    if not result["landed"] or not asset_events.configured(settings):
+        return
+    try:
+        event = asset_events.post_asset_event(settings, training_data_uri(settings), event_extra(result))
+    except asset_events.AssetEventError as error:
+        log.warning("landed, but no asset event was sent, so mlops_pipeline waits for its schedule: %s", error)
+        result["asset_event_error"] = str(error)
+        return
+    result["asset_event"] = event
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m ml.ingest") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Land a batch of the held-back breast cancer data in MLOPS_DATA_SOURCE (a folder or SQL table), "
         "or, with --from-feedback, the requests the model server recorded that received a true label on "
-        "POST /feedback (a folder only). Outside Airflow no asset event is emitted: the daily run, the mlops_ingest "
-        "DAG, or POST /api/v2/assets/events, picks it up.",
+        "POST /feedback (a folder only). With MLOPS_AIRFLOW_API_URL (and MLOPS_AIRFLOW_API_USERNAME, "
+        "MLOPS_AIRFLOW_API_PASSWORD) set, a landed batch is posted as an event of the data asset to Airflow's REST "
+        "API, which starts mlops_pipeline as the mlops_ingest DAG does; without them the pipeline's schedule picks "
+        "it up.",
     )
     parser.add_argument("--initial", action="store_true", help="land batch 0, the initial bulk")
     parser.add_argument("--batch", type=int, help="the batch to land (default: the next one)")
@@ -644,6 +672,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ml.ingest") -
         else:
             batch = 0 if args.initial else args.batch
             result = land(settings, batch=batch, shift=args.shift, file_format=args.format)
+        announce(settings, result)
     except (ConfigurationError, data.DataSourceError, data.DataValidationError) as error:
         print(f"ingest refused: {error}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ read through :mod:`ml.records`, the one module that knows their layout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,11 +48,7 @@ class Window:
 def aligned_window(moment: datetime, minutes: int) -> Window:
     """The window of ``minutes``, counted from midnight UTC, that holds the instant just before ``moment``: an hourly
     run at 13:00 judges 12:00-13:00, a run at 13:20 the 13:00 window so far. A day's last window ends at midnight."""
-    before = moment.astimezone(UTC) - timedelta(microseconds=1)
-    midnight = before.replace(hour=0, minute=0, second=0, microsecond=0)
-    length = timedelta(minutes=minutes)
-    start = midnight + length * ((before - midnight) // length)
-    return Window(start, min(start + length, midnight + timedelta(days=1)))
+    return Window(*records.monitoring_window(moment - timedelta(microseconds=1), minutes))
 
 
 def window_of_run(settings: Settings, window_end: str | None, run_moment: datetime) -> Window:
@@ -65,6 +61,18 @@ def window_of_run(settings: Settings, window_end: str | None, run_moment: dateti
         raise ConfigurationError(f"window_end {window_end!r} is not an ISO 8601 time: {error}") from None
     end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)
     return Window(end - timedelta(minutes=settings.monitor_window_minutes), end)
+
+
+def announced_window_end(triggering_events: Mapping[Any, Sequence[Any]]) -> str | None:
+    """The latest ``window_end`` in the extra of the asset events that started the run: the model server announces a
+    completed window so (ml/serving/window_events.py), and the run judges it rather than the window just begun."""
+    ends = [
+        str(event.extra["window_end"])
+        for events in triggering_events.values()
+        for event in events
+        if isinstance(event.extra, Mapping) and event.extra.get("window_end")
+    ]
+    return max(ends, key=lambda end: datetime.fromisoformat(end)) if ends else None
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,16 @@ def hour_partition(moment: datetime) -> str:
     return f"date={moment:%Y-%m-%d}/hour={moment:%H}"
 
 
+def monitoring_window(moment: datetime, minutes: int) -> tuple[datetime, datetime]:
+    """The monitoring window that holds ``moment``: windows of ``minutes`` counted from midnight UTC, a day's last one
+    ending at midnight. mlops_monitor judges them; the model server tells Airflow when one is complete."""
+    moment = moment.astimezone(UTC)
+    midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    length = timedelta(minutes=minutes)
+    start = midnight + length * ((moment - midnight) // length)
+    return start, min(start + length, midnight + timedelta(days=1))
+
+
 def records_frame(answered: Sequence[Answered], with_features: bool = True) -> pd.DataFrame:
     """The record rows of some answered requests, all answered by one version (their features share its columns)."""
     sizes = [len(item.predictions) for item in answered]

@@ -498,6 +498,26 @@ class Settings:
         "which requests landed once they are older, so that it stays bounded.",
         exclusive_minimum=0,
     )
+    airflow_api_url: str = setting(
+        "",
+        "MLOPS_AIRFLOW_API_URL",
+        "Airflow's API server (http://host:8080): set, the model server posts an event of the recorded-traffic asset "
+        "for each completed monitoring window, and `mlops ingest` one of the data asset for each landed batch; unset, "
+        "neither does.",
+    )
+    airflow_api_username: str = setting(
+        "",
+        "MLOPS_AIRFLOW_API_USERNAME",
+        "The Airflow user those events are posted as (a token is asked of the API server's /auth/token).",
+        logged=False,
+    )
+    airflow_api_password: str = setting(
+        "",
+        "MLOPS_AIRFLOW_API_PASSWORD",
+        "That user's password.",
+        secret=True,
+        logged=False,
+    )
     monitor_schedule: str = setting(
         "@hourly",
         "MLOPS_MONITOR_SCHEDULE",

@@ -493,11 +493,7 @@ def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
         raise AirflowSkipException(result["reason"])
     outlet_events = context.get("outlet_events")
     if asset is not None and outlet_events is not None:
-        outlet_events[asset].extra = {
-            key: result[key]
-            for key in ("batch", "rows", "digest", "location", "shift", "landed_at", "window")
-            if key in result
-        }
+        outlet_events[asset].extra = ingest.event_extra(result)
     return result
 
 
@@ -514,7 +510,10 @@ def judge_window(context: Mapping[str, Any]) -> dict[str, Any]:
         settings, run = resolve(context)
         dag_run = context.get("dag_run")
         moment = getattr(dag_run, "run_after", None) or context.get("logical_date")
-        window = monitor.window_of_run(settings, run.params.get("window_end"), moment or datetime.now(UTC))
+        window_end = run.params.get("window_end") or monitor.announced_window_end(
+            context.get("triggering_asset_events") or {}
+        )
+        window = monitor.window_of_run(settings, window_end, moment or datetime.now(UTC))
         result = monitor.judge_window(settings, run, window, already_started)
     except PERMANENT_ERRORS as error:
         _fail_without_retry("judge_window", error)

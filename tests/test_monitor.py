@@ -256,3 +256,130 @@ def test_an_event_of_the_recorded_traffic_asset_starts_the_monitor_on_the_curren
         < datetime.fromisoformat(window["window_end"])
     )
     assert run.note.startswith("**too little traffic: 0 requests answered by v1")
+
+
+@pytest.fixture(scope="module")
+def airflow_api(production, tmp_path_factory):
+    """``airflow api-server`` on the session's Airflow database, and the settings that post events to it as its
+    generated admin user."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port, wait_for_http
+
+    settings, _ = production
+    port, log = free_port(), tmp_path_factory.mktemp("api-server") / "api-server.log"
+    command = [
+        str(Path(sys.executable).parent / "airflow"),
+        "api-server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log.open("wb") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/api/v2/version", 120, server, log)
+        passwords = Path(os.environ["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+        user, password = next(iter(json.loads(passwords.read_text()).items()))
+        yield dataclasses.replace(
+            settings, airflow_api_url=url, airflow_api_username=user, airflow_api_password=password
+        )
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+
+
+@pytest.mark.slow
+def test_the_server_announces_a_completed_window_and_the_monitor_judges_that_window(airflow_api, caplog):
+    """The model server's window events (ml/serving/window_events.py) posted to a real API server: one event for the
+    window that closed when a request of the next one was written, with that window's end, which the run it starts
+    judges; and a refused login is counted and logged once, without the password."""
+    import dataclasses
+
+    from airflow_harness import create_asset_triggered_runs, run_existing
+    from conftest import asset_events, set_paused
+
+    from ml.assets import recorded_traffic_uri
+    from ml.serving.window_events import WindowEvents
+
+    settings = airflow_api
+    closed = aligned_window(datetime.now(UTC) - timedelta(hours=2), 60)
+    events = WindowEvents(settings)
+    events.start()
+    set_paused("mlops_monitor", False)
+    try:
+        events.written(
+            [(closed.start + timedelta(minutes=5)).timestamp(), (closed.end - timedelta(seconds=1)).timestamp()]
+        )
+        events.written([(closed.end + timedelta(minutes=1)).timestamp()])  # the first request of the next window
+        events.written([(closed.end + timedelta(minutes=2)).timestamp()])
+        events.stop(timeout=60)
+        assert (events.sent, events.failed) == (1, 0), events.last_error
+        announced = [event for event in asset_events(recorded_traffic_uri(settings)) if "window_end" in event]
+        assert announced[-1] == {
+            "source_dag_id": None,
+            "window_end": closed.end.isoformat(),
+            "window_minutes": 60,
+            "by": "model server",
+            "from_rest_api": True,
+        }
+        (created,) = create_asset_triggered_runs("mlops_monitor")
+        run = run_existing("mlops_monitor", created)
+    finally:
+        set_paused("mlops_monitor", True)
+    judged = run.result("judge_window")
+    assert (judged["window_start"], judged["window_end"]) == (closed.start.isoformat(), closed.end.isoformat())
+
+    refused = WindowEvents(dataclasses.replace(settings, airflow_api_password="not-the-password"))
+    refused.start()
+    for minutes in (0, 60, 120, 180):
+        refused.written([(closed.end + timedelta(minutes=minutes)).timestamp()])
+    refused.stop(timeout=60)
+    assert (refused.sent, refused.failed) == (0, 3)
+    warnings = [r.getMessage() for r in caplog.records if "window of recorded traffic" in r.getMessage()]
+    assert (
+        len(warnings) == 1 and "logging in to Airflow at http://127.0.0.1" in warnings[0] and "HTTP 401" in warnings[0]
+    )
+    assert "not-the-password" not in caplog.text
+
+
+@pytest.mark.slow
+def test_ingest_from_the_command_line_posts_the_data_asset_event(airflow_api, tmp_path, monkeypatch, capsys):
+    """``mlops ingest`` outside Airflow, with the API configured: the landed batch is an event of the data asset, as the
+    mlops_ingest DAG's outlet makes it; an API server that does not answer leaves the batch landed and says so."""
+    import json
+
+    from conftest import asset_events, free_port
+
+    from ml import ingest
+    from ml.assets import data_asset_uri
+
+    settings = airflow_api
+    asset = data_asset_uri("sklearn:breast_cancer")  # the asset this home's mlops_pipeline is scheduled on
+    monkeypatch.setenv("MLOPS_DATA_SOURCE", f"{tmp_path}/incoming/")
+    monkeypatch.setenv("MLOPS_DATA_ASSET_URI", asset)
+    monkeypatch.setenv("MLOPS_AIRFLOW_API_URL", settings.airflow_api_url)
+    monkeypatch.setenv("MLOPS_AIRFLOW_API_USERNAME", settings.airflow_api_username)
+    monkeypatch.setenv("MLOPS_AIRFLOW_API_PASSWORD", settings.airflow_api_password)
+    assert ingest.main(["--initial"]) == 0
+    landed = json.loads(capsys.readouterr().out)
+    assert isinstance(landed["asset_event"], int) and "asset_event_error" not in landed
+    assert asset_events(asset)[-1] == {
+        "source_dag_id": None,
+        **ingest.event_extra(landed),
+        "from_rest_api": True,
+    }
+
+    monkeypatch.setenv("MLOPS_AIRFLOW_API_URL", f"http://127.0.0.1:{free_port()}")
+    assert ingest.main([]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["landed"] and second["batch"] == 1 and "asset_event" not in second
+    assert "did not answer: ConnectError" in second["asset_event_error"]
+    assert settings.airflow_api_password not in second["asset_event_error"]

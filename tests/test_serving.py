@@ -1143,3 +1143,18 @@ def test_told_by_the_registrys_webhook_it_swaps_at_once_and_a_forged_event_moves
         assert "refused a webhook delivery: the signature does not match" in log_text
         assert WEBHOOK_SECRET not in log_text
         print(f"alias moved -> served by the webhook in {seconds:.2f} s (polling every 60 s)")
+
+
+def test_the_open_probe_hides_the_text_of_a_window_event_error():
+    """The window events' last error names Airflow's address and user: shown, like the others, to the token only."""
+    from ml.serving.app import HIDDEN_ERROR, _without_error_texts
+
+    error = "logging in to Airflow at http://10.0.0.5:8080 as MLOPS_AIRFLOW_API_USERNAME failed: HTTP 401"
+    health = {
+        "registry": {"last_error": None},
+        "recording": {"last_error": None, "window_events": {"failed": 1, "last_error": error}},
+        "last_error": None,
+    }
+    shown = _without_error_texts(health)
+    assert shown["recording"]["window_events"] == {"failed": 1, "last_error": HIDDEN_ERROR}
+    assert health["recording"]["window_events"]["last_error"] == error, "the server's own figures are left as they are"

@@ -96,7 +96,8 @@ def _without_error_texts(health: dict[str, Any]) -> dict[str, Any]:
     """``/health`` for a caller without the token: the states alone. An error's text names internal addresses, paths
     and user names, which an open probe must not hand out."""
     registry, recording = dict(health["registry"]), dict(health["recording"])
-    for part in (registry, recording):
+    events = recording["window_events"] = dict(recording.get("window_events", {}))
+    for part in (registry, recording, events):
         if part.get("last_error"):
             part["last_error"] = HIDDEN_ERROR
     last_error = HIDDEN_ERROR if health.get("last_error") else None

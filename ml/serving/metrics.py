@@ -133,6 +133,14 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_recording_pending_requests", "Answered requests waiting to be written.", value=recorder.pending()
         )
+        events = CounterMetricFamily(
+            f"{PREFIX}_window_events",
+            "Events of the recorded-traffic asset for completed windows, posted to Airflow (sent) or not (failed).",
+            labels=["outcome"],
+        )
+        events.add_metric(["sent"], recorder.window_events.sent)
+        events.add_metric(["failed"], recorder.window_events.failed)
+        yield events
         yield CounterMetricFamily(
             f"{PREFIX}_feedback_labels", "True labels received on /feedback and written.", value=recorder.labels
         )

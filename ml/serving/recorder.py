@@ -27,6 +27,7 @@ import pandas as pd
 from ml import records
 from ml.redaction import mask_credentials
 from ml.serving.loader import LoadedModel
+from ml.serving.window_events import WindowEvents
 from ml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Recorder:
         self.batches = 0
         self.labels = 0
         self.last_error: str | None = None
+        self.window_events = WindowEvents(settings)
         self._pending: deque[records.Answered] = deque()
         self._recent: OrderedDict[str, RecordedRequest] = OrderedDict()
         self._recent_lock = threading.Lock()
@@ -76,6 +78,7 @@ class Recorder:
         if self.enabled:
             self._thread = threading.Thread(target=self._run, name="request-recorder", daemon=True)
             self._thread.start()
+            self.window_events.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write what waits, then stop the writer."""
@@ -83,6 +86,7 @@ class Recorder:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.window_events.stop()
 
     def offer(
         self, request_id: str, received_at: float, model: LoadedModel, frame: pd.DataFrame, answers: list
@@ -142,6 +146,12 @@ class Recorder:
             "dropped": {QUEUE_FULL: self.dropped_queue_full, STORE_ERROR: self.dropped_store_error},
             "labels": self.labels,
             "last_error": self.last_error,
+            "window_events": {
+                "enabled": self.window_events.enabled,
+                "sent": self.window_events.sent,
+                "failed": self.window_events.failed,
+                "last_error": self.window_events.last_error,
+            },
         }
 
     def _run(self) -> None:
@@ -170,6 +180,7 @@ class Recorder:
             return
         self.flushed += rows
         self.batches += len(written)
+        self.window_events.written(item.received_at for item in batch)
 
     def _log_drops(self) -> None:
         dropped = self.dropped_queue_full + self.dropped_store_error
