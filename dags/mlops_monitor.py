@@ -35,6 +35,9 @@ window is judged. Each window is an MLflow run in the `MLOPS_MONITOR_EXPERIMENT`
 was seen.
 
 `window_end` judges the window that ends then (ISO time, UTC by default) instead of the last one.
+
+Beside it, `compact_records` merges the many small record files of each hour that closed (an hour after its end) into
+one file, safely for readers at the same time.
 """
 
 
@@ -87,7 +90,16 @@ def monitor():
         wait_for_completion=False,
         retries=0,
     )
+
+    @task(task_id="compact_records")
+    def compact_records(**context):
+        """Merge the small record files of each closed hour into one (ml/records.py, compact_records)."""
+        from ml import tasks
+
+        return tasks.compact_records(context)
+
     retraining_due(judge_window()) >> start_retraining
+    compact_records()
 
 
 monitor()

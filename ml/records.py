@@ -42,11 +42,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ml.assets import RECORDS_FOLDER
-from ml.data import store_filesystem, store_uri, write_frame
+from ml.data import store_filesystem, store_uri, write_frame, write_whole
 
 RECORDS = RECORDS_FOLDER
 FEEDBACK = "feedback"
 FEATURE_PREFIX = "feature."
+# A compacted file (compact_records) holds the rows of the files it names in its Parquet metadata under COVERS_KEY;
+# readers skip those files, so a record is read once whether or not they are deleted yet.
+COMPACTED_PREFIX = "compacted-"
+COVERS_KEY = b"mlops.compacted_from"
 RECORD_COLUMNS = ("request_id", "row", "received_at", "model_name", "version", "prediction")
 FEEDBACK_COLUMNS = ("request_id", "row", "label", "model_name", "version", "received_at")
 
@@ -266,19 +270,108 @@ def _hours(start: datetime, end: datetime) -> Iterator[str]:
         moment += timedelta(hours=1)
 
 
-def _read_files(fs: Any, folders: Sequence[str], columns: Sequence[str] | None) -> pd.DataFrame:
-    tables = []
-    for folder in folders:
+def _parquet_files(fs: Any, folder: str) -> list[str]:
+    """A partition's Parquet files in name order, but hidden ones (a write under way on a disk)."""
+    try:
+        names = sorted(str(name) for name in fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+    return [name for name in names if name.endswith(".parquet") and not _base(name).startswith(".")]
+
+
+def _batch_files(fs: Any, folder: str) -> list[str]:
+    """The files of a partition a reader reads: not those a compacted file there holds already."""
+    names = _parquet_files(fs, folder)
+    covered = {cover for name in names if _base(name).startswith(COMPACTED_PREFIX) for cover in _covers(fs, name)}
+    return [name for name in names if _base(name) not in covered]
+
+
+def _base(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _covers(fs: Any, name: str) -> list[str]:
+    with fs.open(name, "rb") as handle:
+        metadata = pq.read_metadata(handle).metadata or {}
+    return json.loads(metadata.get(COVERS_KEY, b"[]"))
+
+
+def compact_records(data_store: str, before: datetime) -> dict[str, int]:
+    """Merge the record files of each hour partition that ended by ``before`` into one file; how many partitions were
+    compacted and how many files they held.
+
+    Safe to stop at any point and to run again, alongside readers and other compactions' retries: the merged file is
+    written whole (:func:`ml.data.write_whole`) and names the files it holds in its metadata, so readers skip those
+    from the moment it appears; they are deleted after, and a run that finds them still there (a crash in between)
+    deletes them. A partition that got files after its compaction is compacted again, the earlier merged file with
+    them.
+    """
+    fs, root = store_filesystem(records_uri(data_store))
+    compacted = {"partitions": 0, "files": 0}
+    for version in _versions(fs, root):
+        for folder in _closed_hours(fs, f"{root}/version={version}", before):
+            merged = _compact_folder(fs, folder)
+            compacted["partitions"] += bool(merged)
+            compacted["files"] += merged
+    return compacted
+
+
+def _closed_hours(fs: Any, version_root: str, before: datetime) -> list[str]:
+    folders = []
+    for day in fs.glob(f"{version_root}/date=*/hour=*"):
+        day_text, hour_text = str(day).rstrip("/").rsplit("/", 2)[-2:]
         try:
-            names = sorted(str(name) for name in fs.ls(folder, detail=False))
-        except FileNotFoundError:
+            start = datetime.strptime(f"{day_text[5:]} {hour_text[5:]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+        except ValueError:
             continue
-        for name in names:
-            if name.endswith(".parquet") and not name.rsplit("/", 1)[-1].startswith("."):
+        if start + timedelta(hours=1) <= before:
+            folders.append(str(day))
+    return sorted(folders)
+
+
+def _compact_folder(fs: Any, folder: str) -> int:
+    """Compact one partition; the number of files merged (0: nothing to do)."""
+    live = _batch_files(fs, folder)
+    # Files a compacted file holds, left by a compaction stopped before it deleted them.
+    leftovers = {_base(name) for name in _parquet_files(fs, folder)} - {_base(name) for name in live}
+    if len(live) > 1:
+        covers = sorted({_base(name) for name in live} | leftovers)
+        tables = []
+        for name in live:
+            with fs.open(name, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        table = pa.concat_tables(tables, promote_options="permissive")  # as _read_files reads them
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), COVERS_KEY: json.dumps(covers)})
+        target = f"{folder}/{COMPACTED_PREFIX}{batch_name(datetime.now(UTC))}.parquet"
+        write_whole(fs, target, lambda handle: pq.write_table(table, handle))
+        leftovers |= {_base(name) for name in live}
+    for name in sorted(leftovers):
+        fs.rm(f"{folder}/{name}")
+    return len(live) if len(live) > 1 else 0
+
+
+def _read_files(fs: Any, folders: Sequence[str], columns: Sequence[str] | None) -> pd.DataFrame:
+    tables = [table for folder in folders for table in _read_folder(fs, folder, columns)]
+    if not tables:
+        return pd.DataFrame()
+    # Permissive: batches may differ in timestamp unit (pandas writes whole-second times in us, others in ns).
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def _read_folder(fs: Any, folder: str, columns: Sequence[str] | None, tries: int = 3) -> list[pa.Table]:
+    """A partition's tables. A file that vanished between listing and reading was compacted meanwhile: the partition
+    is listed and read again, so each record is read once."""
+    for attempt in range(tries):
+        try:
+            tables = []
+            for name in _batch_files(fs, folder):
                 with fs.open(name, "rb") as handle:
                     parquet = pq.ParquetFile(handle)
                     wanted = [column for column in columns if column in parquet.schema_arrow.names] if columns else None
                     tables.append(parquet.read(columns=wanted))
-    if not tables:
-        return pd.DataFrame()
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
+            return tables
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
+            fs.invalidate_cache(folder)
+    return []

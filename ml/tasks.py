@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from ml import data, object_store, redaction, registry, run_note, selection, steps
@@ -495,6 +495,17 @@ def land_batch(context: Mapping[str, Any], asset: Any = None) -> dict[str, Any]:
     if asset is not None and outlet_events is not None:
         outlet_events[asset].extra = ingest.event_extra(result)
     return result
+
+
+def compact_records(context: Mapping[str, Any]) -> dict[str, int]:
+    """The mlops_monitor DAG's housekeeping: merge the many small record files of each closed hour into one."""
+    from ml import records
+
+    settings, _ = resolve(context)
+    # An hour is closed an hour after its end: a server may still flush the last requests of the hour just ended.
+    compacted = records.compact_records(settings.data_store, datetime.now(UTC) - timedelta(hours=1))
+    log.info("compacted %(files)d record files into one each for %(partitions)d hour partitions", compacted)
+    return compacted
 
 
 def judge_window(context: Mapping[str, Any]) -> dict[str, Any]:

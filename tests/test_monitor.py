@@ -383,3 +383,51 @@ def test_ingest_from_the_command_line_posts_the_data_asset_event(airflow_api, tm
     assert second["landed"] and second["batch"] == 1 and "asset_event" not in second
     assert "did not answer: ConnectError" in second["asset_event_error"]
     assert settings.airflow_api_password not in second["asset_event_error"]
+
+
+def test_compaction_merges_a_closed_hour_once_and_readers_see_each_record_once(tmp_path, monkeypatch):
+    """Many small record files of a closed hour become one; a compaction stopped after writing the merged file and
+    before deleting the small ones loses and duplicates nothing, for readers and for the next compaction; the open
+    hour is left alone; a second run changes nothing."""
+    import pandas as pd
+
+    from ml import records
+
+    store = str(tmp_path / "datastore")
+    now = datetime.now(UTC)
+    closed = aligned_window(now - timedelta(hours=3), 60)
+    features = pd.DataFrame({"x": [1.0]})
+
+    def write(at: datetime, count: int, prefix: str) -> None:
+        for index in range(count):
+            item = records.Answered(f"{prefix}{index}", at.timestamp() + index, "m", 1, [index % 2], features)
+            records.write_records(store, [item])
+
+    write(closed.start + timedelta(minutes=1), 12, "a")
+    write(now, 3, "open")
+    everything = (closed.start, now + timedelta(minutes=1))
+    before = records.read_records(store, *everything)
+    partition = tmp_path / "datastore" / "records" / "version=1" / records.hour_partition(closed.start)
+
+    # Stopped between the merged file and the deletes: readers already skip what it holds.
+    deleted: list[str] = []
+    monkeypatch.setattr("fsspec.implementations.local.LocalFileSystem.rm", lambda self, path, **_: deleted.append(path))
+    assert records.compact_records(store, now) == {"partitions": 1, "files": 12}
+    monkeypatch.undo()
+    assert len(list(partition.iterdir())) == 13 and len(deleted) == 12
+    pd.testing.assert_frame_equal(records.read_records(store, *everything), before)
+
+    # The next run deletes what the merged file holds and merges nothing again; a late file is merged with it.
+    assert records.compact_records(store, now) == {"partitions": 0, "files": 0}
+    (merged,) = partition.iterdir()
+    assert merged.name.startswith(records.COMPACTED_PREFIX)
+    write(closed.start + timedelta(minutes=30), 1, "late")
+    assert records.compact_records(store, now) == {"partitions": 1, "files": 2}
+    assert records.compact_records(store, now) == {"partitions": 0, "files": 0}
+    (remerged,) = partition.iterdir()
+    assert remerged.name != merged.name
+    after = records.read_records(store, *everything)
+    assert sorted(after["request_id"]) == sorted([*before["request_id"], "late0"])
+    assert after["request_id"].is_unique
+    open_hour = partition.parent.parent / records.hour_partition(now)
+    assert len(list(open_hour.iterdir())) == 3, "the hour under way is not compacted"
