@@ -415,3 +415,25 @@ def test_the_mlflow_server_launcher_puts_the_connection_in_its_environment_alone
     )
     assert missing.returncode == 2
     assert "MLOPS_S3_CONN_ID='mlops_s3_typo' names no Airflow connection" in missing.stdout + missing.stderr
+
+
+def test_record_compaction_on_the_bucket(s3_bucket):
+    """The records' compaction (ml/records.py) on S3: a closed hour's files become one, each record read once."""
+    from datetime import UTC, datetime, timedelta
+
+    from ml import records
+    from ml.data import store_filesystem
+
+    store = f"s3://{s3_bucket}/store"
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    features = pd.DataFrame({"x": [1.0]})
+    for index in range(5):
+        records.write_records(store, [records.Answered(f"r{index}", hour.timestamp() + index, "m", 1, [0], features)])
+    window = (hour, hour + timedelta(hours=1))
+    before = records.read_records(store, *window)
+    assert records.compact_records(store, datetime.now(UTC)) == {"partitions": 1, "files": 5}
+    assert records.compact_records(store, datetime.now(UTC)) == {"partitions": 0, "files": 0}
+    fs, root = store_filesystem(records.records_uri(store))
+    (merged,) = fs.ls(f"{root}/version=1/{records.hour_partition(hour)}", detail=False, refresh=True)
+    assert merged.rsplit("/", 1)[-1].startswith(records.COMPACTED_PREFIX)
+    pd.testing.assert_frame_equal(records.read_records(store, *window), before)
