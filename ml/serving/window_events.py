@@ -31,7 +31,7 @@ class WindowEvents:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.enabled = asset_events.configured(settings)
-        self.uri = recorded_traffic_uri(settings)
+        self.uri = recorded_traffic_uri(settings) if self.enabled else ""
         self.minutes = settings.monitor_window_minutes
         self.sent = 0
         self.failed = 0
