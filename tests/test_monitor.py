@@ -351,6 +351,43 @@ def test_the_server_announces_a_completed_window_and_the_monitor_judges_that_win
 
 
 @pytest.mark.slow
+def test_the_recorder_announces_the_window_that_a_written_request_closed(airflow_api, production):
+    """The model server's recorder on settings that name the API server: once a request of the next window is written,
+    the event of the window before it is posted, with that window's end."""
+    import dataclasses
+    import time
+    from types import SimpleNamespace
+
+    from conftest import asset_events
+
+    from ml.assets import recorded_traffic_uri
+    from ml.serving.recorder import Recorder
+
+    settings = airflow_api
+    features = production[1].drop(columns=[settings.label_column])
+    closed_end = window_ending(6)
+    model = SimpleNamespace(name=settings.model_name, version=1)
+    recorder = Recorder(dataclasses.replace(settings, recording_flush_seconds=0.1))
+    recorder.start()
+    try:
+        for written, at in enumerate((closed_end - timedelta(minutes=10), closed_end + timedelta(minutes=10)), 1):
+            recorder.offer(f"window-{written}", at.timestamp(), model, features.iloc[[0]], [1])
+            deadline = time.monotonic() + 30
+            while recorder.flushed < written and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert recorder.flushed == written, recorder.last_error
+    finally:
+        recorder.stop()
+    events = recorder.window_events
+    deadline = time.monotonic() + 60
+    while events.sent + events.failed == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (events.sent, events.failed) == (1, 0), events.last_error
+    announced = [event["window_end"] for event in asset_events(recorded_traffic_uri(settings)) if "window_end" in event]
+    assert closed_end.isoformat() in announced
+
+
+@pytest.mark.slow
 def test_ingest_from_the_command_line_posts_the_data_asset_event(airflow_api, tmp_path, monkeypatch, capsys):
     """``mlops ingest`` outside Airflow, with the API configured: the landed batch is an event of the data asset, as the
     mlops_ingest DAG's outlet makes it; an API server that does not answer leaves the batch landed and says so."""
