@@ -286,6 +286,9 @@ class StackValues:
     s3_access_key_id: str
     s3_secret_access_key: str
     s3_conn_id: str  # empty: the keys above; else the Airflow connection whose keys the tasks and model server use
+    airflow_api_url: str  # empty: the model server announces no windows (mlops_monitor's hourly run judges them)
+    airflow_api_username: str
+    airflow_api_password: str
     model_name: str
     serving_token: str
     serving_webhook_url: str  # where the MLflow server reaches the model server's /webhooks/mlflow
@@ -372,6 +375,9 @@ def service_env(name: str, v: StackValues) -> dict[str, str]:
             "MLOPS_DATA_STORE": v.data_store,
             **_s3_env(v, "AWS_ENDPOINT_URL"),
             "MLOPS_S3_CONN_ID": v.s3_conn_id,
+            "MLOPS_AIRFLOW_API_URL": v.airflow_api_url,
+            "MLOPS_AIRFLOW_API_USERNAME": v.airflow_api_username,
+            "MLOPS_AIRFLOW_API_PASSWORD": v.airflow_api_password,
             # The secret alone: the model server checks deliveries with it; serving-subscribe registers the webhook.
             "MLOPS_SERVING_WEBHOOK_SECRET": v.serving_webhook_secret,
         }

@@ -192,7 +192,8 @@ def test_no_secrets_in_the_compose_file(services):
     for name, service in services.items():
         for key, value in _env(service).items():
             if SECRET_KEY.search(key) and not key.endswith(("_FILE", "_PATH")):
-                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), f"{name}.{key} must come from .env as ${{VAR:?...}}"
+                # Required (${VAR:?...}), or optional and empty unless .env sets it (${VAR:-}): never a literal.
+                assert re.fullmatch(r"\$\{\w+(:\?[^}]+|:-)\}", value), f"{name}.{key} must come from .env"
             if "@" in value and "://" in value:
                 # user:password@host, the password from .env and nothing literal besides the variables
                 assert re.search(r":\$\{\w+:\?[^}]+\}@", value), f"{name}.{key}: the password must be ${{VAR:?...}}"
@@ -301,6 +302,9 @@ def test_snapshots_and_artifacts_share_the_bucket_and_workers_share_no_volume(se
     for env in (worker, serving):
         assert env["MLOPS_S3_CONN_ID"] == "${MLOPS_S3_CONN_ID:-}"
     assert "MLOPS_S3_CONN_ID" not in mlflow
+    # The model server announces completed windows to Airflow's API only where .env names it and a user.
+    for name in ("MLOPS_AIRFLOW_API_URL", "MLOPS_AIRFLOW_API_USERNAME", "MLOPS_AIRFLOW_API_PASSWORD"):
+        assert serving[name] == f"${{{name}:-}}"
 
     for name in ("airflow-worker", "mlflow"):
         assert services[name]["depends_on"]["s3-init"] == {"condition": "service_completed_successfully"}
