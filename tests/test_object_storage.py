@@ -304,6 +304,8 @@ def test_the_command_line_and_the_model_server_read_the_s3_connection(
     from ml import object_store
 
     monkeypatch.setattr(object_store, "_for_process", None)  # what the commands below set for their process
+    # As in a process that never ran a task: a test before this one may have run task code in this thread's context.
+    monkeypatch.setattr(object_store, "_current", contextvars.ContextVar("mlops_s3_connection"))
     incoming = f"s3://{s3_bucket}/incoming/"
     monkeypatch.setenv("MLOPS_DATA_SOURCE", incoming)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong-key-id")
