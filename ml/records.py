@@ -28,6 +28,7 @@ one: :func:`read_feedback` keeps the latest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import uuid
@@ -280,9 +281,17 @@ def _parquet_files(fs: Any, folder: str) -> list[str]:
 
 
 def _batch_files(fs: Any, folder: str) -> list[str]:
-    """The files of a partition a reader reads: not those a compacted file there holds already."""
+    """The files of a partition a reader reads: not those a compacted file there holds already.
+
+    Two compactions of a partition at once (the monitor's runs overlapping) each write a merged file of the same
+    small files: of compacted files whose rows another one holds too, only that other one is read (of two holding the
+    same, the later-named)."""
     names = _parquet_files(fs, folder)
-    covered = {cover for name in names if _base(name).startswith(COMPACTED_PREFIX) for cover in _covers(fs, name)}
+    compacted = {_base(name): set(_covers(fs, name)) for name in names if _base(name).startswith(COMPACTED_PREFIX)}
+    covered = set().union(*compacted.values())
+    for name, holds in compacted.items():
+        if any(other != name and holds <= more and (holds < more or other > name) for other, more in compacted.items()):
+            covered.add(name)
     return [name for name in names if _base(name) not in covered]
 
 
@@ -346,7 +355,8 @@ def _compact_folder(fs: Any, folder: str) -> int:
         write_whole(fs, target, lambda handle: pq.write_table(table, handle))
         leftovers |= {_base(name) for name in live}
     for name in sorted(leftovers):
-        fs.rm(f"{folder}/{name}")
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by a compaction running beside this one
+            fs.rm(f"{folder}/{name}")
     return len(live) if len(live) > 1 else 0
 
 

@@ -4,6 +4,7 @@ trained Production v1, with records and labels written by ml/records.py's writer
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -468,3 +469,12 @@ def test_compaction_merges_a_closed_hour_once_and_readers_see_each_record_once(t
     assert after["request_id"].is_unique
     open_hour = partition.parent.parent / records.hour_partition(now)
     assert len(list(open_hour.iterdir())) == 3, "the hour under way is not compacted"
+
+    # Two compactions at once: each writes a merged file of the same files (here, a copy under a later name). Readers
+    # read the rows once, and the next compaction keeps one file of them.
+    racing = remerged.with_name(remerged.name.replace(records.COMPACTED_PREFIX, records.COMPACTED_PREFIX + "z"))
+    shutil.copyfile(remerged, racing)
+    pd.testing.assert_frame_equal(records.read_records(store, *everything), after)
+    assert records.compact_records(store, now) == {"partitions": 0, "files": 0}
+    assert list(partition.iterdir()) == [racing]
+    pd.testing.assert_frame_equal(records.read_records(store, *everything), after)
