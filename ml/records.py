@@ -52,6 +52,9 @@ FEATURE_PREFIX = "feature."
 # readers skip those files, so a record is read once whether or not they are deleted yet.
 COMPACTED_PREFIX = "compacted-"
 COVERS_KEY = b"mlops.compacted_from"
+# How far back compaction looks: each hourly monitor run compacts the hours that closed since the last one, so a week
+# covers a monitor stopped for days; older hours are not listed again, which would cost a listing per hour of history.
+COMPACTION_LOOKBACK = timedelta(days=7)
 RECORD_COLUMNS = ("request_id", "row", "received_at", "model_name", "version", "prediction")
 FEEDBACK_COLUMNS = ("request_id", "row", "label", "model_name", "version", "received_at")
 
@@ -305,9 +308,10 @@ def _covers(fs: Any, name: str) -> list[str]:
     return json.loads(metadata.get(COVERS_KEY, b"[]"))
 
 
-def compact_records(data_store: str, before: datetime) -> dict[str, int]:
-    """Merge the record files of each hour partition that ended by ``before`` into one file; how many partitions were
-    compacted and how many files they held.
+def compact_records(data_store: str, before: datetime, since: datetime | None = None) -> dict[str, int]:
+    """Merge the record files of each hour partition that ended by ``before``, and began at ``since`` or later (by
+    default ``COMPACTION_LOOKBACK`` before ``before``), into one file; how many partitions were compacted and how many
+    files they held.
 
     Safe to stop at any point and to run again, alongside readers and other compactions' retries: the merged file is
     written whole (:func:`ml.data.write_whole`) and names the files it holds in its metadata, so readers skip those
@@ -317,25 +321,19 @@ def compact_records(data_store: str, before: datetime) -> dict[str, int]:
     """
     fs, root = store_filesystem(records_uri(data_store))
     compacted = {"partitions": 0, "files": 0}
+    since = before - COMPACTION_LOOKBACK if since is None else since
     for version in _versions(fs, root):
-        for folder in _closed_hours(fs, f"{root}/version={version}", before):
+        for folder in _closed_hours(f"{root}/version={version}", since, before):
             merged = _compact_folder(fs, folder)
             compacted["partitions"] += bool(merged)
             compacted["files"] += merged
     return compacted
 
 
-def _closed_hours(fs: Any, version_root: str, before: datetime) -> list[str]:
-    folders = []
-    for day in fs.glob(f"{version_root}/date=*/hour=*"):
-        day_text, hour_text = str(day).rstrip("/").rsplit("/", 2)[-2:]
-        try:
-            start = datetime.strptime(f"{day_text[5:]} {hour_text[5:]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
-        except ValueError:
-            continue
-        if start + timedelta(hours=1) <= before:
-            folders.append(str(day))
-    return sorted(folders)
+def _closed_hours(version_root: str, since: datetime, before: datetime) -> list[str]:
+    """The hour partitions that began at ``since`` or later and ended by ``before``: only those are looked at."""
+    last_start = before - timedelta(hours=1)
+    return [f"{version_root}/{hour}" for hour in _hours(since, last_start + timedelta(microseconds=1))]
 
 
 def _compact_folder(fs: Any, folder: str) -> int:

@@ -478,3 +478,9 @@ def test_compaction_merges_a_closed_hour_once_and_readers_see_each_record_once(t
     assert records.compact_records(store, now) == {"partitions": 0, "files": 0}
     assert list(partition.iterdir()) == [racing]
     pd.testing.assert_frame_equal(records.read_records(store, *everything), after)
+
+    # An hour older than the lookback is not looked at again (its files are read all the same).
+    old = now - records.COMPACTION_LOOKBACK - timedelta(days=1)
+    write(old, 2, "old")
+    assert records.compact_records(store, now) == {"partitions": 0, "files": 0}
+    assert len(records.read_records(store, old - timedelta(minutes=1), old + timedelta(minutes=1))) == 2
