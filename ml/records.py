@@ -284,12 +284,16 @@ def _parquet_files(fs: Any, folder: str) -> list[str]:
 
 
 def _batch_files(fs: Any, folder: str) -> list[str]:
-    """The files of a partition a reader reads: not those a compacted file there holds already.
+    """The files of a partition a reader reads."""
+    return _uncovered(fs, _parquet_files(fs, folder))
+
+
+def _uncovered(fs: Any, names: list[str]) -> list[str]:
+    """Of a partition's files, those a reader reads: not those a compacted file there holds already.
 
     Two compactions of a partition at once (the monitor's runs overlapping) each write a merged file of the same
     small files: of compacted files whose rows another one holds too, only that other one is read (of two holding the
     same, the later-named)."""
-    names = _parquet_files(fs, folder)
     compacted = {_base(name): set(_covers(fs, name)) for name in names if _base(name).startswith(COMPACTED_PREFIX)}
     covered = set().union(*compacted.values())
     for name, holds in compacted.items():
@@ -338,9 +342,10 @@ def _closed_hours(version_root: str, since: datetime, before: datetime) -> list[
 
 def _compact_folder(fs: Any, folder: str) -> int:
     """Compact one partition; the number of files merged (0: nothing to do)."""
-    live = _batch_files(fs, folder)
+    names = _parquet_files(fs, folder)
+    live = _uncovered(fs, names)
     # Files a compacted file holds, left by a compaction stopped before it deleted them.
-    leftovers = {_base(name) for name in _parquet_files(fs, folder)} - {_base(name) for name in live}
+    leftovers = {_base(name) for name in names} - {_base(name) for name in live}
     if len(live) > 1:
         covers = sorted({_base(name) for name in live} | leftovers)
         tables = []
