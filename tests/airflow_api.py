@@ -54,8 +54,12 @@ class Airflow:
         )
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
-        found = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
-        return {ti["task_id"]: ti for ti in found}
+        """The run's task instances by task id; of a mapped task's, one (see :meth:`all_task_instances`)."""
+        return {ti["task_id"]: ti for ti in self.all_task_instances(dag_id, run_id)}
+
+    def all_task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of the run, a mapped task's each with its ``map_index``."""
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=1000)["task_instances"]
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[dict[str, Any]]:
         """The task's log as the UI reads it: one entry per line, with its level and event."""

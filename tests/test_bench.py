@@ -7,9 +7,11 @@ together they take about as long as the slowest, where one after the other they 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,8 +58,51 @@ RATIO = re.compile(r"\d+\.\d+x(?!\w)")
 TIMEOUT_SECONDS = 900
 
 
+# Started only by hand: each starts the whole native stack (a minute or two before its first run; tests/test_stack.py
+# already proves that stack), too slow for every test run. A cheap test below checks that each still loads and computes.
+STACK_BENCHES = ("stack_bench.py",)
+
+
 def test_every_benchmark_is_checked():
-    assert sorted(path.name for path in BENCH.glob("*_bench.py")) == sorted(TABLES)
+    assert sorted(path.name for path in BENCH.glob("*_bench.py")) == sorted([*TABLES, *STACK_BENCHES])
+
+
+@pytest.mark.parametrize("script", STACK_BENCHES)
+def test_stack_benchmark_loads_and_offers_quick_mode(script: str):
+    shown = subprocess.run([PYTHON, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "--quick" in shown.stdout and "--repeats" in shown.stdout
+
+
+def test_stack_benchmark_reads_the_candidates_span_and_its_floor():
+    spec = importlib.util.spec_from_file_location("stack_bench", BENCH / "stack_bench.py")
+    stack_bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    sys.modules["stack_bench"] = stack_bench  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(stack_bench)
+    finally:
+        sys.path.remove(str(BENCH))
+        del sys.modules["stack_bench"]
+    instances = [
+        {"task_id": "extract_data", "start_date": "2026-12-04T10:00:00+00:00", "end_date": "2026-12-04T10:00:09+00:00"},
+        {
+            "task_id": "train_candidate",
+            "start_date": "2026-12-04T10:00:10+00:00",
+            "end_date": "2026-12-04T10:00:13+00:00",
+        },
+        {
+            "task_id": "train_candidate",
+            "start_date": "2026-12-04T10:00:11+00:00",
+            "end_date": "2026-12-04T10:00:15.5+00:00",
+        },
+    ]
+    assert stack_bench.span_of(instances, "train_candidate") == (5.5, [3.0, 4.5])
+    with pytest.raises(ValueError, match="no busy instance"):
+        stack_bench.span_of(instances, "busy")
+    # 20 s of which 10 s are the candidates: halving them gives 15 s, 0.75x; not shrinking them, 1.0x.
+    assert stack_bench.best_whole_run(20.0, 10.0, 0.5) == 0.75
+    assert stack_bench.best_whole_run(20.0, 10.0, 1.0) == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def test_environment_keys_match(services, name):
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_native_environment_is_compose_plus_declared_extras(tmp_path, name):
     """What the stack test really passes to each process: compose's keys plus NATIVE_ONLY_ENV, same URL schemes."""
-    from test_stack import NativeStack
+    from native_stack import NativeStack
 
     native = NativeStack(tmp_path).env(name)
     expected = set(service_env(name, stack.placeholder_values()))
@@ -135,7 +135,7 @@ def test_native_environment_is_compose_plus_declared_extras(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_url_schemes_match_the_native_stack(services, tmp_path, name):
-    from test_stack import NativeStack
+    from native_stack import NativeStack
 
     native = NativeStack(tmp_path).env(name)
     for key, value in _env(services[name]).items():
