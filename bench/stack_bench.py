@@ -147,16 +147,14 @@ def verdict(value: float, aim: float) -> str:
 
 class Bench:
     def __init__(self, s: NativeStack, running: Running, s3_pid: int) -> None:
-        self.s, self.running, self.s3_pid = s, running, s3_pid
-        self.airflow = running.airflow
+        self.s, self.airflow, self.s3_pid = s, running.airflow, s3_pid
 
     def watched(self) -> list:
         return [process for name, process in self.s.processes.items() if name != "airflow-init"]
 
     def sessions(self) -> dict[int, str]:
         """Each service's process session (each starts one), and the S3 server's."""
-        found = {process.popen.pid: name for name, process in self.s.processes.items() if name != "airflow-init"}
-        return {**found, self.s3_pid: "s3 (SeaweedFS)"}
+        return {**{process.popen.pid: process.name for process in self.watched()}, self.s3_pid: "s3 (SeaweedFS)"}
 
     def run(self, dag_id: str, conf: dict[str, Any], mapped_task: str | None = None) -> Measured:
         sessions = self.sessions()
