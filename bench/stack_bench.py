@@ -56,6 +56,7 @@ from native_stack import (  # noqa: E402
 )
 from options import BenchOptions  # noqa: E402
 from s3 import running_weed  # noqa: E402
+from storage_bench import ratio, training_rows, verdict  # noqa: E402
 
 WORKERS_AIM = 0.65
 S3_AIM = 1.2
@@ -91,7 +92,6 @@ class Measured:
 def learnable_rows(rows: int):
     """``rows`` rows of the Breast Cancer set's columns whose label a model can learn: a noisy linear rule."""
     import numpy as np
-    from storage_bench import training_rows
 
     frame = training_rows(rows)
     features = frame.drop(columns="target")
@@ -137,31 +137,20 @@ def cpu_seconds_by_session(sessions: dict[int, str]) -> dict[str, float]:
     return used
 
 
-def ratio(value: float, baseline: float) -> str:
-    return f"{value / baseline:5.2f}x"
-
-
-def verdict(value: float, aim: float) -> str:
-    return f"aim {aim}x: {'met' if value <= aim else 'missed'}"
-
-
 class Bench:
     def __init__(self, s: NativeStack, running: Running, s3_pid: int) -> None:
         self.s, self.airflow, self.s3_pid = s, running.airflow, s3_pid
 
-    def watched(self) -> list:
-        return [process for name, process in self.s.processes.items() if name != "airflow-init"]
-
     def sessions(self) -> dict[int, str]:
         """Each service's process session (each starts one), and the S3 server's."""
-        return {**{process.popen.pid: process.name for process in self.watched()}, self.s3_pid: "s3 (SeaweedFS)"}
+        return {**{process.popen.pid: process.name for process in self.s.watched()}, self.s3_pid: "s3 (SeaweedFS)"}
 
     def run(self, dag_id: str, conf: dict[str, Any], mapped_task: str | None = None) -> Measured:
         sessions = self.sessions()
         cpu_before = cpu_seconds_by_session(sessions)
         began = time.monotonic()
         run_id = self.airflow.trigger(dag_id, conf)
-        state = self.airflow.wait_for_run(dag_id, run_id, self.watched())
+        state = self.airflow.wait_for_run(dag_id, run_id, self.s.watched())
         wall = time.monotonic() - began
         cpu = {name: spent - cpu_before[name] for name, spent in cpu_seconds_by_session(sessions).items()}
         instances = self.airflow.all_task_instances(dag_id, run_id)
@@ -190,7 +179,7 @@ class Bench:
             lambda: log.read_text(errors="replace").count(" ready.") > ready_before,
             WORKER_READY_TIMEOUT,
             f"{name} to be ready",
-            self.watched(),
+            self.s.watched(),
         )
 
     def restart_worker(self, name: str, data_store: str) -> None:

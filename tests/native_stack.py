@@ -23,7 +23,7 @@ from typing import Any
 
 import stack
 from airflow_api import Airflow
-from s3 import S3Credentials, WeedServer
+from s3 import S3Credentials, WeedServer, free_ports
 from stack import SERVICES, Placement, Process, StackValues
 
 REPO = stack.REPO
@@ -47,12 +47,6 @@ def reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _admin_sql(*statements: str) -> None:
@@ -79,9 +73,8 @@ class NativeStack:
             "mlflow": f"mlops_stack_{self.suffix}_mlflow",
             "auth": f"mlops_stack_{self.suffix}_auth",
         }
-        self.ports = {
-            name: free_port() for name in ("airflow-apiserver", "mlflow", "serving", "scheduler", "logs", "logs-2")
-        }
+        names = ("airflow-apiserver", "mlflow", "serving", "scheduler", "logs", "logs-2")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.api_url = f"http://127.0.0.1:{self.ports['airflow-apiserver']}"
         self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
         self.processes: dict[str, Process] = {}
@@ -234,6 +227,10 @@ class NativeStack:
         self.processes[name] = process
         return process
 
+    def watched(self) -> list[Process]:
+        """The processes that must stay alive: every one started but the one-shot airflow-init."""
+        return [process for name, process in self.processes.items() if name != "airflow-init"]
+
     def stop(self, name: str) -> None:
         """Stop a service, as its host would at a warm shutdown: a worker first finishes the tasks it runs."""
         self.processes.pop(name).stop(grace=60)
@@ -361,7 +358,7 @@ def bring_up(s: NativeStack, workers: tuple[str, ...] = WORKERS, dag_ids: tuple[
     s.run_one_shot("airflow-init", timeout=STARTUP_TIMEOUT)
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", *workers):
         s.start(name)
-    watched = [process for process in s.processes.values() if process.name != "airflow-init"]
+    watched = s.watched()
     stack.wait_until(
         lambda: httpx.get(f"{s.mlflow_url}/health", timeout=5).status_code == 200,
         STARTUP_TIMEOUT,

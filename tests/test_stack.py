@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import stack
 from airflow_api import Airflow
-from conftest import PROMOTED_RUN_STATES
+from conftest import PROMOTED_RUN_STATES, free_port
 from native_stack import (
     MODEL_NAME,
     RUN_TIMEOUT,
@@ -40,7 +40,6 @@ from native_stack import (
     Mlflow,
     NativeStack,
     bring_up,
-    free_port,
     missing_services,
     native_stack,
     task_timeline,
